@@ -1,0 +1,23 @@
+"""Circuit Explorer: `streamlit run app.py`.
+
+Navigation over pages/ and the sidebar shared by every page (model picker and prompt).
+"""
+import streamlit as st
+
+st.set_page_config(page_title="Circuit Explorer", page_icon="🔬", layout="wide")
+
+PAGES = {
+    "attention": st.Page("pages/attention.py", title="Attention", icon="👀", url_path="attention", default=True),
+}
+
+page = st.navigation(list(PAGES.values()))
+requested = st.query_params.get("page")
+if requested in PAGES and PAGES[requested] is not page and requested != page.url_path:
+    st.switch_page(PAGES[requested])
+name = next((k for k, p in PAGES.items() if p is page or p.url_path == page.url_path), None)
+if name:
+    st.query_params["page"] = name
+with st.sidebar:
+    for p in PAGES.values():
+        st.page_link(p)
+page.run()

@@ -1,0 +1,198 @@
+"""Pure figure builders: data in, plotly Figure or CircuitsVis HTML out.
+
+Every token label is HTML-escaped: plotly renders a subset of HTML in labels and hover text,
+and a prompt may contain markup that must show as text. The CircuitsVis HTML escapes `<`, `>`
+and `&` inside its JSON props so a token can never close the script block it sits in.
+"""
+from __future__ import annotations
+
+import html
+import json
+from typing import Sequence
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+HEAT = "Blues"
+DIVERGING = "RdBu"
+
+
+def safe(text: str) -> str:
+    """A token as plotly-safe text: HTML escaped, whitespace made visible."""
+    return html.escape(text.replace("\n", "\\n"), quote=True)
+
+
+def position_labels(str_tokens: Sequence[str]) -> list[str]:
+    """Unique axis labels `pos: token` (plotly merges equal category labels)."""
+    return [f"{i}: {safe(t)}" for i, t in enumerate(str_tokens)]
+
+
+def _hover_tokens(str_tokens: Sequence[str]) -> list[str]:
+    return [safe(t) for t in str_tokens]
+
+
+def pattern_heatmap(pattern: torch.Tensor, str_tokens: Sequence[str], title: str) -> go.Figure:
+    """One head's attention pattern. pattern: [q_pos, k_pos] probabilities."""
+    labels = position_labels(str_tokens)
+    toks = _hover_tokens(str_tokens)
+    n = len(toks)
+    custom = [[[toks[q], toks[k]] for k in range(n)] for q in range(n)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=pattern.float().cpu().numpy(),
+            x=labels,
+            y=labels,
+            customdata=custom,
+            colorscale=HEAT,
+            zmin=0.0,
+            zmax=1.0,
+            colorbar=dict(title="attention"),
+            hovertemplate="query %{y}<br>key %{x}<br>query token: %{customdata[0]}"
+            "<br>key token: %{customdata[1]}<br>attention: %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis=dict(title="key (attended-to) position", tickangle=-60, type="category"),
+        yaxis=dict(title="query position", autorange="reversed", type="category"),
+        height=max(420, 18 * n + 160),
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
+    return fig
+
+
+def all_heads_grid(patterns: torch.Tensor, str_tokens: Sequence[str], selected: tuple[int, int] | None = None) -> go.Figure:
+    """Small multiples of every head. patterns: [layer, head, q_pos, k_pos]."""
+    n_layers, n_heads = patterns.shape[:2]
+    toks = _hover_tokens(str_tokens)
+    n = len(toks)
+    titles = [
+        f"<b>L{layer}H{head}</b>" if selected == (layer, head) else f"L{layer}H{head}"
+        for layer in range(n_layers)
+        for head in range(n_heads)
+    ]
+    fig = make_subplots(rows=n_layers, cols=n_heads, subplot_titles=titles, horizontal_spacing=0.02, vertical_spacing=0.08)
+    custom = [[[toks[q], toks[k]] for k in range(n)] for q in range(n)]
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            fig.add_trace(
+                go.Heatmap(
+                    z=patterns[layer, head].float().cpu().numpy(),
+                    customdata=custom,
+                    coloraxis="coloraxis",
+                    name=f"L{layer}H{head}",
+                    hovertemplate=f"L{layer}H{head}<br>query %{{y}}: %{{customdata[0]}}"
+                    "<br>key %{x}: %{customdata[1]}<br>attention: %{z:.4f}<extra></extra>",
+                ),
+                row=layer + 1,
+                col=head + 1,
+            )
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    fig.update_layout(
+        coloraxis=dict(colorscale=HEAT, cmin=0, cmax=1, colorbar=dict(title="attention")),
+        height=max(220, 190 * n_layers),
+        margin=dict(l=10, r=10, t=40, b=10),
+        clickmode="event+select",
+    )
+    return fig
+
+
+def head_score_heatmap(scores: torch.Tensor, title: str, selected: tuple[int, int] | None = None) -> go.Figure:
+    """A [layer, head] grid of scores in [0, 1] with hover `L.H` notation."""
+    n_layers, n_heads = scores.shape
+    text = [[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=scores.float().cpu().numpy(),
+            x=[f"H{h}" for h in range(n_heads)],
+            y=[f"L{l}" for l in range(n_layers)],
+            customdata=text,
+            text=[[f"{float(v):.2f}" for v in row] for row in scores],
+            texttemplate="%{text}",
+            colorscale=HEAT,
+            zmin=0,
+            zmax=1,
+            colorbar=dict(title="score"),
+            hovertemplate="%{customdata}<br>score: %{z:.4f}<extra></extra>",
+        )
+    )
+    if selected is not None:
+        layer, head = selected
+        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5, line=dict(color="crimson", width=3))
+    fig.update_layout(
+        title=title,
+        xaxis_title="head",
+        yaxis=dict(title="layer", autorange="reversed"),
+        height=120 + 50 * n_layers,
+        margin=dict(l=10, r=10, t=40, b=10),
+    )
+    return fig
+
+
+def residual_norm_heatmap(norms: torch.Tensor, str_tokens: Sequence[str]) -> go.Figure:
+    """Residual-stream L2 norm. norms: [n_layers + 1, pos] (resid_pre of each layer, then final)."""
+    n_rows = norms.shape[0]
+    rows = [f"resid_pre {l}" for l in range(n_rows - 1)] + [f"resid_post {n_rows - 2}"]
+    toks = _hover_tokens(str_tokens)
+    fig = go.Figure(
+        go.Heatmap(
+            z=norms.float().cpu().numpy(),
+            x=position_labels(str_tokens),
+            y=rows,
+            customdata=[toks for _ in rows],
+            colorscale="Viridis",
+            colorbar=dict(title="‖x‖₂"),
+            hovertemplate="%{y}<br>position %{x}<br>token: %{customdata}<br>norm: %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        xaxis=dict(title="position: token", tickangle=-60, type="category"),
+        yaxis=dict(title="residual stream", autorange="reversed"),
+        height=160 + 40 * n_rows,
+        margin=dict(l=10, r=10, t=20, b=10),
+    )
+    return fig
+
+
+def composition_bar(rows: Sequence, head_label: str) -> go.Figure:
+    """Induction score and repeated-half loss after ablating each input (q/k/v) of a head."""
+    names = ["no ablation" if r.on == "none" else f"ablate on {r.on.upper()}" for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"{head_label} induction score", "repeated-half loss (nats)"))
+    fig.add_trace(go.Bar(x=names, y=[r.target_score for r in rows], name="score",
+                         hovertemplate="%{x}<br>score: %{y:.4f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=names, y=[r.loss for r in rows], name="loss",
+                         hovertemplate="%{x}<br>loss: %{y:.4f} nats<extra></extra>"), row=1, col=2)
+    fig.update_yaxes(range=[0, 1], row=1, col=1)
+    fig.update_layout(showlegend=False, height=320, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def _script_safe_json(value) -> str:
+    """JSON that cannot end a <script> element or open a comment inside one."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def circuitsvis_attention_html(str_tokens: Sequence[str], patterns: torch.Tensor, head_names: Sequence[str]) -> str:
+    """CircuitsVis `attention_heads` view with its JavaScript inlined (works offline).
+
+    patterns: [head, q_pos, k_pos]. CircuitsVis's default HTML loads its script from a CDN;
+    `local_src` inlines it. We render the props ourselves with script-safe JSON (tokens are
+    user text) and let CircuitsVis (React) display them as text.
+    """
+    import circuitsvis.attention as cva
+
+    rendered = cva.attention_heads(
+        attention=patterns.float().cpu(), tokens=list(str_tokens), attention_head_names=list(head_names)
+    )
+    src = rendered.local_src
+    from circuitsvis.utils.convert_props import convert_props
+
+    plain = convert_props(
+        {"attention": patterns.float().cpu(), "attentionHeadNames": list(head_names), "tokens": list(str_tokens)}
+    )
+    if plain not in src:
+        raise RuntimeError("unexpected CircuitsVis HTML layout: cannot make its props script-safe")
+    props = json.loads(plain)
+    return src.replace(plain, _script_safe_json(props))

@@ -1,0 +1,203 @@
+"""The activation store and the one path through which every forward pass goes.
+
+TransformerLens hooks live on the model object, and Streamlit serves every browser session
+from its own thread against the same cached model. So every forward pass on a model (plain,
+cached or hooked) runs here, under that model's lock, and hooks are always removed afterwards,
+on error too. Concurrent callers get exactly the results they would get alone.
+
+`ActivationStore` keeps one `run_with_cache` per (model, tokens), shared by every page and
+every session, bounded in bytes (least recently used entries are evicted first).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from transformer_lens import ActivationCache, HookedTransformer
+
+DEFAULT_MAX_BYTES = 2 * 1024**3
+MAX_BYTES_ENV = "CIRCUIT_EXPLORER_STORE_BYTES"
+
+HookFn = Callable[..., torch.Tensor | None]
+
+_locks: "weakref.WeakKeyDictionary[HookedTransformer, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: HookedTransformer) -> threading.RLock:
+    """The lock every forward pass on `model` holds (one per model object)."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
+
+
+def model_key(model: HookedTransformer) -> str:
+    """A stable key for `model`: its load name where known, plus a per-object token.
+
+    Not `id(model)`: ids are reused after garbage collection, so a cache keyed by them can
+    hand one model's activations to another.
+    """
+    key = getattr(model, "_circuit_explorer_key", None)
+    if key is None:
+        key = f"{model.cfg.model_name}#{uuid.uuid4().hex[:8]}"
+        model._circuit_explorer_key = key
+    return key
+
+
+@contextmanager
+def locked(model: HookedTransformer, use_split_qkv_input: bool = False) -> Iterator[HookedTransformer]:
+    """Hold `model`'s lock; optionally switch on TL's split q/k/v inputs for the duration.
+
+    Hooks already on the model are cleared on entry and on exit, so nothing leaks between
+    callers.
+    """
+    with model_lock(model):
+        old_split = model.cfg.use_split_qkv_input
+        model.reset_hooks(including_permanent=False)
+        try:
+            if use_split_qkv_input != old_split:
+                model.set_use_split_qkv_input(use_split_qkv_input)
+            yield model
+        finally:
+            model.reset_hooks(including_permanent=False)
+            if model.cfg.use_split_qkv_input != old_split:
+                model.set_use_split_qkv_input(old_split)
+
+
+@torch.inference_mode()
+def run(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Plain forward pass. tokens: [batch, pos] -> logits [batch, pos, d_vocab]."""
+    with locked(model):
+        return model(tokens)
+
+
+@torch.inference_mode()
+def run_with_hooks(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]],
+    use_split_qkv_input: bool = False,
+) -> torch.Tensor:
+    """Forward pass with temporary TransformerLens hooks. Returns logits [batch, pos, d_vocab]."""
+    with locked(model, use_split_qkv_input=use_split_qkv_input):
+        with model.hooks(fwd_hooks=list(fwd_hooks), reset_hooks_end=True):
+            return model(tokens)
+
+
+@torch.inference_mode()
+def run_with_cache(
+    model: HookedTransformer, tokens: torch.Tensor, names_filter=None
+) -> tuple[torch.Tensor, ActivationCache]:
+    """`model.run_with_cache` under the lock (no store). Returns (logits, cache)."""
+    with locked(model):
+        return model.run_with_cache(tokens, names_filter=names_filter)
+
+
+@dataclass(frozen=True)
+class CachedRun:
+    """One stored forward pass: logits [batch, pos, d_vocab] and the full activation cache."""
+
+    model_key: str
+    tokens: torch.Tensor  # [batch, pos]
+    logits: torch.Tensor
+    cache: ActivationCache
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    model_key: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _cache_nbytes(logits: torch.Tensor, cache: ActivationCache) -> int:
+    return logits.nbytes + sum(t.nbytes for t in cache.cache_dict.values())
+
+
+class ActivationStore:
+    """LRU store of `run_with_cache` results keyed by (model, tokens), bounded in bytes.
+
+    Thread-safe. Two callers asking for the same run at once wait for one forward pass.
+    A run larger than the whole cap is returned but not kept, so the cap is never exceeded.
+    """
+
+    def __init__(self, max_bytes: int | None = None):
+        if max_bytes is None:
+            max_bytes = int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, CachedRun] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(model: HookedTransformer, tokens: torch.Tensor) -> tuple:
+        return (model_key(model), tuple(tokens.shape), tuple(tokens.flatten().tolist()))
+
+    def get(self, model: HookedTransformer, tokens: torch.Tensor) -> CachedRun:
+        """The cached run of `model` on `tokens` [batch, pos] (or [pos]), computing it once."""
+        if tokens.ndim == 1:
+            tokens = tokens.unsqueeze(0)
+        tokens = tokens.detach().to("cpu")
+        key = self._key(model, tokens)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return hit
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                hit = self._entries.get(key)
+                if hit is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return hit
+            logits, cache = run_with_cache(model, tokens.to(model.cfg.device))
+            entry = CachedRun(key[0], tokens, logits, cache, _cache_nbytes(logits, cache))
+            with self._lock:
+                self.misses += 1
+                self._key_locks.pop(key, None)
+                if entry.nbytes <= self.max_bytes:
+                    self._entries[key] = entry
+                    self._evict()
+            return entry
+
+    def _evict(self) -> None:
+        while self._entries and self.nbytes > self.max_bytes:
+            self._entries.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def entries(self) -> list[StoreEntry]:
+        """What the store holds, least recently used first."""
+        with self._lock:
+            return [StoreEntry(e.model_key, tuple(e.tokens.shape), e.nbytes) for e in self._entries.values()]
+
+    def describe(self) -> str:
+        entries = self.entries()
+        used = sum(e.nbytes for e in entries)
+        return (
+            f"{len(entries)} cached run(s), {used / 2**20:.1f} MiB of {self.max_bytes / 2**20:.0f} MiB "
+            f"(hits {self.hits}, misses {self.misses})"
+        )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

@@ -1,0 +1,1 @@
+"""Scripts that build the embedded model zoo in assets/models/ (one command each, seeded)."""

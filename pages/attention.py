@@ -1,0 +1,125 @@
+"""Attention page: one head's pattern, all heads, CircuitsVis, head-type scores, residual norms."""
+import streamlit as st
+
+from core import attention, plots, session
+
+view = session.sidebar()
+st.title("Attention patterns")
+if not session.show_problems(view):
+    st.stop()
+
+model, prompt = view.model, view.prompt
+store = session.get_store()
+n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+
+with st.spinner("Running the model…"):
+    run = store.get(model, prompt.tokens)
+    patterns = attention.stacked_patterns(run.cache, n_layers)[0]  # [layer, head, q, k]
+
+# Head-type scores on repeated random tokens: they pick the default head and feed the Q/K/V lesson.
+seq_len = min(attention.DEFAULT_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
+with st.spinner("Scoring heads on repeated random tokens…"):
+    rrt = attention.repeated_random_tokens(model, seq_len, attention.DEFAULT_BATCH, seed=0)
+    scores = attention.head_scores(model, rrt, store)
+
+default_layer, default_head = attention.strongest_head(scores["induction"])
+layer = session.url_int("layer")
+head = session.url_int("head")
+if layer is None or not 0 <= layer < n_layers:
+    layer = default_layer
+if head is None or not 0 <= head < n_heads:
+    head = default_head
+
+c1, c2, c3 = st.columns([1, 1, 3])
+layer = c1.selectbox("Layer", range(n_layers), index=layer, key="layer")
+head = c2.selectbox("Head", range(n_heads), index=head, key="head")
+c3.markdown(
+    f"**L{layer}H{head}** · previous-token {scores['previous_token'][layer, head]:.2f} · "
+    f"induction {scores['induction'][layer, head]:.2f} · duplicate-token "
+    f"{scores['duplicate_token'][layer, head]:.2f}  \n"
+    "Scores on repeated random tokens (1 = all attention on the expected position)."
+)
+session.set_url(layer=layer, head=head)
+
+tab_head, tab_all, tab_cv, tab_scores, tab_resid = st.tabs(
+    ["Selected head", "All heads", "Interactive (CircuitsVis)", "Head scores", "Residual norm"]
+)
+
+with tab_head:
+    st.plotly_chart(
+        plots.pattern_heatmap(patterns[layer, head], prompt.str_tokens, f"L{layer}H{head} attention pattern"),
+        width="stretch",
+        key="pattern_heatmap",
+    )
+
+with tab_all:
+    st.caption("Every head on this prompt (rows: layers, columns: heads). Click a head to open it.")
+    event = st.plotly_chart(
+        plots.all_heads_grid(patterns, prompt.str_tokens, selected=(layer, head)),
+        width="stretch",
+        key="all_heads",
+        on_select="rerun",
+        selection_mode="points",
+    )
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    if points:
+        clicked = points[0].get("curve_number")
+        if clicked is not None and divmod(clicked, n_heads) != (layer, head):
+            session.set_url(layer=clicked // n_heads, head=clicked % n_heads)
+            for key in ("layer", "head"):
+                st.session_state.pop(key, None)
+            st.rerun()
+
+with tab_cv:
+    st.caption(f"Layer {layer}, all heads: hover a token to see where it attends (CircuitsVis, offline).")
+    html = plots.circuitsvis_attention_html(
+        prompt.str_tokens, patterns[layer], [f"L{layer}H{h}" for h in range(n_heads)]
+    )
+    st.iframe(html, height=700)
+
+with tab_scores:
+    cols = st.columns(3)
+    for col, (kind, label) in zip(cols, attention.HEAD_TYPE_LABELS.items()):
+        col.plotly_chart(
+            plots.head_score_heatmap(scores[kind], label, selected=(layer, head)), width="stretch", key=f"score_{kind}"
+        )
+    st.caption(
+        f"Measured on {attention.DEFAULT_BATCH} sequences of BOS + {seq_len} random tokens repeated "
+        "twice (seed 0). Mean over query positions that have a target of the attention paid to it."
+    )
+    st.subheader("Which input carries the composition? Ablate on Q / K / V")
+    if layer == 0:
+        st.info("Choose a head in layer 1 or later: composition needs heads in an earlier layer to read from.")
+    else:
+        candidates = [(l, h) for l in range(layer) for h in range(n_heads)]
+        prev_default = [f"L{l}H{h}" for l, h in attention.previous_token_heads(scores["previous_token"], before_layer=layer)]
+        chosen = st.multiselect(
+            "Remove the output of these heads…",
+            [f"L{l}H{h}" for l, h in candidates],
+            default=prev_default,
+            help="Default: the previous-token heads (score ≥ 0.3) in earlier layers.",
+        )
+        sources = [attention.parse_head(s) for s in chosen]
+        on = st.segmented_control(
+            f"…from this input of L{layer}H{head} only", ["Q", "K", "V"], default="K", key="ablate_on"
+        )
+        if sources and on:
+            table = attention.composition_table(model, rrt, seq_len, sources, (layer, head))
+            base = table[0]
+            picked = next(r for r in table if r.on == on.lower())
+            m1, m2 = st.columns(2)
+            m1.metric(f"L{layer}H{head} induction score", f"{picked.target_score:.3f}", f"{picked.target_score - base.target_score:+.3f}")
+            m2.metric("Repeated-half loss (nats)", f"{picked.loss:.3f}", f"{picked.loss - base.loss:+.3f}", delta_color="inverse")
+            st.plotly_chart(plots.composition_bar(table, f"L{layer}H{head}"), width="stretch", key="composition")
+            st.caption(
+                "The chosen heads' outputs (z·W_O, no bias) are subtracted from one input of this head "
+                "only (TransformerLens split q/k/v inputs). In an induction circuit the previous-token "
+                "head feeds the key: ablating on K breaks it, Q and V matter little."
+            )
+        else:
+            st.info("Pick at least one source head and an input.")
+
+with tab_resid:
+    st.caption("L2 norm of the residual stream at each layer's input and after the last layer.")
+    norms = attention.residual_norms(run.cache, n_layers)
+    st.plotly_chart(plots.residual_norm_heatmap(norms, prompt.str_tokens), width="stretch", key="resid")

@@ -1,0 +1,95 @@
+"""Real-browser smoke test: Playwright drives Debian's Chromium against `streamlit run app.py`.
+
+Skips only where /usr/bin/chromium (or the playwright package) is absent; .ci/run installs both.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = Path(os.environ.get("CE_SCREENSHOT_DIR", ROOT / "tests" / ".screenshots"))
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless=true",
+         f"--server.port={port}", "--server.address=127.0.0.1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _ticks(page) -> list[str]:
+    """The y-axis tick labels of the first plotly chart (the selected head's pattern)."""
+    return page.evaluate(
+        """() => [...document.querySelector('.js-plotly-plot').querySelectorAll('.yaxislayer-above text')]
+                 .map(t => t.textContent)"""
+    )
+
+
+def test_open_change_prompt_heatmap_updates(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server + "/attention", wait_until="domcontentloaded")
+        heatmap = page.locator(".js-plotly-plot").first
+        heatmap.wait_for(timeout=120_000)
+        page.get_by_text("attention pattern").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(SHOTS / "attention_default.png"), full_page=False)
+        ticks_before = _ticks(page)
+        assert any("king" in t for t in ticks_before)
+
+        box = page.locator("textarea").first
+        box.fill("a red bird saw a red bird")
+        box.press("Control+Enter")
+        page.wait_for_function(
+            """() => [...document.querySelector('.js-plotly-plot').querySelectorAll('.yaxislayer-above text')]
+                     .some(t => t.textContent.includes('bird'))""",
+            timeout=60_000,
+        )
+        ticks_after = _ticks(page)
+        assert "7: bird" in ticks_after and not any("king" in t for t in ticks_after)
+        assert "prompt=a+red+bird" in page.url or "prompt=a%20red%20bird" in page.url
+        page.screenshot(path=str(SHOTS / "attention_changed.png"), full_page=False)
+        browser.close()

@@ -1,0 +1,108 @@
+import shutil
+import time
+
+import pytest
+import torch
+from transformer_lens import loading_from_pretrained as loading
+
+from core import models
+from core.models import DEFAULT_MODEL, ModelLoadError, load_model, zoo_models
+
+
+def test_zoo_lists_default_first():
+    assert zoo_models()[0] == DEFAULT_MODEL
+
+
+def test_zoo_names_do_not_collide_with_transformer_lens():
+    official = {n.lower() for n in loading.OFFICIAL_MODEL_NAMES}
+    aliases = {a.lower() for names in loading.MODEL_ALIASES.values() for a in names}
+    for name in zoo_models():
+        assert name.lower() not in official | aliases
+
+
+def test_zoo_model_loads_with_its_tokenizer(zoo_model):
+    cfg = zoo_model.cfg
+    assert (cfg.n_layers, cfg.attn_only, cfg.positional_embedding_type) == (2, True, "shortformer")
+    toks = zoo_model.to_tokens("the cat sat")
+    assert toks[0, 0].item() == zoo_model.tokenizer.bos_token_id
+    assert zoo_model.to_str_tokens("the cat sat") == ["<|bos|>", "the", "cat", "sat"]
+    assert zoo_model(toks).shape == (1, 4, cfg.d_vocab)
+
+
+def test_zoo_model_weights_equal_the_safetensors_file(zoo_model):
+    from safetensors.torch import load_file
+
+    state = load_file(str(models.ZOO_DIR / DEFAULT_MODEL / "model.safetensors"))
+    for name, tensor in zoo_model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_local_hf_gpt2_folder_matches_hugging_face_logits(tiny_gpt2_dir):
+    path, hf = tiny_gpt2_dir
+    model = load_model(str(path))
+    tokens = model.to_tokens("the king saw a green bird near the river")
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = hf(tokens).logits
+    # TL centres the unembedding, so logits agree up to a constant per position:
+    # compare log-probabilities, which are exact.
+    torch.testing.assert_close(ours.log_softmax(-1), theirs.log_softmax(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_name_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="Unknown model 'no-such-model-xyz'.*ce-induction-2l"):
+        load_model("no-such-model-xyz")
+
+
+def test_empty_name_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="No model name"):
+        load_model("  ")
+
+
+def test_pretrained_offline_fails_fast_naming_model_and_zoo(offline_hub):
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"Cannot download 'gpt2-small'.*not reachable.*ce-induction-2l"):
+        load_model("gpt2-small")
+    # TransformerLens's own retries take ~23 s offline; our probe gives up after ~1 s.
+    assert time.monotonic() - start < 5
+
+
+def test_hub_probe_says_no_for_a_closed_port(offline_hub):
+    assert models._hub_reachable(timeout=1.0) is False
+
+
+@pytest.fixture()
+def zoo_copy(tmp_path):
+    dst = tmp_path / "copy-of-zoo"
+    shutil.copytree(models.ZOO_DIR / DEFAULT_MODEL, dst)
+    return dst
+
+
+def test_corrupt_weights_are_a_clear_error(zoo_copy):
+    (zoo_copy / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="model.safetensors is corrupt"):
+        load_model(str(zoo_copy))
+
+
+def test_truncated_weights_are_a_clear_error(zoo_copy):
+    data = (zoo_copy / "model.safetensors").read_bytes()
+    (zoo_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_model(str(zoo_copy))
+
+
+def test_missing_file_is_a_clear_error(zoo_copy):
+    (zoo_copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer.json is missing"):
+        load_model(str(zoo_copy))
+
+
+def test_corrupt_config_is_a_clear_error(zoo_copy):
+    (zoo_copy / models.CONFIG_FILE).write_text("{ not json")
+    with pytest.raises(ModelLoadError, match="hooked_config.json is corrupt"):
+        load_model(str(zoo_copy))
+
+
+def test_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))

@@ -1,0 +1,139 @@
+import threading
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from core import store
+from core.store import ActivationStore
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50, act_fn="gelu", seed=1)
+    return HookedTransformer(cfg).eval()
+
+
+def _tokens(seed, n=12):
+    return torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _zero_head_hook(head):
+    def hook(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    return hook
+
+
+def _job(model, i):
+    """Alternate plain, cached and hooked runs; return logits."""
+    tokens = _tokens(i % 5)
+    kind = i % 3
+    if kind == 0:
+        return store.run(model, tokens)
+    if kind == 1:
+        return store.run_with_cache(model, tokens)[0]
+    return store.run_with_hooks(model, tokens, [("blocks.0.attn.hook_z", _zero_head_hook(i % 4))])
+
+
+def test_concurrent_runs_are_bit_identical_to_sequential(small_model):
+    jobs = list(range(48))
+    expected = {i: _job(small_model, i) for i in jobs}
+    results: dict[int, torch.Tensor] = {}
+    errors = []
+
+    def worker(ids):
+        try:
+            for i in ids:
+                results[i] = _job(small_model, i)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(jobs[k::6],)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in jobs:
+        assert torch.equal(results[i], expected[i]), i
+    plain = store.run(small_model, _tokens(2))
+    hooked = store.run_with_hooks(small_model, _tokens(2), [("blocks.0.attn.hook_z", _zero_head_hook(0))])
+    assert not torch.equal(plain, hooked)
+
+
+def test_hooks_are_removed_on_error(small_model):
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        store.run_with_hooks(small_model, _tokens(0), [("blocks.0.hook_resid_pre", boom)])
+    assert all(len(hp.fwd_hooks) == 0 for hp in small_model.hook_dict.values())
+    torch.testing.assert_close(store.run(small_model, _tokens(0)), small_model(_tokens(0)), rtol=0, atol=0)
+
+
+def test_split_qkv_is_restored_after_use_and_on_error(small_model):
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store.run_with_hooks(small_model, _tokens(0), [("blocks.1.hook_k_input", boom)], use_split_qkv_input=True)
+    assert small_model.cfg.use_split_qkv_input is False
+
+
+def test_store_runs_once_per_model_and_tokens(small_model):
+    s = ActivationStore(max_bytes=10**9)
+    a = s.get(small_model, _tokens(0))
+    b = s.get(small_model, _tokens(0))
+    assert a is b and s.hits == 1 and s.misses == 1
+    logits, cache = small_model.run_with_cache(_tokens(0))
+    assert torch.equal(a.logits, logits)
+    assert torch.equal(a.cache["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_pattern"])
+    assert len(s.entries()) == 1 and "1 cached run" in s.describe()
+
+
+def test_store_never_exceeds_its_cap(small_model):
+    one = ActivationStore(max_bytes=10**9).get(small_model, _tokens(0)).nbytes
+    s = ActivationStore(max_bytes=int(2.5 * one))
+    for i in range(10):
+        s.get(small_model, _tokens(i))
+        assert s.nbytes <= s.max_bytes
+    assert len(s.entries()) == 2  # the two most recent
+    s.get(small_model, _tokens(8))  # a hit: nothing evicted
+    assert s.hits == 1 and len(s.entries()) == 2
+    s.get(small_model, _tokens(0))  # a miss evicts the least recently used (tokens 9)
+    s.get(small_model, _tokens(8))
+    assert s.hits == 2
+
+
+def test_store_returns_but_does_not_keep_a_run_larger_than_the_cap(small_model):
+    s = ActivationStore(max_bytes=10)
+    run = s.get(small_model, _tokens(0))
+    assert run.logits.shape == (1, 12, 50)
+    assert s.entries() == [] and s.nbytes == 0
+
+
+def test_store_cap_from_environment(monkeypatch):
+    monkeypatch.setenv(store.MAX_BYTES_ENV, "12345")
+    assert ActivationStore().max_bytes == 12345
+
+
+def test_concurrent_store_gets_compute_once(small_model):
+    s = ActivationStore(max_bytes=10**9)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(s.get(small_model, _tokens(3)))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert s.misses == 1 and all(o is out[0] for o in out)
+
+
+def test_distinct_models_do_not_share_entries(small_model):
+    other = HookedTransformer(small_model.cfg).eval()
+    s = ActivationStore(max_bytes=10**9)
+    a = s.get(small_model, _tokens(0))
+    b = s.get(other, _tokens(0))
+    assert a is not b and s.misses == 2 and len(s.entries()) == 2
