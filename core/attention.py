@@ -7,7 +7,7 @@ and its "mul" measure, averaged over the query rows that have a target (see `hea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ HEAD_TYPE_LABELS = {
 DEFAULT_SEQ_LEN = 30  # repeated random tokens: BOS + 30 tokens + the same 30 again
 DEFAULT_BATCH = 32
 PREV_TOKEN_THRESHOLD = 0.3
+INDUCTION_THRESHOLD = 0.5
 _DETECTORS = {
     "previous_token": hd.get_previous_token_head_detection_pattern,
     "induction": hd.get_induction_head_detection_pattern,
@@ -114,6 +115,11 @@ def previous_token_heads(
     ]
 
 
+def induction_heads(ind_scores: torch.Tensor, layer: int, threshold: float = INDUCTION_THRESHOLD) -> list[int]:
+    """Heads of `layer` whose induction score is >= threshold."""
+    return [h for h in range(ind_scores.shape[1]) if ind_scores[layer, h] >= threshold]
+
+
 def parse_head(label: str) -> tuple[int, int]:
     """'L1H2' or '1.2' -> (1, 2)."""
     text = label.strip().upper()
@@ -152,8 +158,12 @@ def ablate_composition(
     sources: list[tuple[int, int]],
     target: tuple[int, int],
     on: Literal["q", "k", "v", "none"],
+    also: Sequence[int] = (),
 ) -> CompositionAblation:
     """Remove the outputs of `sources` heads from the `on` input of `target` head only.
+
+    `also`: other heads of the target's layer whose `on` input gets the same ablation (for a
+    model with several redundant induction heads); the score reported is still the target's.
 
     Uses TransformerLens's split q/k/v inputs (`blocks.L.hook_{q,k,v}_input`,
     [batch, pos, head, d_model]): the source heads' contributions `z @ W_O` (no bias) are
@@ -170,11 +180,13 @@ def ablate_composition(
         captured[hook.layer()] = z
         return None
 
+    ablated = sorted({t_head, *also})
+
     def remove_sources(x, hook):
         x = x.clone()
         for layer, head in sources:
             contribution = captured[layer][:, :, head, :] @ model.W_O[layer, head]  # [batch, pos, d_model]
-            x[:, :, t_head, :] -= contribution
+            x[:, :, ablated, :] -= contribution[:, :, None, :]
         return x
 
     pattern_name = f"blocks.{t_layer}.attn.hook_pattern"
@@ -200,9 +212,10 @@ def composition_table(
     seq_len: int,
     sources: list[tuple[int, int]],
     target: tuple[int, int],
+    also: Sequence[int] = (),
 ) -> list[CompositionAblation]:
     """`ablate_composition` for none, q, k and v, in that order."""
-    return [ablate_composition(model, tokens, seq_len, sources, target, on) for on in ("none", "q", "k", "v")]
+    return [ablate_composition(model, tokens, seq_len, sources, target, on, also) for on in ("none", "q", "k", "v")]
 
 
 def residual_norms(cache: ActivationCache, n_layers: int) -> torch.Tensor:

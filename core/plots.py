@@ -88,6 +88,19 @@ def all_heads_grid(patterns: torch.Tensor, str_tokens: Sequence[str], selected: 
                 row=layer + 1,
                 col=head + 1,
             )
+    # Heatmaps cannot be selected in plotly; one near-invisible marker over each panel can,
+    # so clicking a panel reports its head (trace index - n_layers * n_heads = layer * n_heads + head).
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            fig.add_trace(
+                go.Scatter(
+                    x=[(n - 1) / 2], y=[(n - 1) / 2], mode="markers",
+                    marker=dict(size=60, opacity=0.01, symbol="square", color="grey"),
+                    customdata=[[layer, head]], name=f"open L{layer}H{head}", hoverinfo="skip", showlegend=False,
+                ),
+                row=layer + 1,
+                col=head + 1,
+            )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed")
     fig.update_layout(
@@ -95,8 +108,19 @@ def all_heads_grid(patterns: torch.Tensor, str_tokens: Sequence[str], selected: 
         height=max(220, 190 * n_layers),
         margin=dict(l=10, r=10, t=40, b=10),
         clickmode="event+select",
+        dragmode=False,
     )
     return fig
+
+
+def clicked_head(event, n_layers: int, n_heads: int) -> tuple[int, int] | None:
+    """(layer, head) of the panel clicked in `all_heads_grid`, from st.plotly_chart's selection event."""
+    points = ((event or {}).get("selection") or {}).get("points") or []
+    for point in points:
+        index = point.get("curve_number", -1) - n_layers * n_heads
+        if 0 <= index < n_layers * n_heads:
+            return divmod(index, n_heads)
+    return None
 
 
 def head_score_heatmap(scores: torch.Tensor, title: str, selected: tuple[int, int] | None = None) -> go.Figure:

@@ -61,14 +61,12 @@ with tab_all:
         on_select="rerun",
         selection_mode="points",
     )
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
-    if points:
-        clicked = points[0].get("curve_number")
-        if clicked is not None and divmod(clicked, n_heads) != (layer, head):
-            session.set_url(layer=clicked // n_heads, head=clicked % n_heads)
-            for key in ("layer", "head"):
-                st.session_state.pop(key, None)
-            st.rerun()
+    clicked = plots.clicked_head(event, n_layers, n_heads)
+    if clicked is not None and clicked != (layer, head):
+        session.set_url(layer=clicked[0], head=clicked[1])
+        for key in ("layer", "head", "all_heads"):
+            st.session_state.pop(key, None)
+        st.rerun()
 
 with tab_cv:
     st.caption(f"Layer {layer}, all heads: hover a token to see where it attends (CircuitsVis, offline).")
@@ -101,10 +99,20 @@ with tab_scores:
         )
         sources = [attention.parse_head(s) for s in chosen]
         on = st.segmented_control(
-            f"…from this input of L{layer}H{head} only", ["Q", "K", "V"], default="K", key="ablate_on"
+            f"…from this input of L{layer}H{head}", ["Q", "K", "V"], default="K", key="ablate_on"
         )
+        others = [h for h in attention.induction_heads(scores["induction"], layer) if h != head]
+        also: list[int] = []
+        if others and st.checkbox(
+            "…and of the other induction heads of this layer: " + ", ".join(f"L{layer}H{h}" for h in others),
+            value=False,
+            key="ablate_also",
+            help="Heads that do the same job back each other up: ablating one head's input shows its "
+            "pattern break; ablating all of them shows what the circuit is worth to the loss.",
+        ):
+            also = others
         if sources and on:
-            table = attention.composition_table(model, rrt, seq_len, sources, (layer, head))
+            table = attention.composition_table(model, rrt, seq_len, sources, (layer, head), also)
             base = table[0]
             picked = next(r for r in table if r.on == on.lower())
             m1, m2 = st.columns(2)

@@ -86,12 +86,12 @@ def test_no_ablation_equals_a_plain_run(zoo_model):
     assert res.loss == pytest.approx(manual.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("on", ["q", "k", "v"])
-def test_composition_ablation_matches_a_manual_recomputation(zoo_model, on):
-    """Recompute the target head's q/k/v by hand from LN(resid - source outputs) and patch them in."""
+@pytest.mark.parametrize("on,also", [("q", ()), ("k", ()), ("v", ()), ("k", (0, 2))])
+def test_composition_ablation_matches_a_manual_recomputation(zoo_model, on, also):
+    """Recompute the target heads' q/k/v by hand from LN(resid - source outputs) and patch them in."""
     seq_len, sources, (tl, th) = 10, [(0, 1), (0, 2)], (1, 3)
     toks = attention.repeated_random_tokens(zoo_model, seq_len, 3, seed=9)
-    ours = attention.ablate_composition(zoo_model, toks, seq_len, sources, (tl, th), on)
+    ours = attention.ablate_composition(zoo_model, toks, seq_len, sources, (tl, th), on, also)
 
     _, cache = zoo_model.run_with_cache(toks)
     resid = cache["resid_pre", tl]
@@ -99,14 +99,14 @@ def test_composition_ablation_matches_a_manual_recomputation(zoo_model, on):
     x = zoo_model.blocks[tl].ln1(resid - removed)
     if on in ("q", "k"):
         x = x + cache["hook_pos_embed"]
-    W = {"q": zoo_model.W_Q, "k": zoo_model.W_K, "v": zoo_model.W_V}[on][tl, th]
-    b = {"q": zoo_model.b_Q, "k": zoo_model.b_K, "v": zoo_model.b_V}[on][tl, th]
-    new = x @ W + b  # [batch, pos, d_head]
+    W = {"q": zoo_model.W_Q, "k": zoo_model.W_K, "v": zoo_model.W_V}[on][tl]
+    b = {"q": zoo_model.b_Q, "k": zoo_model.b_K, "v": zoo_model.b_V}[on][tl]
     patterns = {}
 
     def patch(act, hook):
         act = act.clone()
-        act[:, :, th] = new
+        for h in (th, *also):
+            act[:, :, h] = x @ W[h] + b[h]  # [batch, pos, d_head]
         return act
 
     def save(p, hook):

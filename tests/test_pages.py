@@ -165,9 +165,17 @@ def test_composition_control_shows_the_core_numbers(zoo_model):
     sources = [attention.parse_head(s) for s in at.multiselect[0].value]
     assert sources, "previous-token heads preselected"
     toks = attention.repeated_random_tokens(zoo_model, attention.DEFAULT_SEQ_LEN, attention.DEFAULT_BATCH, seed=0)
-    for on in ("K", "Q", "V"):
-        at.get("button_group")[0].set_value(on).run() if on != "K" else None
-        expected = attention.ablate_composition(zoo_model, toks, attention.DEFAULT_SEQ_LEN, sources, (layer, head), on.lower())
+    cases = [("K", False), ("Q", False), ("V", False), ("K", True)]
+    for on, everyone in cases:
+        at.get("button_group")[0].set_value(on)
+        if everyone:
+            at.checkbox(key="ablate_also").check()
+        at.run()
+        also = [h for h in attention.induction_heads(
+            attention.head_scores(zoo_model, toks)["induction"], layer) if h != head] if everyone else []
+        expected = attention.ablate_composition(
+            zoo_model, toks, attention.DEFAULT_SEQ_LEN, sources, (layer, head), on.lower(), also
+        )
         values = {m.label: m.value for m in at.metric}
         assert values[f"L{layer}H{head} induction score"] == f"{expected.target_score:.3f}"
         assert values["Repeated-half loss (nats)"] == f"{expected.loss:.3f}"

@@ -26,10 +26,18 @@ def test_pattern_heatmap_values_labels_and_escaping():
 def test_all_heads_grid_has_one_trace_per_head():
     pats = torch.rand(2, 3, 5, 5)
     fig = plots.all_heads_grid(pats, list("abcde"), selected=(1, 2))
-    assert len(fig.data) == 6
+    assert len(fig.data) == 12  # a heatmap and a click target per head
     np.testing.assert_allclose(np.array(fig.data[5].z), pats[1, 2].numpy())
+    assert fig.data[6 + 5].name == "open L1H2"
     assert fig.data[4].name == "L1H1"
     assert "<b>L1H2</b>" in [a.text for a in fig.layout.annotations]
+
+
+def test_clicked_head_from_selection_event():
+    event = {"selection": {"points": [{"curve_number": 6 + 4, "point_index": 0}]}}
+    assert plots.clicked_head(event, 2, 3) == (1, 1)
+    assert plots.clicked_head({"selection": {"points": [{"curve_number": 2}]}}, 2, 3) is None  # a heatmap
+    assert plots.clicked_head(None, 2, 3) is None and plots.clicked_head({"selection": {}}, 2, 3) is None
 
 
 def test_head_score_heatmap_values():

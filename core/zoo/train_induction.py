@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core import attention
 from core.zoo.vocab import build_tokenizer
 
 MODEL_NAME = "ce-induction-2l"
@@ -35,7 +36,7 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "models"
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 6000
     batch: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -43,10 +44,13 @@ class TrainConfig:
     n_ctx: int = 128
     min_len: int = 16
     repeat_prob: float = 0.8
+    max_pad: int = 6
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 2
     threads: int = 1
+    positional_embedding_type: str = "shortformer"
+    normalization_type: str | None = "LN"
 
 
 def model_config(cfg: TrainConfig, d_vocab: int) -> dict:
@@ -61,33 +65,49 @@ def model_config(cfg: TrainConfig, d_vocab: int) -> dict:
         d_vocab=d_vocab,
         attn_only=True,
         act_fn=None,
-        normalization_type="LN",
-        positional_embedding_type="shortformer",
+        normalization_type=cfg.normalization_type,
+        positional_embedding_type=cfg.positional_embedding_type,
+        **({"rotary_dim": cfg.d_model // cfg.n_heads} if cfg.positional_embedding_type == "rotary" else {}),
         seed=cfg.seed,
         default_prepend_bos=True,
     )
 
 
 def make_batch(gen: torch.Generator, cfg: TrainConfig, words: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """[batch, 1 + length] training tokens: BOS, then random words.
+    """[batch, 1 + length] training tokens: BOS, then random words; `length` is random per batch.
 
-    In a `repeat_prob` share of the sequences one random chunk of k words (2 <= k <= length/4)
-    recurs at least twice: first at a random offset, then again after random gaps of up to k
-    words, until the sequence is full. Length, k, offsets and gaps are all random.
+    In a `repeat_prob` share of the sequences a chunk of random words is repeated once:
+    a random prefix (0..max_pad words), the chunk, a random gap (0..max_pad), the chunk again,
+    a random tail (0..max_pad). The chunk length (about half the sequence) and both offsets
+    therefore vary from sequence to sequence, so no fixed position or shift predicts the copy.
+    The other sequences are random words throughout.
     """
     length = int(torch.randint(cfg.min_len, cfg.n_ctx, (1,), generator=gen))  # tokens after BOS
     toks = words[torch.randint(0, len(words), (cfg.batch, length), generator=gen)]
     for b in range(cfg.batch):
         if torch.rand(1, generator=gen).item() > cfg.repeat_prob:
             continue
-        k = int(torch.randint(2, length // 4 + 1, (1,), generator=gen))
-        chunk = words[torch.randint(0, len(words), (k,), generator=gen)]
-        pos = int(torch.randint(0, k + 1, (1,), generator=gen))
-        while pos + k <= length:
-            toks[b, pos : pos + k] = chunk
-            pos += k + int(torch.randint(0, k + 1, (1,), generator=gen))
+        prefix, gap, tail = (int(x) for x in torch.randint(0, cfg.max_pad + 1, (3,), generator=gen))
+        k = (length - prefix - gap - tail) // 2
+        second = prefix + k + gap
+        toks[b, second : second + k] = toks[b, prefix : prefix + k]
     bos = torch.full((cfg.batch, 1), bos_id, dtype=torch.long)
     return torch.cat([bos, toks], dim=1)
+
+
+def model_with_tokenizer(model, tokenizer):
+    model.tokenizer = tokenizer
+    return model
+
+
+@torch.no_grad()
+def _circuit_progress(model, probe: torch.Tensor) -> tuple[float, float]:
+    """Best last-layer induction score and best layer-0 previous-token score on `probe`."""
+    _, cache = model.run_with_cache(probe, names_filter=lambda n: n.endswith("hook_pattern"))
+    patterns = attention.stacked_patterns(cache, model.cfg.n_layers)
+    ind = attention.head_scores_from_patterns(patterns, probe, "induction")[-1].max().item()
+    prev = attention.head_scores_from_patterns(patterns, probe, "previous_token")[0].max().item()
+    return ind, prev
 
 
 def train(cfg: TrainConfig, out_dir: Path) -> dict:
@@ -101,10 +121,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     tl_cfg = model_config(cfg, len(tokenizer))
     model = HookedTransformer(HookedTransformerConfig(**tl_cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.05, 1 - s / cfg.steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
+    probe = attention.repeated_random_tokens(model_with_tokenizer(model, tokenizer), 20, 8, seed=cfg.seed + 999)
     start = time.time()
     log = []
     for step in range(cfg.steps):
@@ -113,12 +132,16 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 250 == 0 or step == cfg.steps - 1:
-            log.append((step, round(loss.item(), 4)))
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.1f}s", flush=True)
+            ind, prev = _circuit_progress(model, probe)
+            log.append({"step": step, "loss": round(loss.item(), 4), "induction": round(ind, 3), "previous_token": round(prev, 3)})
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  best induction {ind:.3f}  best prev-token {prev:.3f}"
+                f"  {time.time() - start:6.1f}s",
+                flush=True,
+            )
     train_seconds = time.time() - start
 
     from safetensors.torch import save_file
@@ -135,8 +158,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--pos", default=TrainConfig.positional_embedding_type)
+    parser.add_argument("--repeat-prob", type=float, default=TrainConfig.repeat_prob)
+    parser.add_argument("--norm", default=TrainConfig.normalization_type)
     args = parser.parse_args()
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, lr=args.lr)
+    cfg = TrainConfig(
+        steps=args.steps, seed=args.seed, lr=args.lr, positional_embedding_type=args.pos, repeat_prob=args.repeat_prob,
+        normalization_type=None if args.norm in ("none", "None") else args.norm,
+    )
     info = train(cfg, args.out)
     from core.zoo import induction_card
 

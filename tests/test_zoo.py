@@ -1,0 +1,83 @@
+"""The committed zoo checkpoint shows the circuit its card claims, and the card's numbers reproduce."""
+import json
+
+import pytest
+import torch
+
+from core.models import ZOO_DIR
+from core.zoo import induction_card, train_induction
+from core.zoo.vocab import build_tokenizer, vocabulary
+
+MODEL_DIR = ZOO_DIR / "ce-induction-2l"
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return induction_card.measure(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def card():
+    return json.loads((MODEL_DIR / "metrics.json").read_text())
+
+
+def test_card_numbers_reproduce(measured, card):
+    assert measured["induction_head"] == card["induction_head"]
+    assert measured["previous_token_heads"] == card["previous_token_heads"]
+    for kind, grid in card["head_scores"].items():
+        torch.testing.assert_close(torch.tensor(measured["head_scores"][kind]), torch.tensor(grid), atol=2e-4, rtol=0)
+    for on, vals in card["composition"].items():
+        assert measured["composition"][on] == pytest.approx(vals, abs=2e-4)
+    text = (MODEL_DIR / "MODEL_CARD.md").read_text()
+    layer, head = card["induction_head"]
+    assert f"Induction head: L{layer}H{head}" in text
+
+
+def test_textbook_induction_mechanism(measured):
+    scores = measured["head_scores"]
+    layer, head = measured["induction_head"]
+    assert layer == 1 and scores["induction"][layer][head] >= 0.8
+    prev = measured["previous_token_heads"]
+    assert prev and all(l == 0 and scores["previous_token"][l][h] >= 0.5 for l, h in prev)
+
+
+def test_k_composition(measured):
+    c = measured["composition"]
+    base = c["none"]
+    assert c["k"]["induction_score"] <= 0.5 * base["induction_score"]
+    assert c["k"]["loss"] >= base["loss"] + 2.0
+    for on in ("q", "v"):  # the same ablation on the query or value input changes little
+        assert c[on]["induction_score"] >= 0.75 * base["induction_score"], on
+        assert c[on]["loss"] <= base["loss"] + 0.5, on
+
+
+def test_training_batches_are_seeded_and_repeat_chunks():
+    cfg = train_induction.TrainConfig(batch=64)
+    tok = build_tokenizer()
+    words = torch.tensor([i for i in range(len(tok)) if i not in set(tok.all_special_ids)])
+    a = train_induction.make_batch(torch.Generator().manual_seed(3), cfg, words, tok.bos_token_id)
+    b = train_induction.make_batch(torch.Generator().manual_seed(3), cfg, words, tok.bos_token_id)
+    assert torch.equal(a, b)
+    assert (a[:, 0] == tok.bos_token_id).all() and a.shape[1] <= cfg.n_ctx
+    assert not set(a[:, 1:].flatten().tolist()) & set(tok.all_special_ids)
+
+    def has_long_repeat(row, n=4):
+        seen = set()
+        for i in range(len(row) - n + 1):
+            gram = tuple(row[i : i + n].tolist())
+            if gram in seen:
+                return True
+            seen.add(gram)
+        return False
+
+    share = sum(has_long_repeat(r[1:]) for r in a) / len(a)
+    assert 0.5 <= share < 1.0  # most sequences repeat a chunk, some do not
+
+
+def test_vocabulary_is_unique_and_tokenizer_round_trips():
+    vocab = vocabulary()
+    assert len(vocab) == len(set(vocab))
+    tok = build_tokenizer()
+    text = "when mary and john went to the store , john gave a drink to"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == text
