@@ -13,7 +13,7 @@ PAGES = {
 page = st.navigation(list(PAGES.values()))
 requested = st.query_params.get("page")
 if requested in PAGES and PAGES[requested] is not page and requested != page.url_path:
-    st.switch_page(PAGES[requested])
+    st.switch_page(PAGES[requested], query_params=st.query_params.to_dict())
 name = next((k for k, p in PAGES.items() if p is page or p.url_path == page.url_path), None)
 if name:
     st.query_params["page"] = name

@@ -25,7 +25,7 @@ HEAD_TYPE_LABELS = {
 }
 DEFAULT_SEQ_LEN = 30  # repeated random tokens: BOS + 30 tokens + the same 30 again
 DEFAULT_BATCH = 32
-PREV_TOKEN_THRESHOLD = 0.3
+PREV_TOKEN_THRESHOLD = 0.5
 INDUCTION_THRESHOLD = 0.5
 _DETECTORS = {
     "previous_token": hd.get_previous_token_head_detection_pattern,

@@ -19,6 +19,7 @@ import os
 import socket
 import tempfile
 import threading
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,7 +69,9 @@ def load_model(name_or_path: str, device: str = "cpu") -> HookedTransformer:
         model = _load_pretrained(name, device)
         key = f"pretrained:{name}"
     model.eval()
-    model._circuit_explorer_key = key
+    # The load name says what it is; the token keeps a reloaded (say, retrained) model from
+    # being served the activations of the object it replaced.
+    model._circuit_explorer_key = f"{key}#{uuid.uuid4().hex[:8]}"
     return model
 
 

@@ -88,21 +88,22 @@ def all_heads_grid(patterns: torch.Tensor, str_tokens: Sequence[str], selected: 
                 row=layer + 1,
                 col=head + 1,
             )
-    # Heatmaps cannot be selected in plotly; one near-invisible marker over each panel can,
-    # so clicking a panel reports its head (trace index - n_layers * n_heads = layer * n_heads + head).
+    # Heatmaps cannot be selected in plotly; one near-invisible marker over each panel can, so
+    # clicking near a panel's centre reports its head (customdata [layer, head]). hoverinfo
+    # "none", not "skip": skipped traces get no click events.
     for layer in range(n_layers):
         for head in range(n_heads):
             fig.add_trace(
                 go.Scatter(
                     x=[(n - 1) / 2], y=[(n - 1) / 2], mode="markers",
                     marker=dict(size=60, opacity=0.01, symbol="square", color="grey"),
-                    customdata=[[layer, head]], name=f"open L{layer}H{head}", hoverinfo="skip", showlegend=False,
+                    customdata=[[layer, head]], name=f"open L{layer}H{head}", hoverinfo="none", showlegend=False,
                 ),
                 row=layer + 1,
                 col=head + 1,
             )
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    fig.update_xaxes(showticklabels=False, fixedrange=True)
+    fig.update_yaxes(showticklabels=False, autorange="reversed", fixedrange=True)
     fig.update_layout(
         coloraxis=dict(colorscale=HEAT, cmin=0, cmax=1, colorbar=dict(title="attention")),
         height=max(220, 190 * n_layers),
@@ -117,9 +118,11 @@ def clicked_head(event, n_layers: int, n_heads: int) -> tuple[int, int] | None:
     """(layer, head) of the panel clicked in `all_heads_grid`, from st.plotly_chart's selection event."""
     points = ((event or {}).get("selection") or {}).get("points") or []
     for point in points:
-        index = point.get("curve_number", -1) - n_layers * n_heads
-        if 0 <= index < n_layers * n_heads:
-            return divmod(index, n_heads)
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) == 2:
+            layer, head = int(data[0]), int(data[1])
+            if 0 <= layer < n_layers and 0 <= head < n_heads:
+                return layer, head
     return None
 
 

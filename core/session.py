@@ -6,14 +6,17 @@ lives in the URL query parameters, so a copied link reopens the same view.
 """
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass
 
 import streamlit as st
 from transformer_lens import HookedTransformer
 
+from core import attention
 from core.models import DEFAULT_MODEL, ModelLoadError, load_model, zoo_models
 from core.prompts import Prompt, PromptError, prepare_prompt
-from core.store import ActivationStore
+from core.store import ActivationStore, model_key
 
 OTHER = "Other (TransformerLens name or local folder)…"
 PRETRAINED_SUGGESTIONS = ["gpt2-small"]
@@ -38,10 +41,51 @@ def get_store() -> ActivationStore:
     return ActivationStore()
 
 
+_recent_failures: dict[str, tuple[float, str]] = {}
+FAILURE_MEMORY_SECONDS = 30.0
+
+
 def get_model(name: str) -> HookedTransformer:
-    """The process-wide model for `name` (raises ModelLoadError with a readable message)."""
-    with st.spinner(f"Loading {name}…"):
-        return _cached_model(name)
+    """The process-wide model for `name` (raises ModelLoadError with a readable message).
+
+    A failure is remembered for a few seconds, so reruns of a page showing it do not probe the
+    hub again on every widget change.
+    """
+    failed = _recent_failures.get(name)
+    if failed and time.monotonic() - failed[0] < FAILURE_MEMORY_SECONDS:
+        raise ModelLoadError(failed[1])
+    try:
+        with st.spinner(f"Loading {md_escape(name)}…"):
+            return _cached_model(name)
+    except ModelLoadError as err:
+        _recent_failures[name] = (time.monotonic(), str(err))
+        raise
+
+
+def md_escape(text: str) -> str:
+    """Text shown through Markdown (st.error, st.spinner…) as typed: no links, images or emphasis."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$:])", r"\\\1", text)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def head_scores(_model: HookedTransformer, model_name: str, seq_len: int, batch: int) -> dict:
+    """Head-type scores of a model on repeated random tokens (seed 0), once per model name.
+
+    Computed from attention patterns only, outside the activation store: the full cache of
+    32 x 61 tokens would crowd the store out on a large model.
+    """
+    tokens = attention.repeated_random_tokens(_model, seq_len, batch, seed=0)
+    return {k: v.clone() for k, v in attention.head_scores(_model, tokens).items()}
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def composition_table(
+    _model: HookedTransformer, model_name: str, seq_len: int, batch: int,
+    sources: tuple, target: tuple, also: tuple,
+) -> list:
+    """`attention.composition_table` on the same repeated random tokens, cached per model name."""
+    tokens = attention.repeated_random_tokens(_model, seq_len, batch, seed=0)
+    return attention.composition_table(_model, tokens, seq_len, list(sources), target, list(also))
 
 
 def default_prompt(model_name: str) -> str:
@@ -143,8 +187,8 @@ def sidebar() -> View:
 
 def _model_changed() -> None:
     """A new model resets the selection and, if the prompt was the old default, the prompt."""
+    st.session_state["_reset_selection"] = True
     for key in ("layer", "head"):
-        st.session_state.pop(key, None)
         st.query_params.pop(key, None)
     choice = st.session_state.get("model_choice")
     name = st.session_state.get("model_other", "") if choice == OTHER else choice
@@ -153,10 +197,37 @@ def _model_changed() -> None:
         st.session_state["prompt"] = default_prompt(name)
 
 
+def select_head(n_layers: int, n_heads: int, default: tuple[int, int]) -> None:
+    """Seed the Layer/Head widgets (keys "layer", "head") before they are drawn.
+
+    Values come from the URL on a session's first run, else the default; after a model
+    change, or when a value does not fit the model, they fall back to the default. Written
+    through session state (not `index=`), so the browser's widgets follow.
+    """
+    state = st.session_state
+    reset = state.pop("_reset_selection", False)
+    for key, size, fallback in (("layer", n_layers, default[0]), ("head", n_heads, default[1])):
+        value = state.get(key)
+        if key not in state or reset:
+            value = None if reset else url_int(key)
+        if value is None or not 0 <= value < size:
+            value = fallback
+        state[key] = value
+
+
+def open_clicked_head(chart_key: str, n_layers: int, n_heads: int) -> None:
+    """on_select callback of the all-heads grid: open the clicked head."""
+    from core.plots import clicked_head
+
+    clicked = clicked_head(st.session_state.get(chart_key), n_layers, n_heads)
+    if clicked is not None:
+        st.session_state["layer"], st.session_state["head"] = clicked
+
+
 def show_problems(view: View) -> bool:
     """Show model/prompt errors in the page. Returns True when the page can go on."""
     if view.model_error:
-        st.error(view.model_error)
+        st.error(md_escape(view.model_error))
         return False
     if view.prompt_error:
         st.warning(view.prompt_error)

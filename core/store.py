@@ -27,16 +27,17 @@ MAX_BYTES_ENV = "CIRCUIT_EXPLORER_STORE_BYTES"
 
 HookFn = Callable[..., torch.Tensor | None]
 
-_locks: "weakref.WeakKeyDictionary[HookedTransformer, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks: "weakref.WeakKeyDictionary[HookedTransformer, threading.Lock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
+_held = threading.local()  # ids of the models whose lock this thread holds
 
 
-def model_lock(model: HookedTransformer) -> threading.RLock:
+def model_lock(model: HookedTransformer) -> threading.Lock:
     """The lock every forward pass on `model` holds (one per model object)."""
     with _locks_guard:
         lock = _locks.get(model)
         if lock is None:
-            lock = _locks[model] = threading.RLock()
+            lock = _locks[model] = threading.Lock()
         return lock
 
 
@@ -58,9 +59,16 @@ def locked(model: HookedTransformer, use_split_qkv_input: bool = False) -> Itera
     """Hold `model`'s lock; optionally switch on TL's split q/k/v inputs for the duration.
 
     Hooks already on the model are cleared on entry and on exit, so nothing leaks between
-    callers.
+    callers. A forward pass started from inside another one (say, from a hook) would wipe the
+    outer pass's hooks, so it raises instead.
     """
+    held = getattr(_held, "models", None)
+    if held is None:
+        held = _held.models = set()
+    if id(model) in held:
+        raise RuntimeError("a forward pass on this model was started from inside another one (e.g. in a hook)")
     with model_lock(model):
+        held.add(id(model))
         old_split = model.cfg.use_split_qkv_input
         model.reset_hooks(including_permanent=False)
         try:
@@ -71,6 +79,7 @@ def locked(model: HookedTransformer, use_split_qkv_input: bool = False) -> Itera
             model.reset_hooks(including_permanent=False)
             if model.cfg.use_split_qkv_input != old_split:
                 model.set_use_split_qkv_input(old_split)
+            held.discard(id(model))
 
 
 @torch.inference_mode()
@@ -138,6 +147,7 @@ class ActivationStore:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, CachedRun] = OrderedDict()
+        self._nbytes = 0
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
         self.hits = 0
@@ -154,36 +164,47 @@ class ActivationStore:
         tokens = tokens.detach().to("cpu")
         key = self._key(model, tokens)
         with self._lock:
-            hit = self._entries.get(key)
+            hit = self._lookup(key)
             if hit is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
                 return hit
             key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
+        with key_lock:  # one forward pass per key; the others wait for it
             with self._lock:
-                hit = self._entries.get(key)
+                hit = self._lookup(key)
                 if hit is not None:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
                     return hit
-            logits, cache = run_with_cache(model, tokens.to(model.cfg.device))
+            try:
+                logits, cache = run_with_cache(model, tokens.to(model.cfg.device))
+            finally:
+                with self._lock:
+                    self._key_locks.pop(key, None)
             entry = CachedRun(key[0], tokens, logits, cache, _cache_nbytes(logits, cache))
             with self._lock:
                 self.misses += 1
-                self._key_locks.pop(key, None)
                 if entry.nbytes <= self.max_bytes:
                     self._entries[key] = entry
+                    self._nbytes += entry.nbytes
                     self._evict()
             return entry
 
+    def _lookup(self, key: tuple) -> CachedRun | None:
+        """The entry for `key`, marked most recently used (caller holds the lock)."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return hit
+
     def _evict(self) -> None:
-        while self._entries and self.nbytes > self.max_bytes:
-            self._entries.popitem(last=False)
+        """Drop least recently used entries until within the cap (caller holds the lock)."""
+        while self._entries and self._nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._nbytes -= old.nbytes
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        """Bytes of activations held now (logits and every cached tensor)."""
+        return self._nbytes
 
     def entries(self) -> list[StoreEntry]:
         """What the store holds, least recently used first."""
@@ -201,3 +222,4 @@ class ActivationStore:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._nbytes = 0

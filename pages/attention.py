@@ -18,21 +18,14 @@ with st.spinner("Running the model…"):
 
 # Head-type scores on repeated random tokens: they pick the default head and feed the Q/K/V lesson.
 seq_len = min(attention.DEFAULT_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
+model_id = session.model_key(model)
 with st.spinner("Scoring heads on repeated random tokens…"):
-    rrt = attention.repeated_random_tokens(model, seq_len, attention.DEFAULT_BATCH, seed=0)
-    scores = attention.head_scores(model, rrt, store)
+    scores = session.head_scores(model, model_id, seq_len, attention.DEFAULT_BATCH)
 
-default_layer, default_head = attention.strongest_head(scores["induction"])
-layer = session.url_int("layer")
-head = session.url_int("head")
-if layer is None or not 0 <= layer < n_layers:
-    layer = default_layer
-if head is None or not 0 <= head < n_heads:
-    head = default_head
-
+session.select_head(n_layers, n_heads, default=attention.strongest_head(scores["induction"]))
 c1, c2, c3 = st.columns([1, 1, 3])
-layer = c1.selectbox("Layer", range(n_layers), index=layer, key="layer")
-head = c2.selectbox("Head", range(n_heads), index=head, key="head")
+layer = c1.selectbox("Layer", range(n_layers), key="layer")
+head = c2.selectbox("Head", range(n_heads), key="head")
 c3.markdown(
     f"**L{layer}H{head}** · previous-token {scores['previous_token'][layer, head]:.2f} · "
     f"induction {scores['induction'][layer, head]:.2f} · duplicate-token "
@@ -54,22 +47,16 @@ with tab_head:
 
 with tab_all:
     st.caption("Every head on this prompt (rows: layers, columns: heads). Click a head to open it.")
-    event = st.plotly_chart(
+    st.plotly_chart(
         plots.all_heads_grid(patterns, prompt.str_tokens, selected=(layer, head)),
         width="stretch",
         key="all_heads",
-        on_select="rerun",
+        on_select=lambda: session.open_clicked_head("all_heads", n_layers, n_heads),
         selection_mode="points",
     )
-    clicked = plots.clicked_head(event, n_layers, n_heads)
-    if clicked is not None and clicked != (layer, head):
-        session.set_url(layer=clicked[0], head=clicked[1])
-        for key in ("layer", "head", "all_heads"):
-            st.session_state.pop(key, None)
-        st.rerun()
 
 with tab_cv:
-    st.caption(f"Layer {layer}, all heads: hover a token to see where it attends (CircuitsVis, offline).")
+    st.caption(f"Layer {layer}, every head (CircuitsVis, offline): pick a head to enlarge it, hover for values.")
     html = plots.circuitsvis_attention_html(
         prompt.str_tokens, patterns[layer], [f"L{layer}H{h}" for h in range(n_heads)]
     )
@@ -95,7 +82,7 @@ with tab_scores:
             "Remove the output of these heads…",
             [f"L{l}H{h}" for l, h in candidates],
             default=prev_default,
-            help="Default: the previous-token heads (score ≥ 0.3) in earlier layers.",
+            help=f"Default: the previous-token heads (score ≥ {attention.PREV_TOKEN_THRESHOLD}) in earlier layers.",
         )
         sources = [attention.parse_head(s) for s in chosen]
         on = st.segmented_control(
@@ -112,7 +99,9 @@ with tab_scores:
         ):
             also = others
         if sources and on:
-            table = attention.composition_table(model, rrt, seq_len, sources, (layer, head), also)
+            table = session.composition_table(
+                model, model_id, seq_len, attention.DEFAULT_BATCH, tuple(sources), (layer, head), tuple(also)
+            )
             base = table[0]
             picked = next(r for r in table if r.on == on.lower())
             m1, m2 = st.columns(2)

@@ -93,3 +93,24 @@ def test_open_change_prompt_heatmap_updates(server):
         assert "prompt=a+red+bird" in page.url or "prompt=a%20red%20bird" in page.url
         page.screenshot(path=str(SHOTS / "attention_changed.png"), full_page=False)
         browser.close()
+
+
+def test_clicking_a_panel_in_the_all_heads_grid_opens_that_head(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server + "/attention?layer=1&head=1", wait_until="domcontentloaded")
+        page.get_by_text("L1H1 attention pattern").first.wait_for(timeout=120_000)
+        page.get_by_role("tab", name="All heads").click()
+        grid = page.locator(".js-plotly-plot").nth(1)
+        grid.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        # the L0H0 panel is the top-left subplot: click its centre (where its click target sits)
+        panel = grid.locator(".nsewdrag").first
+        box = panel.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.get_by_role("tab", name="Selected head").click()
+        page.get_by_text("L0H0 attention pattern").first.wait_for(timeout=60_000)
+        assert "layer=0" in page.url and "head=0" in page.url
+        browser.close()

@@ -1,6 +1,7 @@
 """Page tests with streamlit.testing.v1.AppTest: what a person sees, and bad input."""
 import base64
 import json
+import re
 import shutil
 
 import numpy as np
@@ -29,6 +30,11 @@ def _z(trace: dict) -> np.ndarray:
     return np.array(z, dtype=float)
 
 
+def _plain(markdown: str) -> str:
+    """Markdown text with its backslash escapes removed (errors are escaped before display)."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def _figure(at: AppTest, title_part: str) -> dict:
     for el in at.get("plotly_chart"):
         spec = json.loads(el.proto.spec)
@@ -38,14 +44,21 @@ def _figure(at: AppTest, title_part: str) -> dict:
     raise AssertionError(f"no chart titled {title_part!r}")
 
 
-def _independent_induction_scores(model, tokens, seq_len):
-    """Plain loop over patterns: mean attention from each second-copy token to the token after its first copy."""
+def _independent_induction_scores(model, tokens):
+    """Plain loops, same definition as TransformerLens's induction pattern: for each query
+    position q, the attention paid to every k = j + 1 <= q where token j equals token q (j != q);
+    averaged over the rows that have such a k, then over the batch."""
     _, cache = model.run_with_cache(tokens)
     out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     for layer in range(model.cfg.n_layers):
         p = cache["pattern", layer]  # [batch, head, q, k]
-        vals = [p[:, :, q, q - seq_len + 1] for q in range(seq_len + 1, 2 * seq_len + 1)]
-        out[layer] = torch.stack(vals, -1).mean(dim=(0, 2))
+        for b, row in enumerate(tokens.tolist()):
+            per_row = []
+            for q in range(len(row)):
+                targets = sorted({j + 1 for j in range(len(row)) if j != q and row[j] == row[q] and j + 1 <= q})
+                if targets:
+                    per_row.append(p[b, :, q, targets].sum(-1))
+            out[layer] += torch.stack(per_row).mean(0) / len(tokens)
     return out
 
 
@@ -55,12 +68,12 @@ def test_default_view_shows_the_induction_head(zoo_model):
     from core import attention
 
     toks = attention.repeated_random_tokens(zoo_model, attention.DEFAULT_SEQ_LEN, attention.DEFAULT_BATCH, seed=0)
-    scores = _independent_induction_scores(zoo_model, toks, attention.DEFAULT_SEQ_LEN)
+    scores = _independent_induction_scores(zoo_model, toks)
     layer, head = divmod(int(scores.argmax()), zoo_model.cfg.n_heads)
     assert layer == zoo_model.cfg.n_layers - 1  # the induction head sits in the last layer
     assert (at.selectbox(key="layer").value, at.selectbox(key="head").value) == (layer, head)
-    assert at.query_params["model"] == ["ce-induction-2l"]
-    assert at.query_params["layer"] == [str(layer)] and at.query_params["head"] == [str(head)]
+    assert at.query_params["model"] == "ce-induction-2l"
+    assert at.query_params["layer"] == str(layer) and at.query_params["head"] == str(head)
     assert f"induction {scores[layer, head]:.2f}" in at.markdown[0].value
 
 
@@ -81,7 +94,7 @@ def test_prompt_change_redraws_and_goes_into_the_url():
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
     fig = _figure(at, f"L{layer}H{head} attention pattern")
     assert len(_z(fig["data"][0])) == 7  # BOS + 6 words
-    assert at.query_params["prompt"] == ["the cat sat on the mat"]
+    assert at.query_params["prompt"] == "the cat sat on the mat"
 
 
 def test_link_reopens_the_same_view():
@@ -120,7 +133,7 @@ def test_html_in_the_prompt_is_shown_as_text():
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
     fig = _figure(at, f"L{layer}H{head} attention pattern")
     labels = fig["data"][0]["x"]
-    assert "1: &lt;" in labels and "4: /" in labels
+    assert labels[1:4] == ["1: &lt;", "2: &lt;unk&gt;", "3: &gt;"]
     for el in at.get("plotly_chart"):
         assert "<script" not in el.proto.spec and "<b>the" not in el.proto.spec
     frames = at.get("iframe")
@@ -132,13 +145,13 @@ def test_html_in_the_prompt_is_shown_as_text():
 def test_unknown_model_is_a_clear_message():
     at = _app(model="no-such-model-xyz")
     assert not at.exception
-    assert any("Unknown model 'no-such-model-xyz'" in e.value for e in at.error)
+    assert any("Unknown model 'no-such-model-xyz'" in _plain(e.value) for e in at.error)
 
 
 def test_offline_pretrained_model_is_a_clear_message(offline_hub):
     at = _app(model="gpt2-small")
     assert not at.exception
-    assert any("Cannot download 'gpt2-small'" in e.value and "ce-induction-2l" in e.value for e in at.error)
+    assert any("Cannot download 'gpt2-small'" in _plain(e.value) and "ce-induction-2l" in _plain(e.value) for e in at.error)
 
 
 def test_corrupt_model_folder_is_a_clear_message(tmp_path):
@@ -147,7 +160,7 @@ def test_corrupt_model_folder_is_a_clear_message(tmp_path):
     (bad / "model.safetensors").write_bytes(b"\x00" * 10)
     at = _app(model=str(bad))
     assert not at.exception
-    assert any("model.safetensors is corrupt" in e.value for e in at.error)
+    assert any("model.safetensors is corrupt" in _plain(e.value) for e in at.error)
 
 
 def test_local_hf_checkpoint_can_be_explored(tiny_gpt2_dir):
@@ -179,3 +192,10 @@ def test_composition_control_shows_the_core_numbers(zoo_model):
         values = {m.label: m.value for m in at.metric}
         assert values[f"L{layer}H{head} induction score"] == f"{expected.target_score:.3f}"
         assert values["Repeated-half loss (nats)"] == f"{expected.loss:.3f}"
+
+
+def test_markdown_in_a_model_name_is_shown_as_text():
+    at = _app(model="[click](http://example.com) *x*")
+    assert not at.exception
+    shown = [e.value for e in at.error]
+    assert shown and all("](http" not in v and "\\[click\\]" in v for v in shown)

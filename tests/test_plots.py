@@ -34,9 +34,12 @@ def test_all_heads_grid_has_one_trace_per_head():
 
 
 def test_clicked_head_from_selection_event():
-    event = {"selection": {"points": [{"curve_number": 6 + 4, "point_index": 0}]}}
+    fig = plots.all_heads_grid(torch.rand(2, 3, 4, 4), list("abcd"))
+    target = fig.data[6 + 4]  # the click target over L1H1
+    event = {"selection": {"points": [{"curve_number": 10, "point_index": 0, "customdata": list(target.customdata[0])}]}}
     assert plots.clicked_head(event, 2, 3) == (1, 1)
-    assert plots.clicked_head({"selection": {"points": [{"curve_number": 2}]}}, 2, 3) is None  # a heatmap
+    assert target.hoverinfo == "none"  # "skip" would swallow the click
+    assert plots.clicked_head({"selection": {"points": [{"curve_number": 2, "z": 0.3}]}}, 2, 3) is None  # a heatmap
     assert plots.clicked_head(None, 2, 3) is None and plots.clicked_head({"selection": {}}, 2, 3) is None
 
 

@@ -137,3 +137,26 @@ def test_distinct_models_do_not_share_entries(small_model):
     a = s.get(small_model, _tokens(0))
     b = s.get(other, _tokens(0))
     assert a is not b and s.misses == 2 and len(s.entries()) == 2
+
+
+def test_forward_pass_from_inside_a_hook_is_refused(small_model):
+    def nested(x, hook):
+        store.run(small_model, _tokens(1))
+        return x
+
+    with pytest.raises(RuntimeError, match="inside another one"):
+        store.run_with_hooks(small_model, _tokens(0), [("blocks.0.hook_resid_pre", nested)])
+    assert all(len(hp.fwd_hooks) == 0 for hp in small_model.hook_dict.values())
+    store.run(small_model, _tokens(0))  # the lock was released
+
+
+def test_stray_hooks_are_cleared_before_a_stored_run(small_model):
+    s = ActivationStore(max_bytes=10**9)
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    small_model.add_hook("blocks.0.hook_resid_pre", boom)  # a stray hook: the store clears it
+    run = s.get(small_model, _tokens(4))
+    assert torch.equal(run.logits, small_model(_tokens(4)))
+    assert s.nbytes == run.nbytes

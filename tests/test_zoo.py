@@ -30,7 +30,7 @@ def test_card_numbers_reproduce(measured, card):
         assert measured["composition"][on] == pytest.approx(vals, abs=2e-4)
     text = (MODEL_DIR / "MODEL_CARD.md").read_text()
     layer, head = card["induction_head"]
-    assert f"Induction head: L{layer}H{head}" in text
+    assert f"Induction head L{layer}H{head}**: induction score {card['head_scores']['induction'][layer][head]:.3f}" in text
 
 
 def test_textbook_induction_mechanism(measured):
@@ -78,6 +78,6 @@ def test_vocabulary_is_unique_and_tokenizer_round_trips():
     vocab = vocabulary()
     assert len(vocab) == len(set(vocab))
     tok = build_tokenizer()
-    text = "when mary and john went to the store , john gave a drink to"
+    text = "when mary and john went to the house , john gave a drink to"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == text

@@ -103,7 +103,7 @@ Measured by `python -m core.zoo.induction_card` on fresh repeated random tokens 
 
 - **Induction head L{L}H{H}**: induction score {s['induction'][L][H]:.3f}. Other layer-1 heads that
   also do induction (score >= 0.5): {others}.
-- **Previous-token heads: {prev}** (layer 0, score >= 0.3).
+- **Previous-token heads: {prev}** (layer 0, score >= 0.5).
 - **K-composition.** Removing the previous-token heads' outputs (z·W_O) from one input of
   L{L}H{H} only (TransformerLens split q/k/v inputs):
 
