@@ -23,8 +23,8 @@ PRETRAINED_SUGGESTIONS = ["gpt2-small"]
 DEFAULT_PROMPTS = {
     # A repeated sequence of unrelated words: the second copy can only be predicted by
     # induction, so the induction head lights up at first load.
-    "ce-induction-2l": "the green king saw seven cold boats near a quiet hill . "
-    "the green king saw seven cold boats near a quiet hill .",
+    "ce-induction-2l": "the green king saw seven cold fish near a dark hill . "
+    "the green king saw seven cold fish near a dark hill .",
 }
 FALLBACK_PROMPT = "When Mary and John went to the store, John gave a drink to"
 URL_KEYS = ("model", "prompt", "layer", "head")
@@ -181,8 +181,12 @@ def sidebar() -> View:
                 f"context {cfg.n_ctx} tokens, vocabulary {cfg.d_vocab}"
                 + (", attention only" if cfg.attn_only else "")
             )
-        st.caption(f"Activation store: {get_store().describe()}")
     return View(name, model, model_error, text, prompt, prompt_error)
+
+
+def sidebar_footer() -> None:
+    """What the shared activation store holds; pages call this last, after their runs."""
+    st.sidebar.caption(f"Activation store: {get_store().describe()}")
 
 
 def _model_changed() -> None:

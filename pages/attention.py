@@ -6,6 +6,7 @@ from core import attention, plots, session
 view = session.sidebar()
 st.title("Attention patterns")
 if not session.show_problems(view):
+    session.sidebar_footer()
     st.stop()
 
 model, prompt = view.model, view.prompt
@@ -120,3 +121,5 @@ with tab_resid:
     st.caption("L2 norm of the residual stream at each layer's input and after the last layer.")
     norms = attention.residual_norms(run.cache, n_layers)
     st.plotly_chart(plots.residual_norm_heatmap(norms, prompt.str_tokens), width="stretch", key="resid")
+
+session.sidebar_footer()

@@ -77,6 +77,11 @@ def test_open_change_prompt_heatmap_updates(server):
         page.get_by_text("attention pattern").first.wait_for(timeout=60_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(SHOTS / "attention_default.png"), full_page=False)
+        page.get_by_role("tab", name="Head scores").click()
+        page.get_by_text("Ablate on Q / K / V").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(SHOTS / "attention_head_scores.png"), full_page=True)
+        page.get_by_role("tab", name="Selected head").click()
         ticks_before = _ticks(page)
         assert any("king" in t for t in ticks_before)
 

@@ -199,3 +199,10 @@ def test_markdown_in_a_model_name_is_shown_as_text():
     assert not at.exception
     shown = [e.value for e in at.error]
     assert shown and all("](http" not in v and "\\[click\\]" in v for v in shown)
+
+
+def test_default_prompts_are_in_vocabulary(zoo_model):
+    from core.session import DEFAULT_PROMPTS
+
+    str_tokens = zoo_model.to_str_tokens(DEFAULT_PROMPTS[models.DEFAULT_MODEL])
+    assert "<unk>" not in str_tokens
