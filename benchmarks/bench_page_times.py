@@ -9,6 +9,10 @@ tokenizer, since GPT-2's tokenizer cannot be downloaded here), it reports
   cleared before each repeat; Python imports are warm after the first repeat);
 - prompt change: the rerun after typing a new prompt in that session.
 Medians over repeats; torch thread count stated.
+
+With --browser it also times a real `streamlit run app.py` process in Debian's Chromium:
+process start to the selected head's heatmap drawn, and a prompt edit to the redrawn heatmap
+(includes the browser; run alone, it starts one server per repeat).
 """
 from __future__ import annotations
 
@@ -58,10 +62,60 @@ def time_page(model: str, prompt: str, new_prompt: str, repeats: int) -> tuple[l
     return first, change
 
 
+def time_browser(model: str, new_prompt: str, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds from `streamlit run` to the heatmap in Chromium, and from a prompt edit to its redraw."""
+    import os
+    import subprocess
+    import urllib.parse
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
+
+    start_times, change_times = [], []
+    for _ in range(repeats):
+        port = _free_port()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", "app.py", f"--server.port={port}", "--server.address=127.0.0.1"],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
+            )
+            try:
+                url = f"http://127.0.0.1:{port}/attention?model={urllib.parse.quote(model)}"
+                while True:
+                    try:
+                        page.goto(url, wait_until="domcontentloaded", timeout=2000)
+                        break
+                    except Exception:
+                        time.sleep(0.1)
+                page.get_by_text("attention pattern").first.wait_for(timeout=300_000)
+                page.locator(".js-plotly-plot .heatmaplayer").first.wait_for(timeout=300_000)
+                start_times.append(time.perf_counter() - t0)
+                box = page.locator("textarea").first
+                box.fill(new_prompt)
+                t0 = time.perf_counter()
+                box.press("Control+Enter")
+                page.wait_for_function(
+                    """() => [...document.querySelector('.js-plotly-plot').querySelectorAll('.yaxislayer-above text')]
+                             .some(t => t.textContent.includes('garden'))""",
+                    timeout=300_000,
+                )
+                change_times.append(time.perf_counter() - t0)
+            finally:
+                browser.close()
+                proc.terminate()
+                proc.wait(timeout=30)
+    return start_times, change_times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--browser", action="store_true", help="also time a real server in Chromium")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt = "the green king saw seven cold boats near a quiet hill . the green king saw seven cold boats near a quiet hill ."
@@ -77,6 +131,13 @@ def main() -> None:
                 f"{label:26s} first render {statistics.median(first):6.2f} s ({min(first):.2f}-{max(first):.2f})"
                 f"   prompt change {statistics.median(change):6.2f} s ({min(change):.2f}-{max(change):.2f})"
             )
+            if args.browser:
+                start, edit = time_browser(model, new, args.repeats)
+                print(
+                    f"{label:26s} browser: streamlit run -> heatmap {statistics.median(start):6.2f} s "
+                    f"({min(start):.2f}-{max(start):.2f})   prompt edit -> redraw {statistics.median(edit):6.2f} s "
+                    f"({min(edit):.2f}-{max(edit):.2f})"
+                )
 
 
 if __name__ == "__main__":

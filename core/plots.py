@@ -62,54 +62,66 @@ def pattern_heatmap(pattern: torch.Tensor, str_tokens: Sequence[str], title: str
     return fig
 
 
+GRID_MAX_CELLS = 48  # thumbnails of longer prompts are average-pooled to this many positions
+
+
+def _bins(n: int, m: int) -> list[tuple[int, int]]:
+    """The [start, end) positions that adaptive average pooling puts in each of m bins."""
+    return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
+
+
 def all_heads_grid(patterns: torch.Tensor, str_tokens: Sequence[str], selected: tuple[int, int] | None = None) -> go.Figure:
-    """Small multiples of every head. patterns: [layer, head, q_pos, k_pos]."""
-    n_layers, n_heads = patterns.shape[:2]
+    """Small multiples of every head in one heatmap trace. patterns: [layer, head, q_pos, k_pos].
+
+    One trace, not one subplot per head: plotly takes seconds to build 144 subplots. Panels are
+    separated by blank (NaN) rows and columns; prompts longer than GRID_MAX_CELLS tokens are
+    average-pooled per panel (hover then names the position range). A near-invisible marker at
+    each panel's centre is the click target (customdata [layer, head]): heatmaps cannot be
+    selected in plotly, markers can.
+    """
+    n_layers, n_heads, n, _ = patterns.shape
+    m = min(n, GRID_MAX_CELLS)
+    pats = patterns.float().cpu()
+    if m < n:
+        pats = torch.nn.functional.adaptive_avg_pool2d(pats.reshape(-1, n, n), m).reshape(n_layers, n_heads, m, m)
     toks = _hover_tokens(str_tokens)
-    n = len(toks)
-    titles = [
-        f"<b>L{layer}H{head}</b>" if selected == (layer, head) else f"L{layer}H{head}"
-        for layer in range(n_layers)
-        for head in range(n_heads)
-    ]
-    fig = make_subplots(rows=n_layers, cols=n_heads, subplot_titles=titles, horizontal_spacing=0.02, vertical_spacing=0.08)
-    custom = [[[toks[q], toks[k]] for k in range(n)] for q in range(n)]
+    names = [f"{a}: {toks[a]}" if b - a == 1 else f"{a}–{b - 1}" for a, b in _bins(n, m)]
+    step = m + 1
+    # Every row and column gets its own category label (head/layer + position: token), so
+    # hover reads them from the axes and the figure carries no per-cell text.
+    x = [f"H{h} key {names[k]}" if k < m else f"gap H{h}" for h in range(n_heads) for k in range(step)][:-1]
+    y = [f"L{l} query {names[q]}" if q < m else f"gap L{l}" for l in range(n_layers) for q in range(step)][:-1]
+    z = torch.full((len(y), len(x)), float("nan"))
     for layer in range(n_layers):
         for head in range(n_heads):
-            fig.add_trace(
-                go.Heatmap(
-                    z=patterns[layer, head].float().cpu().numpy(),
-                    customdata=custom,
-                    coloraxis="coloraxis",
-                    name=f"L{layer}H{head}",
-                    hovertemplate=f"L{layer}H{head}<br>query %{{y}}: %{{customdata[0]}}"
-                    "<br>key %{x}: %{customdata[1]}<br>attention: %{z:.4f}<extra></extra>",
-                ),
-                row=layer + 1,
-                col=head + 1,
-            )
-    # Heatmaps cannot be selected in plotly; one near-invisible marker over each panel can, so
-    # clicking near a panel's centre reports its head (customdata [layer, head]). hoverinfo
-    # "none", not "skip": skipped traces get no click events.
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            fig.add_trace(
-                go.Scatter(
-                    x=[(n - 1) / 2], y=[(n - 1) / 2], mode="markers",
-                    marker=dict(size=60, opacity=0.01, symbol="square", color="grey"),
-                    customdata=[[layer, head]], name=f"open L{layer}H{head}", hoverinfo="none", showlegend=False,
-                ),
-                row=layer + 1,
-                col=head + 1,
-            )
-    fig.update_xaxes(showticklabels=False, fixedrange=True)
-    fig.update_yaxes(showticklabels=False, autorange="reversed", fixedrange=True)
+            z[layer * step : layer * step + m, head * step : head * step + m] = pats[layer, head]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.numpy(), x=x, y=y, colorscale=HEAT, zmin=0, zmax=1, hoverongaps=False,
+            colorbar=dict(title="attention"),
+            hovertemplate="%{y}<br>%{x}<br>attention: %{z:.4f}<extra></extra>",
+        )
+    )
+    mid = (m - 1) // 2
+    centres = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    fig.add_trace(
+        go.Scatter(
+            x=[x[h * step + mid] for _, h in centres], y=[y[l * step + mid] for l, _ in centres],
+            mode="markers", marker=dict(size=28, opacity=0.01, symbol="square", color="grey"),
+            customdata=[[l, h] for l, h in centres], name="open head", hoverinfo="none", showlegend=False,
+        )
+    )
+    if selected is not None:
+        layer, head = selected
+        fig.add_shape(type="rect", x0=head * step - 0.5, x1=head * step + m - 0.5, y0=layer * step - 0.5,
+                      y1=layer * step + m - 0.5, line=dict(color="crimson", width=2))
+    fig.update_xaxes(type="category", tickvals=[x[h * step + mid] for h in range(n_heads)],
+                     ticktext=[f"H{h}" for h in range(n_heads)], side="top", fixedrange=True, showgrid=False)
+    fig.update_yaxes(type="category", tickvals=[y[l * step + mid] for l in range(n_layers)],
+                     ticktext=[f"L{l}" for l in range(n_layers)], autorange="reversed", fixedrange=True, showgrid=False)
     fig.update_layout(
-        coloraxis=dict(colorscale=HEAT, cmin=0, cmax=1, colorbar=dict(title="attention")),
-        height=max(220, 190 * n_layers),
-        margin=dict(l=10, r=10, t=40, b=10),
-        clickmode="event+select",
-        dragmode=False,
+        height=max(260, min(1100, 70 * n_layers + 120)), margin=dict(l=10, r=10, t=30, b=10),
+        clickmode="event+select", plot_bgcolor="white",
     )
     return fig
 

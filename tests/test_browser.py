@@ -111,10 +111,18 @@ def test_clicking_a_panel_in_the_all_heads_grid_opens_that_head(server):
         grid = page.locator(".js-plotly-plot").nth(1)
         grid.wait_for(timeout=60_000)
         page.wait_for_timeout(1000)
-        # the L0H0 panel is the top-left subplot: click its centre (where its click target sits)
-        panel = grid.locator(".nsewdrag").first
-        box = panel.bounding_box()
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        # click the centre of the L0H0 panel, where its click target sits (data -> page pixels)
+        point = page.evaluate(
+            """() => {
+                const gd = document.querySelectorAll('.js-plotly-plot')[1];
+                const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+                const t = gd.data[1];
+                return {x: r.left + xa._offset + xa.d2p(t.x[0]), y: r.top + ya._offset + ya.d2p(t.y[0])};
+            }"""
+        )
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "attention_all_heads.png"), full_page=False)
+        page.mouse.click(point["x"], point["y"])
         page.get_by_role("tab", name="Selected head").click()
         page.get_by_text("L0H0 attention pattern").first.wait_for(timeout=60_000)
         assert "layer=0" in page.url and "head=0" in page.url

@@ -23,21 +23,40 @@ def test_pattern_heatmap_values_labels_and_escaping():
     assert "<script>" not in dumped and "</script>" not in dumped
 
 
-def test_all_heads_grid_has_one_trace_per_head():
+def test_all_heads_grid_places_every_head_in_its_panel():
     pats = torch.rand(2, 3, 5, 5)
     fig = plots.all_heads_grid(pats, list("abcde"), selected=(1, 2))
-    assert len(fig.data) == 12  # a heatmap and a click target per head
-    np.testing.assert_allclose(np.array(fig.data[5].z), pats[1, 2].numpy())
-    assert fig.data[6 + 5].name == "open L1H2"
-    assert fig.data[4].name == "L1H1"
-    assert "<b>L1H2</b>" in [a.text for a in fig.layout.annotations]
+    z = np.array(fig.data[0].z, dtype=float)
+    assert z.shape == (2 * 6 - 1, 3 * 6 - 1)
+    for layer in range(2):
+        for head in range(3):
+            np.testing.assert_allclose(z[layer * 6 : layer * 6 + 5, head * 6 : head * 6 + 5], pats[layer, head].numpy(), rtol=1e-6)
+    assert np.isnan(z[5]).all() and np.isnan(z[:, 5]).all()  # gaps between panels
+    assert fig.data[0].y[6 + 2] == "L1 query 2: c" and fig.data[0].x[12 + 4] == "H2 key 4: e"
+    assert len(set(fig.data[0].x)) == len(fig.data[0].x) and len(set(fig.data[0].y)) == len(fig.data[0].y)
+    targets = fig.data[1]
+    assert [list(c) for c in targets.customdata] == [[l, h] for l in range(2) for h in range(3)]
+    assert len(fig.layout.shapes) == 1
+
+
+def test_all_heads_grid_pools_long_prompts():
+    n = plots.GRID_MAX_CELLS * 2
+    pats = torch.rand(1, 2, n, n)
+    fig = plots.all_heads_grid(pats, [f"t{i}" for i in range(n)])
+    z = np.array(fig.data[0].z, dtype=float)
+    m = plots.GRID_MAX_CELLS
+    # each cell is the mean of a 2x2 block
+    np.testing.assert_allclose(z[0, 0], pats[0, 0, :2, :2].mean().item(), rtol=1e-5)
+    np.testing.assert_allclose(z[m - 1, m + 1 + m - 1], pats[0, 1, -2:, -2:].mean().item(), rtol=1e-5)
+    assert fig.data[0].y[0] == "L0 query 0–1"
 
 
 def test_clicked_head_from_selection_event():
     fig = plots.all_heads_grid(torch.rand(2, 3, 4, 4), list("abcd"))
-    target = fig.data[6 + 4]  # the click target over L1H1
-    event = {"selection": {"points": [{"curve_number": 10, "point_index": 0, "customdata": list(target.customdata[0])}]}}
+    targets = fig.data[1]  # the click targets, one per head
+    event = {"selection": {"points": [{"curve_number": 1, "point_index": 4, "customdata": list(targets.customdata[4])}]}}
     assert plots.clicked_head(event, 2, 3) == (1, 1)
+    target = targets
     assert target.hoverinfo == "none"  # "skip" would swallow the click
     assert plots.clicked_head({"selection": {"points": [{"curve_number": 2, "z": 0.3}]}}, 2, 3) is None  # a heatmap
     assert plots.clicked_head(None, 2, 3) is None and plots.clicked_head({"selection": {}}, 2, 3) is None

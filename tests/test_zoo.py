@@ -81,3 +81,16 @@ def test_vocabulary_is_unique_and_tokenizer_round_trips():
     text = "when mary and john went to the house , john gave a drink to"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == text
+
+
+def test_training_is_deterministic(tmp_path):
+    """Two short runs of the training script with the same seed give bit-identical weights."""
+    from safetensors.torch import load_file
+
+    cfg = train_induction.TrainConfig(steps=15, batch=4)
+    train_induction.train(cfg, tmp_path / "a")
+    train_induction.train(cfg, tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "a" / "hooked_config.json").read_text())["model_name"] == "ce-induction-2l"
