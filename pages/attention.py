@@ -111,7 +111,8 @@ with tab_scores:
             st.plotly_chart(plots.composition_bar(table, f"L{layer}H{head}"), width="stretch", key="composition")
             st.caption(
                 "The chosen heads' outputs (z·W_O, no bias) are subtracted from one input of this head "
-                "only (TransformerLens split q/k/v inputs). In an induction circuit the previous-token "
+                "only (and of the other induction heads, if ticked), via TransformerLens split q/k/v "
+                "inputs; the rest of the model is untouched. In an induction circuit the previous-token "
                 "head feeds the key: ablating on K breaks it, Q and V matter little."
             )
         else:

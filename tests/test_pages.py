@@ -206,3 +206,23 @@ def test_default_prompts_are_in_vocabulary(zoo_model):
 
     str_tokens = zoo_model.to_str_tokens(DEFAULT_PROMPTS[models.DEFAULT_MODEL])
     assert "<unk>" not in str_tokens
+
+
+def test_switching_model_in_the_sidebar_resets_the_view(tiny_gpt2_dir):
+    path, _ = tiny_gpt2_dir
+    at = _app()
+    assert at.selectbox(key="layer").value == 1
+    at.sidebar.selectbox(key="model_choice").set_value(session_other()).run()
+    at.sidebar.text_input(key="model_other").input(str(path)).run()
+    assert not at.exception and not at.error
+    assert at.query_params["model"] == str(path)
+    assert at.sidebar.text_area[0].value == "When Mary and John went to the store, John gave a drink to"
+    layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
+    assert 0 <= layer < 2 and 0 <= head < 4
+    assert at.query_params["layer"] == str(layer)
+
+
+def session_other():
+    from core.session import OTHER
+
+    return OTHER
