@@ -15,7 +15,6 @@ HookedTransformer (sae_lens's HookedSAETransformer, `transformer_lens.patching` 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import tempfile
 import threading
@@ -150,26 +149,40 @@ def _load_pretrained(name: str, device: str) -> HookedTransformer:
             f"TransformerLens pretrained name (e.g. gpt2-small). {_zoo_hint()}"
         ) from None
     cached = _is_cached(official)
-    if not cached and not _hub_reachable():
+    reachable = _hub_reachable()
+    if not cached and not reachable:
         raise ModelLoadError(
             f"Cannot download '{name}' ({official}): the Hugging Face hub is not reachable from "
             f"this machine (offline?). {_zoo_hint()}"
         )
-    env = {"HF_HUB_OFFLINE": "1"} if cached and not _hub_reachable() else {}
-    old = {k: os.environ.get(k) for k in env}
     try:
-        os.environ.update(env)
-        with warnings.catch_warnings():
+        # Offline with a cached copy: load it without the hub's retries (minutes otherwise).
+        with _hub_offline(cached and not reachable), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return HookedTransformer.from_pretrained(name, device=device)
     except Exception as err:
         raise ModelLoadError(f"Could not load '{name}' ({official}): {err}") from err
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+
+
+_hub_mode_lock = threading.Lock()
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """Switch huggingface_hub (and so transformers) to offline mode for one pretrained load.
+
+    `HF_HUB_OFFLINE` in os.environ is read once at import, so we set the flag the libraries
+    read at call time. Pretrained loads are serialised so one load's mode never leaks into another's.
+    """
+    from huggingface_hub import constants
+
+    with _hub_mode_lock:
+        old = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = old or offline
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = old
 
 
 @contextmanager

@@ -149,7 +149,8 @@ def head_score_heatmap(scores: torch.Tensor, title: str, selected: tuple[int, in
             y=[f"L{l}" for l in range(n_layers)],
             customdata=text,
             text=[[f"{float(v):.2f}" for v in row] for row in scores],
-            texttemplate="%{text}",
+            texttemplate="%{text}" if n_layers * n_heads <= 64 else None,  # unreadable on big grids
+            textfont=dict(size=14),
             colorscale=HEAT,
             zmin=0,
             zmax=1,
@@ -164,7 +165,7 @@ def head_score_heatmap(scores: torch.Tensor, title: str, selected: tuple[int, in
         title=title,
         xaxis_title="head",
         yaxis=dict(title="layer", autorange="reversed"),
-        height=120 + 50 * n_layers,
+        height=max(260, 130 + 55 * n_layers),
         margin=dict(l=10, r=10, t=40, b=10),
     )
     return fig

@@ -173,18 +173,21 @@ class ActivationStore:
                 hit = self._lookup(key)
                 if hit is not None:
                     return hit
+            entry = None
             try:
                 logits, cache = run_with_cache(model, tokens.to(model.cfg.device))
+                entry = CachedRun(key[0], tokens, logits, cache, _cache_nbytes(logits, cache))
             finally:
+                # Store before releasing the per-key lock, so a caller that was waiting on it
+                # finds the entry instead of running the model again.
                 with self._lock:
                     self._key_locks.pop(key, None)
-            entry = CachedRun(key[0], tokens, logits, cache, _cache_nbytes(logits, cache))
-            with self._lock:
-                self.misses += 1
-                if entry.nbytes <= self.max_bytes:
-                    self._entries[key] = entry
-                    self._nbytes += entry.nbytes
-                    self._evict()
+                    if entry is not None:
+                        self.misses += 1
+                        if entry.nbytes <= self.max_bytes:
+                            self._entries[key] = entry
+                            self._nbytes += entry.nbytes
+                            self._evict()
             return entry
 
     def _lookup(self, key: tuple) -> CachedRun | None:

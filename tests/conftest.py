@@ -43,3 +43,33 @@ def tiny_gpt2_dir(tmp_path):
     hf = GPT2LMHeadModel(cfg).eval()
     hf.save_pretrained(tmp_path)
     return tmp_path, hf
+
+
+MARKUP_TOKENS = ["<script>alert(1)</script>", "<b>bold</b>", "<img src=x onerror=alert(2)>"]
+
+
+def make_markup_gpt2_dir(folder):
+    """A tiny random GPT-2 folder whose tokenizer keeps markup as whole tokens.
+
+    The zoo tokenizer splits '<script>' into '<', '<unk>', '>', so no zoo token can carry
+    markup; this one makes '<script>alert(1)</script>' a single token, to prove it is shown
+    as text everywhere.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = ["<|bos|>", "<|endoftext|>", "<unk>", "the", "cat", "sat"] + [t.replace(" ", "\u2581") for t in MARKUP_TOKENS]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>", unk_token="<unk>", add_bos_token=True
+    ).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(vocab))).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def markup_gpt2_dir(tmp_path):
+    return make_markup_gpt2_dir(tmp_path / "markup-gpt2")

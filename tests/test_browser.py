@@ -127,3 +127,32 @@ def test_clicking_a_panel_in_the_all_heads_grid_opens_that_head(server):
         page.get_by_text("L0H0 attention pattern").first.wait_for(timeout=60_000)
         assert "layer=0" in page.url and "head=0" in page.url
         browser.close()
+
+
+def test_markup_in_tokens_never_runs_in_the_browser(server, tmp_path):
+    """A tokenizer that keeps '<script>alert(1)</script>' whole: no dialog opens, the text shows."""
+    import urllib.parse
+
+    from conftest import make_markup_gpt2_dir
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    folder = make_markup_gpt2_dir(tmp_path / "markup-gpt2")
+    prompt = "<script>alert(1)</script> the <b>bold</b> cat <img▁src=x▁onerror=alert(2)>"
+    query = urllib.parse.urlencode({"model": str(folder), "prompt": prompt})
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"{server}/attention?{query}", wait_until="domcontentloaded")
+        page.get_by_text("attention pattern").first.wait_for(timeout=120_000)
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.js-plotly-plot .yaxislayer-above text')]
+                     .some(t => t.textContent === '1: <script>alert(1)</script>')""",
+            timeout=60_000,
+        )
+        page.get_by_role("tab", name="Interactive (CircuitsVis)").click()
+        page.wait_for_timeout(3000)
+        assert dialogs == []
+        assert page.evaluate("() => document.querySelectorAll('b').length") == 0
+        browser.close()

@@ -44,22 +44,32 @@ def _figure(at: AppTest, title_part: str) -> dict:
     raise AssertionError(f"no chart titled {title_part!r}")
 
 
-def _independent_induction_scores(model, tokens):
-    """Plain loops, same definition as TransformerLens's induction pattern: for each query
-    position q, the attention paid to every k = j + 1 <= q where token j equals token q (j != q);
-    averaged over the rows that have such a k, then over the batch."""
+def _targets(row, q, kind):
+    """Key positions a head of `kind` should attend to from query q (TransformerLens's patterns)."""
+    if kind == "previous_token":
+        return [q - 1] if q >= 1 else []
+    if kind == "duplicate_token":
+        return [j for j in range(q) if row[j] == row[q]]
+    return sorted({j + 1 for j in range(len(row)) if j != q and row[j] == row[q] and j + 1 <= q})
+
+
+def _independent_scores(model, tokens, kind="induction"):
+    """Plain loops: for each query position with targets, the attention paid to them; averaged
+    over those rows, then over the batch. Returns [layer, head]."""
     _, cache = model.run_with_cache(tokens)
     out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     for layer in range(model.cfg.n_layers):
         p = cache["pattern", layer]  # [batch, head, q, k]
         for b, row in enumerate(tokens.tolist()):
-            per_row = []
-            for q in range(len(row)):
-                targets = sorted({j + 1 for j in range(len(row)) if j != q and row[j] == row[q] and j + 1 <= q})
-                if targets:
-                    per_row.append(p[b, :, q, targets].sum(-1))
+            per_row = [p[b, :, q, _targets(row, q, kind)].sum(-1) for q in range(len(row)) if _targets(row, q, kind)]
             out[layer] += torch.stack(per_row).mean(0) / len(tokens)
     return out
+
+
+def _default_tokens(model):
+    from core import attention
+
+    return attention.repeated_random_tokens(model, attention.DEFAULT_SEQ_LEN, attention.DEFAULT_BATCH, seed=0)
 
 
 def test_default_view_shows_the_induction_head(zoo_model):
@@ -67,12 +77,11 @@ def test_default_view_shows_the_induction_head(zoo_model):
     assert not at.exception and not at.error
     from core import attention
 
-    toks = attention.repeated_random_tokens(zoo_model, attention.DEFAULT_SEQ_LEN, attention.DEFAULT_BATCH, seed=0)
-    scores = _independent_induction_scores(zoo_model, toks)
+    scores = _independent_scores(zoo_model, _default_tokens(zoo_model))
     layer, head = divmod(int(scores.argmax()), zoo_model.cfg.n_heads)
     assert layer == zoo_model.cfg.n_layers - 1  # the induction head sits in the last layer
     assert (at.selectbox(key="layer").value, at.selectbox(key="head").value) == (layer, head)
-    assert at.query_params["model"] == "ce-induction-2l"
+    assert at.query_params["model"] == "ce-induction-2l" and at.query_params["page"] == "attention"
     assert at.query_params["layer"] == str(layer) and at.query_params["head"] == str(head)
     assert f"induction {scores[layer, head]:.2f}" in at.markdown[0].value
 
@@ -85,6 +94,41 @@ def test_heatmap_numbers_equal_a_plain_forward_pass(zoo_model):
     fig = _figure(at, f"L{layer}H{head} attention pattern")
     np.testing.assert_allclose(_z(fig["data"][0]), cache["pattern", layer][0, head].numpy(), atol=1e-6)
     assert fig["data"][0]["x"][1].startswith("1: ")
+
+
+def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
+    at = _app()
+    prompt = at.sidebar.text_area[0].value
+    _, cache = zoo_model.run_with_cache(zoo_model.to_tokens(prompt))
+    patterns = torch.stack([cache["pattern", l][0] for l in range(2)])  # [layer, head, q, k]
+    n = patterns.shape[-1]
+
+    # head-score heatmaps and the header line
+    for kind, title in (("previous_token", "Previous-token"), ("induction", "Induction"), ("duplicate_token", "Duplicate-token")):
+        expected = _independent_scores(zoo_model, _default_tokens(zoo_model), kind)
+        np.testing.assert_allclose(_z(_figure(at, f"{title} score")["data"][0]), expected.numpy(), atol=1e-5)
+    layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
+    prev = _independent_scores(zoo_model, _default_tokens(zoo_model), "previous_token")[layer, head]
+    assert f"previous-token {prev:.2f}" in at.markdown[0].value
+
+    # all-heads overview: every panel is that head's pattern
+    grid = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if "open head" in e.proto.spec)
+    z = _z(grid["data"][0])
+    for l in range(2):
+        for h in range(4):
+            np.testing.assert_allclose(z[l * (n + 1) : l * (n + 1) + n, h * (n + 1) : h * (n + 1) + n], patterns[l, h].numpy(), atol=1e-6)
+
+    # residual-norm chart
+    resid = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if "resid_pre 0" in e.proto.spec)
+    manual = torch.stack([cache["blocks.0.hook_resid_pre"][0], cache["blocks.1.hook_resid_pre"][0],
+                          cache["blocks.1.hook_resid_post"][0]]).pow(2).sum(-1).sqrt()
+    np.testing.assert_allclose(_z(resid["data"][0]), manual.numpy(), rtol=1e-5)
+
+    # CircuitsVis data: the selected layer's patterns and the prompt's tokens
+    src = at.get("iframe")[0].proto.srcdoc
+    props = json.loads(re.search(r"CircuitsVis\.AttentionHeads,\s*(\{.*\})\s*\)\s*</script>", src, re.S).group(1))
+    np.testing.assert_allclose(np.array(props["attention"]), patterns[layer].numpy(), atol=1e-6)
+    assert props["tokens"] == zoo_model.to_str_tokens(prompt)
 
 
 def test_prompt_change_redraws_and_goes_into_the_url():
@@ -125,21 +169,31 @@ def test_long_prompt_is_truncated_with_a_message(zoo_model):
     assert len(_z(_figure(at, f"L{layer}H{head} attention pattern")["data"][0])) == 128
 
 
-def test_html_in_the_prompt_is_shown_as_text():
+def test_html_in_the_prompt_is_kept_verbatim_on_the_zoo_model():
     evil = "<script>alert(1)</script> <b>the</b> cat"
     at = _app(prompt=evil)
     assert not at.exception
     assert at.sidebar.text_area[0].value == evil  # kept verbatim, not lost
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
+    labels = _figure(at, f"L{layer}H{head} attention pattern")["data"][0]["x"]
+    assert labels[1:4] == ["1: &lt;", "2: &lt;unk&gt;", "3: &gt;"]  # the zoo tokenizer splits markup
+
+
+def test_markup_tokens_are_shown_as_text_in_every_view(markup_gpt2_dir):
+    """With a tokenizer that keeps '<script>alert(1)</script>' as one token."""
+    evil = "<script>alert(1)</script> the <b>bold</b> cat"
+    at = _app(model=str(markup_gpt2_dir), prompt=evil)
+    assert not at.exception and not at.error
+    layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
     fig = _figure(at, f"L{layer}H{head} attention pattern")
-    labels = fig["data"][0]["x"]
-    assert labels[1:4] == ["1: &lt;", "2: &lt;unk&gt;", "3: &gt;"]
+    assert fig["data"][0]["x"][1] == "1: &lt;script&gt;alert(1)&lt;/script&gt;"
+    assert fig["data"][0]["x"][3] == "3: &lt;b&gt;bold&lt;/b&gt;"
     for el in at.get("plotly_chart"):
-        assert "<script" not in el.proto.spec and "<b>the" not in el.proto.spec
-    frames = at.get("iframe")
-    assert frames, "CircuitsVis frame missing"
-    src = frames[0].proto.srcdoc
-    assert src.count("</script>") == 1 and "\\u003cscript" not in src.split("CircuitsVis.render")[0][-10:]
+        assert "<script" not in el.proto.spec and "<b>bold" not in el.proto.spec
+    src = at.get("iframe")[0].proto.srcdoc
+    assert src.count("</script>") == 1  # only the end of CircuitsVis's own script block
+    assert "<b>bold</b>" not in src and "alert(1)</script>" not in src
+    assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e" in src  # the token, as JSON data
 
 
 def test_unknown_model_is_a_clear_message():
@@ -189,9 +243,13 @@ def test_composition_control_shows_the_core_numbers(zoo_model):
         expected = attention.ablate_composition(
             zoo_model, toks, attention.DEFAULT_SEQ_LEN, sources, (layer, head), on.lower(), also
         )
-        values = {m.label: m.value for m in at.metric}
-        assert values[f"L{layer}H{head} induction score"] == f"{expected.target_score:.3f}"
-        assert values["Repeated-half loss (nats)"] == f"{expected.loss:.3f}"
+        base = attention.ablate_composition(
+            zoo_model, toks, attention.DEFAULT_SEQ_LEN, sources, (layer, head), "none", also
+        )
+        values = {m.label: (m.value, m.proto.delta) for m in at.metric}
+        assert values[f"L{layer}H{head} induction score"] == (
+            f"{expected.target_score:.3f}", f"{expected.target_score - base.target_score:+.3f}")
+        assert values["Repeated-half loss (nats)"] == (f"{expected.loss:.3f}", f"{expected.loss - base.loss:+.3f}")
 
 
 def test_markdown_in_a_model_name_is_shown_as_text():

@@ -160,3 +160,51 @@ def test_stray_hooks_are_cleared_before_a_stored_run(small_model):
     run = s.get(small_model, _tokens(4))
     assert torch.equal(run.logits, small_model(_tokens(4)))
     assert s.nbytes == run.nbytes
+
+
+def test_concurrent_store_gets_hooked_runs_and_split_qkv_ablations_match_sequential(zoo_model):
+    """Threads mixing store.get (full caches), plain runs and Q/K/V ablations (which switch the
+    model's split-qkv mode) get exactly the sequential results; the store stays under its cap."""
+    from core import attention
+
+    toks = [attention.repeated_random_tokens(zoo_model, 8, 2, seed=i) for i in range(4)]
+
+    def job(s, i):
+        t = toks[i % 4]
+        kind = i % 3
+        if kind == 0:
+            run = s.get(zoo_model, t)
+            return ("get", run.logits, run.cache["blocks.1.attn.hook_pattern"], run.cache["blocks.0.hook_resid_post"])
+        if kind == 1:
+            return ("plain", store.run(zoo_model, t))
+        r = attention.ablate_composition(zoo_model, t, 8, [(0, 2), (0, 3)], (1, 1), "kqv"[(i // 3) % 3])
+        return ("ablate", r.target_score, r.loss)
+
+    one = ActivationStore(max_bytes=10**9).get(zoo_model, toks[0]).nbytes
+    expected = {i: job(ActivationStore(max_bytes=10**9), i) for i in range(36)}
+    shared = ActivationStore(max_bytes=int(2.5 * one))
+    results, errors = {}, []
+
+    def worker(ids):
+        try:
+            for i in ids:
+                results[i] = job(shared, i)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(list(range(k, 36, 4)),)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, exp in expected.items():
+        got = results[i]
+        assert got[0] == exp[0]
+        for a, b in zip(got[1:], exp[1:]):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), i
+            else:
+                assert a == b, i
+    assert shared.nbytes <= shared.max_bytes and len(shared.entries()) <= 2
+    assert zoo_model.cfg.use_split_qkv_input is False

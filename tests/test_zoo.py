@@ -26,8 +26,12 @@ def test_card_numbers_reproduce(measured, card):
     assert measured["previous_token_heads"] == card["previous_token_heads"]
     for kind, grid in card["head_scores"].items():
         torch.testing.assert_close(torch.tensor(measured["head_scores"][kind]), torch.tensor(grid), atol=2e-4, rtol=0)
-    for on, vals in card["composition"].items():
-        assert measured["composition"][on] == pytest.approx(vals, abs=2e-4)
+    for table in ("composition", "composition_all_induction_heads"):
+        assert card[table].keys() == {"none", "q", "k", "v"}
+        for on, vals in card[table].items():
+            assert measured[table][on] == pytest.approx(vals, abs=2e-4), (table, on)
+    assert measured["other_induction_heads"] == card["other_induction_heads"]
+    assert measured["tl_detect_head_induction_mul"] == pytest.approx(card["tl_detect_head_induction_mul"], abs=2e-4)
     text = (MODEL_DIR / "MODEL_CARD.md").read_text()
     layer, head = card["induction_head"]
     assert f"Induction head L{layer}H{head}**: induction score {card['head_scores']['induction'][layer][head]:.3f}" in text
@@ -39,6 +43,12 @@ def test_textbook_induction_mechanism(measured):
     assert layer == 1 and scores["induction"][layer][head] >= 0.8
     prev = measured["previous_token_heads"]
     assert prev and all(l == 0 and scores["previous_token"][l][h] >= 0.5 for l, h in prev)
+
+
+def test_all_induction_heads_k_ablation_breaks_the_circuit(measured):
+    c = measured["composition_all_induction_heads"]
+    assert c["k"]["loss"] >= c["none"]["loss"] + 2.0
+    assert all(abs(c[on]["loss"] - c["none"]["loss"]) <= 0.5 for on in ("q", "v"))
 
 
 def test_k_composition(measured):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformer_lens import head_detector
 
 from core import attention
 from core.models import ZOO_DIR, load_model
@@ -32,8 +33,13 @@ def measure(model_dir: Path) -> dict:
     table = attention.composition_table(model, tokens, EVAL_SEQ_LEN, sources, (last, ind_head))
     others = [h for h in attention.induction_heads(scores["induction"], last) if h != ind_head]
     table_all = attention.composition_table(model, tokens, EVAL_SEQ_LEN, sources, (last, ind_head), others)
+    # TransformerLens's own detector ("mul": divides by every query position, so a perfect
+    # induction head scores about one half on these sequences), for readers who compare.
+    texts = [" ".join(model.tokenizer.decode([int(t)]) for t in row[1:]) for row in tokens]
+    tl_scores = head_detector.detect_head(model, texts, "induction_head", error_measure="mul")
     return {
         "model": model.cfg.model_name,
+        "tl_detect_head_induction_mul": round(float(tl_scores[last, ind_head]), 4),
         "d_vocab": model.cfg.d_vocab,
         "eval": {"seed": EVAL_SEED, "seq_len": EVAL_SEQ_LEN, "batch": EVAL_BATCH},
         "head_scores": {k: [[round(float(x), 4) for x in row] for row in v] for k, v in scores.items()},
@@ -101,7 +107,9 @@ on 8 probe sequences): {curve or 'n/a'}
 Measured by `python -m core.zoo.induction_card` on fresh repeated random tokens (seed
 {m['eval']['seed']}; {m['eval']['batch']} sequences of BOS + {m['eval']['seq_len']} random words + the same words again).
 
-- **Induction head L{L}H{H}**: induction score {s['induction'][L][H]:.3f}. Other layer-1 heads that
+- **Induction head L{L}H{H}**: induction score {s['induction'][L][H]:.3f}
+  (TransformerLens `detect_head(..., "induction_head")`, which divides by every query position
+  including the first copy's: {m['tl_detect_head_induction_mul']:.3f}). Other layer-1 heads that
   also do induction (score >= 0.5): {others}.
 - **Previous-token heads: {prev}** (layer 0, score >= 0.5).
 - **K-composition.** Removing the previous-token heads' outputs (z·W_O) from one input of
