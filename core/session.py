@@ -139,6 +139,10 @@ def _init_state() -> None:
 
 def sidebar() -> View:
     """The sidebar shared by every page: model picker and prompt. Returns the resulting view."""
+    # app.py's set_page_config(layout="wide") is not applied to the page when the app has a
+    # pages/ folder (Streamlit 1.67 keeps its old multipage handling for that folder), so
+    # every page asks again here.
+    st.set_page_config(layout="wide")
     _init_state()
     zoo = zoo_models()
     with st.sidebar:

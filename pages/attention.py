@@ -71,7 +71,9 @@ with tab_scores:
         )
     st.caption(
         f"Measured on {attention.DEFAULT_BATCH} sequences of BOS + {seq_len} random tokens repeated "
-        "twice (seed 0). Mean over query positions that have a target of the attention paid to it."
+        "twice (seed 0). Mean over query positions that have a target of the attention paid to it "
+        "(TransformerLens's `detect_head` \"mul\" score divides by every query position instead, so "
+        "on these sequences it reads about half as much for an induction head)."
     )
     st.subheader("Which input carries the composition? Ablate on Q / K / V")
     if layer == 0:
