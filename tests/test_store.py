@@ -18,6 +18,26 @@ def _tokens(seed, n=12):
     return torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def _run_in_threads(fn, jobs, n_threads):
+    """{job: fn(job)} with the jobs dealt round-robin to n_threads threads started together."""
+    results, errors = {}, []
+
+    def worker(ids):
+        try:
+            for i in ids:
+                results[i] = fn(i)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(jobs[k::n_threads],)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
 def _zero_head_hook(head):
     def hook(z, hook):
         z = z.clone()
@@ -41,22 +61,7 @@ def _job(model, i):
 def test_concurrent_runs_are_bit_identical_to_sequential(small_model):
     jobs = list(range(48))
     expected = {i: _job(small_model, i) for i in jobs}
-    results: dict[int, torch.Tensor] = {}
-    errors = []
-
-    def worker(ids):
-        try:
-            for i in ids:
-                results[i] = _job(small_model, i)
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker, args=(jobs[k::6],)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = _run_in_threads(lambda i: _job(small_model, i), jobs, n_threads=6)
     for i in jobs:
         assert torch.equal(results[i], expected[i]), i
     plain = store.run(small_model, _tokens(2))
@@ -183,21 +188,7 @@ def test_concurrent_store_gets_hooked_runs_and_split_qkv_ablations_match_sequent
     one = ActivationStore(max_bytes=10**9).get(zoo_model, toks[0]).nbytes
     expected = {i: job(ActivationStore(max_bytes=10**9), i) for i in range(36)}
     shared = ActivationStore(max_bytes=int(2.5 * one))
-    results, errors = {}, []
-
-    def worker(ids):
-        try:
-            for i in ids:
-                results[i] = job(shared, i)
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker, args=(list(range(k, 36, 4)),)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = _run_in_threads(lambda i: job(shared, i), list(range(36)), n_threads=4)
     for i, exp in expected.items():
         got = results[i]
         assert got[0] == exp[0]
