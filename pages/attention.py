@@ -1,10 +1,12 @@
 """Attention page: one head's pattern, all heads, CircuitsVis, head-type scores, residual norms."""
 import streamlit as st
 
-from core import attention, plots, session
+st.set_page_config(layout="wide")
+st.title("Attention patterns")
+with st.spinner("Starting: loading TransformerLens…"):  # ~6 s on a cold start; show the page first
+    from core import attention, plots, session
 
 view = session.sidebar()
-st.title("Attention patterns")
 if not session.show_problems(view):
     session.sidebar_footer()
     st.stop()
