@@ -1,6 +1,7 @@
 """Circuit Explorer: `streamlit run app.py`.
 
 Navigation over pages/ and the sidebar shared by every page (model picker and prompt).
+Each page starts with st.set_page_config(layout="wide") (see pages/attention.py for why).
 """
 import streamlit as st
 

@@ -15,7 +15,6 @@ import torch
 from plotly.subplots import make_subplots
 
 HEAT = "Blues"
-DIVERGING = "RdBu"
 
 
 def safe(text: str) -> str:

@@ -27,7 +27,6 @@ DEFAULT_PROMPTS = {
     "the green king saw seven cold fish near a dark hill .",
 }
 FALLBACK_PROMPT = "When Mary and John went to the store, John gave a drink to"
-URL_KEYS = ("model", "prompt", "layer", "head")
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -68,8 +67,9 @@ def md_escape(text: str) -> str:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def head_scores(_model: HookedTransformer, model_name: str, seq_len: int, batch: int) -> dict:
-    """Head-type scores of a model on repeated random tokens (seed 0), once per model name.
+def head_scores(_model: HookedTransformer, model_id: str, seq_len: int, batch: int) -> dict:
+    """Head-type scores of a model on repeated random tokens (seed 0), once per model object
+    (`model_id` = `store.model_key(model)`, the cache key: the model itself is not hashed).
 
     Computed from attention patterns only, outside the activation store: the full cache of
     32 x 61 tokens would crowd the store out on a large model.
@@ -80,10 +80,10 @@ def head_scores(_model: HookedTransformer, model_name: str, seq_len: int, batch:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def composition_table(
-    _model: HookedTransformer, model_name: str, seq_len: int, batch: int,
+    _model: HookedTransformer, model_id: str, seq_len: int, batch: int,
     sources: tuple, target: tuple, also: tuple,
 ) -> list:
-    """`attention.composition_table` on the same repeated random tokens, cached per model name."""
+    """`attention.composition_table` on the same repeated random tokens, cached per model object."""
     tokens = attention.repeated_random_tokens(_model, seq_len, batch, seed=0)
     return attention.composition_table(_model, tokens, seq_len, list(sources), target, list(also))
 
@@ -116,7 +116,6 @@ class View:
     model_name: str
     model: HookedTransformer | None
     model_error: str | None
-    prompt_text: str
     prompt: Prompt | None
     prompt_error: str | None
 
@@ -139,10 +138,6 @@ def _init_state() -> None:
 
 def sidebar() -> View:
     """The sidebar shared by every page: model picker and prompt. Returns the resulting view."""
-    # app.py's set_page_config(layout="wide") is not applied to the page when the app has a
-    # pages/ folder (Streamlit 1.67 keeps its old multipage handling for that folder), so
-    # every page asks again here.
-    st.set_page_config(layout="wide")
     _init_state()
     zoo = zoo_models()
     with st.sidebar:
@@ -185,7 +180,7 @@ def sidebar() -> View:
                 f"context {cfg.n_ctx} tokens, vocabulary {cfg.d_vocab}"
                 + (", attention only" if cfg.attn_only else "")
             )
-    return View(name, model, model_error, text, prompt, prompt_error)
+    return View(name, model, model_error, prompt, prompt_error)
 
 
 def sidebar_footer() -> None:
