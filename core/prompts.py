@@ -34,5 +34,11 @@ def prepare_prompt(model: HookedTransformer, text: str) -> Prompt:
     if tokens.shape[1] > n_ctx:
         truncated_from = int(tokens.shape[1])
         tokens = tokens[:, :n_ctx]
+    return prompt_from_tokens(model, tokens, truncated_from)
+
+
+def prompt_from_tokens(model: HookedTransformer, tokens: torch.Tensor, truncated_from: int | None = None) -> Prompt:
+    """A Prompt for tokens that are already made (a task's example): [pos] or [1, pos], BOS first."""
+    tokens = tokens.reshape(1, -1)
     str_tokens = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
     return Prompt(tokens=tokens, str_tokens=str_tokens, truncated_from=truncated_from)
