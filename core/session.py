@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import streamlit as st
 from transformer_lens import HookedTransformer
 
-from core import attention
+from core import attention, tasks
 from core.models import DEFAULT_MODEL, ModelLoadError, load_model, zoo_models
-from core.prompts import Prompt, PromptError, prepare_prompt
+from core.prompts import Prompt, PromptError, prepare_prompt, prompt_from_tokens
 from core.store import ActivationStore, model_key
 
 OTHER = "Other (TransformerLens name or local folder)…"
@@ -27,6 +27,9 @@ DEFAULT_PROMPTS = {
     "the green king saw seven cold fish near a dark hill .",
 }
 FALLBACK_PROMPT = "When Mary and John went to the store, John gave a drink to"
+TEXT_SOURCE = "text"
+PROMPT_SOURCES = {TEXT_SOURCE: "Typed text", **tasks.LABELS}
+TASK_BATCH = tasks.DEFAULT_BATCH
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -88,6 +91,12 @@ def composition_table(
     return attention.composition_table(_model, tokens, seq_len, list(sources), target, list(also))
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def task_batch(_model: HookedTransformer, model_id: str, name: str, n: int, seed: int) -> tasks.Task:
+    """A built-in task's held-out batch for a model object (cached; raises TaskError)."""
+    return tasks.make_task(name, _model, n=n, seed=seed, split="held_out")
+
+
 def default_prompt(model_name: str) -> str:
     return DEFAULT_PROMPTS.get(model_name, FALLBACK_PROMPT)
 
@@ -118,6 +127,8 @@ class View:
     model_error: str | None
     prompt: Prompt | None
     prompt_error: str | None
+    task: tasks.Task | None = None  # when the prompt is a task example: the task's whole batch
+    example: int = 0  # which of the task's prompts is `prompt`
 
 
 def _init_state() -> None:
@@ -134,6 +145,10 @@ def _init_state() -> None:
         st.session_state["model_choice"] = OTHER
         st.session_state["model_other"] = requested
     st.session_state["prompt"] = st.query_params.get("prompt", default_prompt(requested))
+    source = st.query_params.get("source", TEXT_SOURCE)
+    st.session_state["source"] = source if source in PROMPT_SOURCES else TEXT_SOURCE
+    example = url_int("example")
+    st.session_state["example"] = example if example is not None and 0 <= example < TASK_BATCH else 0
 
 
 def sidebar() -> View:
@@ -156,7 +171,22 @@ def sidebar() -> View:
                 "Model name or folder", key="model_other", placeholder="pythia-70m-deduped or /path/to/gpt2-checkpoint",
                 on_change=_model_changed,
             ).strip()
-        text = st.text_area("Prompt", key="prompt", height=140)
+        source = st.selectbox(
+            "Prompt from", list(PROMPT_SOURCES), format_func=PROMPT_SOURCES.get, key="source",
+            help="Type a prompt, or take one from a task: clean and corrupted prompts with the answer and "
+            "the wrong token, generated for this model's vocabulary (held-out names and templates on the "
+            "embedded models).",
+        )
+        text, example = "", 0
+        if source == TEXT_SOURCE:
+            # Streamlit forgets the state of a widget that was not drawn in a run, so the typed
+            # prompt is kept under a second key while a task is the source, and comes back.
+            if "prompt" not in st.session_state:
+                st.session_state["prompt"] = st.session_state.get("_typed_prompt", default_prompt(choice))
+            text = st.text_area("Prompt", key="prompt", height=140)
+            st.session_state["_typed_prompt"] = text
+        else:
+            example = int(st.number_input(f"Example (0–{TASK_BATCH - 1})", 0, TASK_BATCH - 1, key="example", step=1))
     model, model_error = None, None
     if not name:
         model_error = "Type a TransformerLens model name or the path of a local checkpoint folder."
@@ -165,14 +195,25 @@ def sidebar() -> View:
             model = get_model(name)
         except ModelLoadError as err:
             model_error = str(err)
-    prompt, prompt_error = None, None
-    if model is not None:
+    prompt, prompt_error, task = None, None, None
+    if model is not None and source == TEXT_SOURCE:
         try:
             prompt = prepare_prompt(model, text)
         except PromptError as err:
             prompt_error = str(err)
-    set_url(model=name or None, prompt=text if text else None)
+    elif model is not None:
+        try:
+            task = task_batch(model, model_key(model), source, TASK_BATCH, 0)
+            prompt = prompt_from_tokens(model, task.clean_tokens[example])
+        except tasks.TaskError as err:
+            prompt_error = f"{PROMPT_SOURCES[source]} cannot be built for this model: {err}"
+    if source == TEXT_SOURCE:
+        set_url(model=name or None, prompt=text if text else None, source=None, example=None)
+    else:
+        set_url(model=name or None, source=source, example=example)
     with st.sidebar:
+        if task is not None:
+            _task_caption(model, task, example)
         if model is not None:
             cfg = model.cfg
             st.caption(
@@ -180,7 +221,18 @@ def sidebar() -> View:
                 f"context {cfg.n_ctx} tokens, vocabulary {cfg.d_vocab}"
                 + (", attention only" if cfg.attn_only else "")
             )
-    return View(name, model, model_error, prompt, prompt_error)
+    return View(name, model, model_error, prompt, prompt_error, task, example)
+
+
+def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
+    """The example's clean and corrupted prompts and answers, as plain text."""
+    answer = model.tokenizer.decode([int(task.answers[i])])
+    wrong = model.tokenizer.decode([int(task.wrongs[i])])
+    st.text(f"Clean: {task.clean_prompts[i]}\nCorrupted: {task.corrupted_prompts[i]}")
+    note = f"Answer {answer!r} vs {wrong!r}; metric: {task.metric_label}."
+    if task.metric_kind == "prob_diff":
+        note += " Answer/wrong stand for every year after/before the start year."
+    st.caption(md_escape(f"{task.description}. {note} Template '{task.template}', {len(task)} prompts."))
 
 
 def sidebar_footer() -> None:
@@ -196,8 +248,9 @@ def _model_changed() -> None:
     choice = st.session_state.get("model_choice")
     name = st.session_state.get("model_other", "") if choice == OTHER else choice
     defaults = set(DEFAULT_PROMPTS.values()) | {FALLBACK_PROMPT}
-    if st.session_state.get("prompt") in defaults:
-        st.session_state["prompt"] = default_prompt(name)
+    for key in ("prompt", "_typed_prompt"):
+        if st.session_state.get(key) in defaults:
+            st.session_state[key] = default_prompt(name)
 
 
 def select_head(n_layers: int, n_heads: int, default: tuple[int, int]) -> None:

@@ -284,3 +284,42 @@ def session_other():
     from core.session import OTHER
 
     return OTHER
+
+
+def test_the_sidebar_offers_every_embedded_model():
+    at = _app()
+    options = at.sidebar.selectbox(key="model_choice").options
+    assert {"ce-induction-2l", "ce-circuits-3l-attn", "ce-circuits-3l-mlp"} <= set(options)
+
+
+def test_a_task_example_is_the_prompt_and_the_link_keeps_it():
+    from core import tasks
+
+    at = _app(model="ce-circuits-3l-attn", source="ioi", example="3")
+    assert not at.exception and not at.error and not at.warning
+    model = models.load_model("ce-circuits-3l-attn")
+    task = tasks.make_task("ioi", model, n=32, seed=0, split="held_out")
+    shown = at.sidebar.text[0].value
+    assert shown == f"Clean: {task.clean_prompts[3]}\nCorrupted: {task.corrupted_prompts[3]}"
+    caption = _plain(at.sidebar.caption[0].value)
+    assert model.tokenizer.decode([int(task.answers[3])]) in caption and "logit difference" in caption
+    assert at.query_params["source"] == "ioi" and at.query_params["example"] == "3"
+    assert "prompt" not in at.query_params
+    # The attention heatmap is drawn over the task example's tokens.
+    spec = _figure(at, "attention pattern")
+    labels = spec["data"][0]["x"]
+    assert len(labels) == task.clean_tokens.shape[1]
+
+
+def test_switching_the_prompt_source_and_a_task_the_model_cannot_build():
+    at = _app(model="ce-induction-2l")
+    at.sidebar.selectbox(key="source").set_value("greater_than").run()
+    assert not at.exception
+    assert any("cannot be built for this model" in w.value and "events" in w.value for w in at.warning)
+    at.sidebar.selectbox(key="source").set_value("induction").run()
+    assert not at.warning and at.query_params["source"] == "induction"
+    at.sidebar.number_input(key="example").set_value(5).run()
+    assert at.query_params["example"] == "5"
+    at.sidebar.selectbox(key="source").set_value("text").run()
+    assert "source" not in at.query_params and "example" not in at.query_params
+    assert at.query_params["prompt"].startswith("the green king")
