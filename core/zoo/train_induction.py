@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from core import attention
+from core.zoo import save_checkpoint
 from core.zoo.vocab import build_tokenizer
 
 MODEL_NAME = "ce-induction-2l"
@@ -144,11 +145,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
             )
     train_seconds = time.time() - start
 
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "hooked_config.json").write_text(json.dumps(tl_cfg, indent=2) + "\n")
+    save_checkpoint(model, tl_cfg, out_dir)
     return {"train_seconds": round(train_seconds, 1), "loss_log": log, "train_config": asdict(cfg)}
 
 

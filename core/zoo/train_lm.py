@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.zoo import save_checkpoint
 from core.zoo.corpus import Corpus, CorpusConfig, build_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "models"
@@ -89,14 +90,6 @@ def lr_factor(cfg: LMConfig, step: int) -> float:
     return warm * (1.0 - 0.9 * (step - start) / max(1, cfg.steps - start))
 
 
-def save(model, tl_cfg: dict, out_dir: Path) -> None:
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "hooked_config.json").write_text(json.dumps(tl_cfg, indent=2) + "\n")
-
-
 def train(cfg: LMConfig, out_dir: Path, snapshot_every: int = 0) -> dict:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -133,9 +126,9 @@ def train(cfg: LMConfig, out_dir: Path, snapshot_every: int = 0) -> dict:
             log.append({"step": step, "loss": round(mean, 4)})
             print(f"step {step:5d}  loss {mean:.4f}  {time.time() - start:6.1f}s", flush=True)
         if snapshot_every and step and step % snapshot_every == 0:
-            save(model, tl_cfg, out_dir / f"snapshot-{step}")
+            save_checkpoint(model, tl_cfg, out_dir / f"snapshot-{step}")
     train_seconds = time.time() - start
-    save(model, tl_cfg, out_dir)
+    save_checkpoint(model, tl_cfg, out_dir)
     return {"train_seconds": round(train_seconds, 1), "loss_log": log, "train_config": asdict(cfg)}
 
 
