@@ -128,7 +128,6 @@ class View:
     prompt: Prompt | None
     prompt_error: str | None
     task: tasks.Task | None = None  # when the prompt is a task example: the task's whole batch
-    example: int = 0  # which of the task's prompts is `prompt`
 
 
 def _init_state() -> None:
@@ -221,7 +220,7 @@ def sidebar() -> View:
                 f"context {cfg.n_ctx} tokens, vocabulary {cfg.d_vocab}"
                 + (", attention only" if cfg.attn_only else "")
             )
-    return View(name, model, model_error, prompt, prompt_error, task, example)
+    return View(name, model, model_error, prompt, prompt_error, task)
 
 
 def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:

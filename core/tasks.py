@@ -34,6 +34,7 @@ from typing import Callable, Literal
 import torch
 from transformer_lens import HookedTransformer
 
+from core.store import run
 from core.zoo import corpus
 
 Split = Literal["held_out", "train"]
@@ -106,8 +107,6 @@ class Baselines:
 
 def baselines(model: HookedTransformer, task: Task) -> Baselines:
     """The task metric on the clean and on the corrupted prompts (plain forward passes)."""
-    from core.store import run
-
     with torch.no_grad():
         clean_logits = run(model, task.clean_tokens)
         corrupted_logits = run(model, task.corrupted_tokens)
@@ -139,7 +138,7 @@ def _single_words(model: HookedTransformer, words: list[str], capital: bool = Fa
     """The words that are one token after a space in this model's vocabulary."""
     out = []
     for w in words:
-        shown = corpus._cap(w) if capital else w
+        shown = corpus.capitalised(w) if capital else w
         if single_token(model, " " + shown) is not None:
             out.append(w)
     return out
@@ -209,7 +208,7 @@ def ioi(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, split: 
     clean, corrupted, answers, wrongs = [], [], [], []
     for i in range(n):
         io, s, c = rng.sample(names, 3)
-        io, s, c = corpus._cap(io), corpus._cap(s), corpus._cap(c)
+        io, s, c = corpus.capitalised(io), corpus.capitalised(s), corpus.capitalised(c)
         a, b = (io, s) if i % 2 == 0 else (s, io)
         slots = dict(a=a, b=b, place=rng.choice(places), obj=rng.choice(objects))
         clean.append(text.format(s=s, **slots))
@@ -291,8 +290,8 @@ def sva(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, split: 
         corrupted.append(text.format(subj=subj[not plural], **slots))
         answers.append(sep + ("are" if plural else "is"))
         wrongs.append(sep + ("is" if plural else "are"))
-    clean = [corpus._cap(p) for p in clean]
-    corrupted = [corpus._cap(p) for p in corrupted]
+    clean = [corpus.capitalised(p) for p in clean]
+    corrupted = [corpus.capitalised(p) for p in corrupted]
     return _finish(model, "sva", "Agreement: the verb agrees with the subject, not the attractor", "logit_diff",
                    clean, corrupted, answers, wrongs, tpl.name, {"attractor": attractor})
 

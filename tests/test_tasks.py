@@ -210,7 +210,7 @@ def gpt2_like(tmp_path_factory):
     texts = [cor.episode_text(rng, rng.choice(["ioi", "greater_than", "sva", "filler"])) for _ in range(20000)]
     for t in corpus.IOI_TEMPLATES + corpus.GT_TEMPLATES + corpus.SVA_TEMPLATES:
         texts += [re.sub(r"\{[a-z]+\}", "", t.text)] * 20
-    texts += [f"{corpus._cap(n)} went home." for n in corpus.NAMES for _ in range(3)]
+    texts += [f"{corpus.capitalised(n)} went home." for n in corpus.NAMES for _ in range(3)]
     texts += [f"In the year 17{y:02d}." for y in range(100) for _ in range(40)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(

@@ -279,16 +279,16 @@ def build_tokenizer(model_dir: Path | None = None, name_or_path: str | None = No
 # ---------------------------------------------------------------------------------------------
 
 
-def _cap(word: str) -> str:
+def capitalised(word: str) -> str:
     return word[:1].upper() + word[1:]
 
 
-def ioi_fields(rng: random.Random, names: list[str], order: str | None = None) -> dict:
-    """Slot values of one IOI sentence; `order` "ABBA" (IO first) or "BABA" (S first)."""
+def ioi_fields(rng: random.Random, names: list[str]) -> dict:
+    """Slot values of one IOI sentence, in a random order: ABBA (IO named first) or BABA."""
     io, s = rng.sample(names, 2)
-    order = order or rng.choice(["ABBA", "BABA"])
+    order = rng.choice(["ABBA", "BABA"])
     a, b = (io, s) if order == "ABBA" else (s, io)
-    return dict(a=_cap(a), b=_cap(b), s=_cap(s), answer=_cap(io), io=io, subject=s, order=order,
+    return dict(a=capitalised(a), b=capitalised(b), s=capitalised(s), answer=capitalised(io),
                 place=rng.choice(PLACES), obj=rng.choice(OBJECTS))
 
 
@@ -296,13 +296,13 @@ def gt_fields(rng: random.Random) -> dict:
     """Slot values of one greater-than sentence: start year yy in 2..97, end year above it."""
     yy = rng.randint(2, 97)
     end = rng.randint(yy + 1, 99)
-    return dict(event=rng.choice(EVENTS), cc=rng.choice(CENTURIES[:-1]), yy=f"{yy:02d}", answer=f"{end:02d}", start=yy)
+    return dict(event=rng.choice(EVENTS), cc=rng.choice(CENTURIES[:-1]), yy=f"{yy:02d}", answer=f"{end:02d}")
 
 
-def sva_fields(rng: random.Random, plural: bool | None = None, attractor_plural: bool | None = None) -> dict:
+def sva_fields(rng: random.Random) -> dict:
     """Slot values of one agreement sentence; the attractor's number is independent of the subject's."""
-    plural = rng.random() < 0.5 if plural is None else plural
-    attractor_plural = rng.random() < 0.5 if attractor_plural is None else attractor_plural
+    plural = rng.random() < 0.5
+    attractor_plural = rng.random() < 0.5
     subj = rng.choice(THINGS)[plural]
     attr = rng.choice(THINGS + BEINGS)
     agent = rng.choice(PEOPLE)
@@ -311,7 +311,7 @@ def sva_fields(rng: random.Random, plural: bool | None = None, attractor_plural:
         attr = rng.choice(THINGS + BEINGS)
     return dict(
         subj=subj, attr=attr[attractor_plural], agent=agent[attractor_plural], verb=verb[attractor_plural],
-        answer="are" if plural else "is", adj=rng.choice(ADJECTIVES), plural=plural,
+        answer="are" if plural else "is", adj=rng.choice(ADJECTIVES),
     )
 
 
@@ -319,9 +319,9 @@ def _filler(rng: random.Random, names: list[str], templates: list[str] = FILLER_
     n, m = rng.sample(names, 2)
     thing, being = rng.choice(THINGS), rng.choice(BEINGS)
     return rng.choice(templates).format(
-        n=_cap(n), m=_cap(m), place=rng.choice(PLACES), place2=rng.choice(PLACES), adj=rng.choice(ADJECTIVES), thing=thing[0],
+        n=capitalised(n), m=capitalised(m), place=rng.choice(PLACES), place2=rng.choice(PLACES), adj=rng.choice(ADJECTIVES), thing=thing[0],
         things=thing[1], being=being[0], beings=being[1], obj=rng.choice(OBJECTS), mood=rng.choice(MOODS),
-        time=rng.choice(TIMES), pron=_cap(rng.choice(PRONOUNS)), cc=rng.choice(CENTURIES),
+        time=rng.choice(TIMES), pron=capitalised(rng.choice(PRONOUNS)), cc=rng.choice(CENTURIES),
         yy=f"{rng.randint(0, 99):02d}",
     )
 

@@ -32,13 +32,13 @@ REQUIRED = {
     "sva_accuracy": 0.95,
     "induction_score": 0.7,
 }
-ROLE_ATTENTION = 0.3
+ROLE_ATTENTION = 0.3  # attention share that counts as "attends to"
 CIRCUIT_TEMPLATES = {"ioi": "when_went"}
 POSITIONS = {
     "standard": "learned absolute positions",
     "shortformer": "shortformer positions (learned, added to queries and keys only)",
     "rotary": "rotary positions",
-}  # attention share that counts as "attends to"
+}
 
 
 def _r(x: float) -> float:
@@ -48,35 +48,66 @@ def _r(x: float) -> float:
 def _task_scores(model, task) -> dict:
     base = tasks.baselines(model, task)
     out = {"metric": _r(base.clean), "accuracy": _r(base.clean_accuracy), "corrupted_metric": _r(base.corrupted)}
-    if task.name == "ioi":  # prompts alternate ABBA (IO named first), BABA
+    if task.name == "ioi":
         with torch.no_grad():
             correct = task.per_prompt(model(task.clean_tokens)) > 0
-        out["accuracy_abba"] = _r(correct[0::2].float().mean())
-        out["accuracy_baba"] = _r(correct[1::2].float().mean())
+        for order in ("ABBA", "BABA"):
+            rows = torch.tensor([o == order for o in task.info["orders"]])
+            out[f"accuracy_{order.lower()}"] = _r(correct[rows].float().mean())
     return out
+
+
+class Noising:
+    """Noising one task: the clean and corrupted baselines and the corrupted run's cache, computed once."""
+
+    def __init__(self, model, task):
+        self.model, self.task = model, task
+        self.base = tasks.baselines(model, task)
+        with torch.no_grad():
+            _, self.corrupted = model.run_with_cache(task.corrupted_tokens)
+
+    def removed(self, metric):
+        """Share of the clean - corrupted metric gap that a patched run's metric has lost."""
+        return 1 - tasks.normalised(metric, self.base.clean, self.base.corrupted)
+
+    def heads(self) -> torch.Tensor:
+        """[layer, head]: noising each head's output (TransformerLens's own patching function)."""
+        with torch.no_grad():
+            patched = patching.get_act_patch_attn_head_out_all_pos(
+                self.model, self.task.clean_tokens, self.corrupted, self.task.metric
+            )
+        return self.removed(patched)
+
+    def mlps(self) -> torch.Tensor:
+        """[layer]: noising each MLP layer's output at every position."""
+        out = []
+        for layer in range(self.model.cfg.n_layers):
+            name = f"blocks.{layer}.hook_mlp_out"
+            out.append(self._patched_metric([(name, lambda act, hook: self.corrupted[hook.name])]))
+        return self.removed(torch.tensor(out))
+
+    def head_group(self, heads: list[str]) -> float:
+        """Noising several heads' outputs at once."""
+        by_layer: dict[int, list[int]] = {}
+        for h in heads:
+            layer, head = attention.parse_head(h)
+            by_layer.setdefault(layer, []).append(head)
+
+        def hook(z, hook):
+            hs = by_layer[hook.layer()]
+            z[:, :, hs] = self.corrupted[hook.name][:, :, hs]
+            return z
+
+        return float(self.removed(self._patched_metric([(f"blocks.{layer}.attn.hook_z", hook) for layer in by_layer])))
+
+    def _patched_metric(self, fwd_hooks) -> float:
+        with torch.no_grad():
+            return float(self.task.metric(self.model.run_with_hooks(self.task.clean_tokens, fwd_hooks=fwd_hooks)))
 
 
 def head_noising(model, task) -> torch.Tensor:
     """[layer, head]: share of the clean - corrupted metric gap removed by noising each head's output."""
-    base = tasks.baselines(model, task)
-    _, corrupted_cache = model.run_with_cache(task.corrupted_tokens)
-    with torch.no_grad():
-        patched = patching.get_act_patch_attn_head_out_all_pos(model, task.clean_tokens, corrupted_cache, task.metric)
-    return 1 - tasks.normalised(patched, base.clean, base.corrupted)
-
-
-def mlp_noising(model, task) -> torch.Tensor:
-    """[layer]: the same for each MLP layer's output at every position."""
-    base = tasks.baselines(model, task)
-    _, corrupted_cache = model.run_with_cache(task.corrupted_tokens)
-    out = []
-    for layer in range(model.cfg.n_layers):
-        name = f"blocks.{layer}.hook_mlp_out"
-        hook = lambda act, hook, name=name: corrupted_cache[name]  # noqa: E731
-        with torch.no_grad():
-            logits = model.run_with_hooks(task.clean_tokens, fwd_hooks=[(name, hook)])
-        out.append(float(task.metric(logits)))
-    return 1 - tasks.normalised(torch.tensor(out), base.clean, base.corrupted)
+    return Noising(model, task).heads()
 
 
 def ioi_attention_roles(model, task, prev_scores: torch.Tensor) -> dict:
@@ -171,10 +202,11 @@ def measure(model_dir: Path) -> dict:
         # IOI's circuit is read on held-out names in the first template (where the model does
         # the task); the others on their held-out template.
         task = ind_task if name == "induction" else make(name, template=CIRCUIT_TEMPLATES.get(name))
-        removed = head_noising(model, task)
+        noising = Noising(model, task)
+        removed = noising.heads()
         entry = {"template": task.template, "head_noising_removed": _grid(removed), "top_heads": _top_heads(removed)}
         if not model.cfg.attn_only:
-            entry["mlp_noising_removed"] = _grid(mlp_noising(model, task))
+            entry["mlp_noising_removed"] = _grid(noising.mlps())
         if name == "ioi":
             roles = ioi_attention_roles(model, task, scores["previous_token"])
             for row in entry["top_heads"]:
@@ -183,32 +215,10 @@ def measure(model_dir: Path) -> dict:
             movers = [h for h, r in roles.items() if r["role"].startswith("name mover")]
             entry["name_movers"] = movers
             if movers:
-                entry["name_movers_noised_together"] = _r(_noise_group(model, task, movers))
+                entry["name_movers_noised_together"] = _r(noising.head_group(movers))
         circuits[name] = entry
     out["circuits"] = circuits
     return out
-
-
-def _noise_group(model, task, heads: list[str]) -> float:
-    """Share of the metric gap removed by noising several heads' outputs at once."""
-    base = tasks.baselines(model, task)
-    _, corrupted_cache = model.run_with_cache(task.corrupted_tokens)
-    by_layer: dict[int, list[int]] = {}
-    for h in heads:
-        layer, head = attention.parse_head(h)
-        by_layer.setdefault(layer, []).append(head)
-    hooks = []
-    for layer, hs in by_layer.items():
-        name = f"blocks.{layer}.attn.hook_z"
-
-        def hook(z, hook, name=name, hs=hs):
-            z[:, :, hs] = corrupted_cache[name][:, :, hs]
-            return z
-
-        hooks.append((name, hook))
-    with torch.no_grad():
-        logits = model.run_with_hooks(task.clean_tokens, fwd_hooks=hooks)
-    return 1 - float(tasks.normalised(task.metric(logits), base.clean, base.corrupted))
 
 
 def headline(m: dict) -> dict:
