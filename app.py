@@ -9,6 +9,7 @@ st.set_page_config(page_title="Circuit Explorer", page_icon="🔬", layout="wide
 
 PAGES = {
     "attention": st.Page("pages/attention.py", title="Attention", icon="👀", url_path="attention", default=True),
+    "attribution": st.Page("pages/attribution.py", title="Logit attribution", icon="🎯", url_path="attribution"),
 }
 
 page = st.navigation(list(PAGES.values()))
@@ -18,7 +19,4 @@ if requested in PAGES and PAGES[requested] is not page and requested != page.url
 name = next((k for k, p in PAGES.items() if p is page or p.url_path == page.url_path), None)
 if name:
     st.query_params["page"] = name
-with st.sidebar:
-    for p in PAGES.values():
-        st.page_link(p)
-page.run()
+page.run()  # each page draws the shared sidebar, page links included (core/session.py)

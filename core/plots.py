@@ -235,3 +235,165 @@ def circuitsvis_attention_html(str_tokens: Sequence[str], patterns: torch.Tensor
         raise RuntimeError("unexpected CircuitsVis HTML layout: cannot make its props script-safe")
     props = json.loads(plain)
     return src.replace(plain, _script_safe_json(props))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit attribution
+# ---------------------------------------------------------------------------------------------
+
+DIVERGING = "RdBu"
+
+
+def _component_name(label: str) -> str:
+    """TransformerLens stack labels as readers say them: "0_attn_out" -> "L0 attn"."""
+    if label in ("embed", "pos_embed"):
+        return label
+    if label.endswith("_attn_out") or label.endswith("_mlp_out"):
+        layer, kind = label.split("_")[:2]
+        return f"L{layer} {kind}"
+    if label.endswith("_pre") or label.endswith("_mid") or label.endswith("_post"):
+        layer, kind = label.rsplit("_", 1)
+        return f"{kind} {layer}" if layer != "final" else "final"
+    return label
+
+
+def attribution_bar(labels: Sequence[str], values: torch.Tensor, target_label: str, title: str) -> go.Figure:
+    """Direct contribution of each component, in residual-stream order. values: [component]."""
+    names = [_component_name(l) for l in labels]
+    vals = values.float().cpu().tolist()
+    fig = go.Figure(
+        go.Bar(
+            x=names, y=vals, marker_color=["#2166ac" if v >= 0 else "#b2182b" for v in vals],
+            customdata=list(labels),
+            hovertemplate="%{x} (%{customdata})<br>contribution: %{y:+.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title, xaxis=dict(title="component (residual-stream order)", type="category"),
+        yaxis_title=f"direct effect on {target_label}", height=380, margin=dict(l=10, r=10, t=50, b=10),
+    )
+    return fig
+
+
+def head_attribution_heatmap(grid: torch.Tensor, target_label: str, title: str,
+                             selected: tuple[int, int] | None = None) -> go.Figure:
+    """[layer, head] direct contributions on a diverging scale centred at 0; a click target per head."""
+    n_layers, n_heads = grid.shape
+    z = grid.float().cpu()
+    bound = float(z.abs().max()) or 1.0
+    names = [[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.numpy(), x=[f"H{h}" for h in range(n_heads)], y=[f"L{l}" for l in range(n_layers)],
+            customdata=names, colorscale=DIVERGING, zmid=0, zmin=-bound, zmax=bound,
+            text=[[f"{float(v):+.2f}" for v in row] for row in z],
+            texttemplate="%{text}" if n_layers * n_heads <= 64 else None, textfont=dict(size=13),
+            colorbar=dict(title="logit"),
+            hovertemplate="%{customdata}<br>direct effect on " + safe(target_label) + ": %{z:+.4f}<extra></extra>",
+        )
+    )
+    # Heatmap cells cannot be selected in plotly; near-invisible markers can (customdata [layer, head]).
+    fig.add_trace(
+        go.Scatter(
+            x=[f"H{h}" for l in range(n_layers) for h in range(n_heads)],
+            y=[f"L{l}" for l in range(n_layers) for h in range(n_heads)],
+            mode="markers", marker=dict(size=30, opacity=0.01, symbol="square", color="grey"),
+            customdata=[[l, h] for l in range(n_layers) for h in range(n_heads)],
+            hoverinfo="none", showlegend=False, name="open head",
+        )
+    )
+    if selected is not None:
+        layer, head = selected
+        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                      line=dict(color="black", width=3))
+    fig.update_layout(
+        title=title, xaxis=dict(title="head", type="category"),
+        yaxis=dict(title="layer", autorange="reversed", type="category"),
+        height=max(260, 130 + 55 * n_layers), margin=dict(l=10, r=10, t=50, b=10), clickmode="event+select",
+    )
+    return fig
+
+
+def accumulated_line(labels: Sequence[str], values: torch.Tensor, target_label: str) -> go.Figure:
+    """The target read off the residual stream before each layer and after the last. values: [layer+1]."""
+    names = [_component_name(l) for l in labels]
+    fig = go.Figure(
+        go.Scatter(x=names, y=values.float().cpu().tolist(), mode="lines+markers",
+                   hovertemplate="%{x}<br>" + safe(target_label) + ": %{y:+.4f}<extra></extra>")
+    )
+    fig.update_layout(
+        xaxis=dict(title="residual stream", type="category"), yaxis_title=target_label,
+        height=340, margin=dict(l=10, r=10, t=20, b=10),
+    )
+    return fig
+
+
+def logit_lens_heatmap(labels: Sequence[str], top_tokens: Sequence[Sequence[Sequence[str]]], top_probs: torch.Tensor,
+                       str_tokens: Sequence[str]) -> go.Figure:
+    """Layer x position: colour = probability of the top token, text = that token, hover = top k.
+
+    top_tokens: [layer][pos][k] decoded tokens; top_probs: [layer, pos, k].
+    """
+    n_layers, n_pos, k = top_probs.shape
+    rows = [_component_name(l) for l in labels]
+    probs = top_probs.float().cpu()
+    hover = [
+        [
+            "<br>".join(f"{safe(top_tokens[l][p][j])}: {float(probs[l, p, j]):.3f}" for j in range(k))
+            for p in range(n_pos)
+        ]
+        for l in range(n_layers)
+    ]
+    toks = _hover_tokens(str_tokens)
+    fig = go.Figure(
+        go.Heatmap(
+            z=probs[:, :, 0].numpy(), x=position_labels(str_tokens), y=rows, colorscale=HEAT, zmin=0, zmax=1,
+            text=[[safe(top_tokens[l][p][0]) for p in range(n_pos)] for l in range(n_layers)],
+            texttemplate="%{text}" if n_pos <= 40 else None, textfont=dict(size=11),
+            customdata=[[[toks[p], hover[l][p]] for p in range(n_pos)] for l in range(n_layers)],
+            colorbar=dict(title="top-1 prob"),
+            hovertemplate="%{y}, position %{x}<br>input token: %{customdata[0]}<br>top next tokens:<br>"
+            "%{customdata[1]}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        xaxis=dict(title="position: input token (cells: most likely next token)", tickangle=-60, type="category"),
+        yaxis=dict(title="residual stream", autorange="reversed", type="category"),
+        height=170 + 45 * n_layers, margin=dict(l=10, r=10, t=20, b=10),
+    )
+    return fig
+
+
+def answer_by_layer(labels: Sequence[str], prob: torch.Tensor, rank: torch.Tensor, answer: str) -> go.Figure:
+    """Probability (left axis) and rank (right axis) of the answer token per layer. prob, rank: [layer]."""
+    names = [_component_name(l) for l in labels]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=names, y=prob.float().cpu().tolist(), mode="lines+markers", name="probability",
+                             hovertemplate="%{x}<br>P(" + safe(answer) + ") = %{y:.4f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=names, y=rank.cpu().tolist(), mode="lines+markers", name="rank", line=dict(dash="dot"),
+                             hovertemplate="%{x}<br>rank of " + safe(answer) + ": %{y}<extra></extra>"),
+                  secondary_y=True)
+    fig.update_yaxes(title_text=f"P({safe(answer)})", range=[0, 1], secondary_y=False)
+    fig.update_yaxes(title_text="rank (0 = top)", secondary_y=True, rangemode="tozero")
+    fig.update_layout(xaxis=dict(title="residual stream", type="category"), height=340,
+                      margin=dict(l=10, r=10, t=20, b=10), legend=dict(orientation="h"))
+    return fig
+
+
+def neuron_bar(neurons: Sequence[int], values: Sequence[float], activations: Sequence[float],
+               top_tokens: Sequence[str], layer: int, target_label: str) -> go.Figure:
+    """The neurons of one MLP layer with the largest direct effect, with their top promoted tokens."""
+    fig = go.Figure(
+        go.Bar(
+            x=[f"N{n}" for n in neurons], y=list(values),
+            marker_color=["#2166ac" if v >= 0 else "#b2182b" for v in values],
+            customdata=[[f"{a:+.4f}", safe(t)] for a, t in zip(activations, top_tokens)],
+            hovertemplate="L" + str(layer) + " %{x}<br>direct effect: %{y:+.4f}<br>activation: %{customdata[0]}"
+            "<br>promotes: %{customdata[1]}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        xaxis=dict(title=f"neuron of MLP {layer}", type="category"), yaxis_title=f"direct effect on {target_label}",
+        height=360, margin=dict(l=10, r=10, t=20, b=10),
+    )
+    return fig

@@ -30,6 +30,7 @@ FALLBACK_PROMPT = "When Mary and John went to the store, John gave a drink to"
 TEXT_SOURCE = "text"
 PROMPT_SOURCES = {TEXT_SOURCE: "Typed text", **tasks.LABELS}
 TASK_BATCH = tasks.DEFAULT_BATCH
+PAGE_LINKS = [("pages/attention.py", "Attention", "👀"), ("pages/attribution.py", "Logit attribution", "🎯")]
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -155,11 +156,17 @@ def sidebar() -> View:
     _init_state()
     zoo = zoo_models()
     with st.sidebar:
+        # Drawn by each page, not by app.py: a first request for a page URL on a fresh server
+        # runs the page script directly (Streamlit routes by the pages/ folder until app.py has
+        # called st.navigation once), and the links must be there too.
+        for path, label, icon in PAGE_LINKS:
+            st.page_link(path, label=label, icon=icon)
         st.header("Model and prompt")
         choice = st.selectbox(
             "Model",
             zoo + PRETRAINED_SUGGESTIONS + [OTHER],
             key="model_choice",
+            persist_state="session",
             help="Embedded models work offline. Pretrained TransformerLens models are downloaded "
             "from the Hugging Face hub (needs a network).",
             on_change=_model_changed,
@@ -168,10 +175,11 @@ def sidebar() -> View:
         if choice == OTHER:
             name = st.text_input(
                 "Model name or folder", key="model_other", placeholder="pythia-70m-deduped or /path/to/gpt2-checkpoint",
+                persist_state="session",
                 on_change=_model_changed,
             ).strip()
         source = st.selectbox(
-            "Prompt from", list(PROMPT_SOURCES), format_func=PROMPT_SOURCES.get, key="source",
+            "Prompt from", list(PROMPT_SOURCES), format_func=PROMPT_SOURCES.get, key="source", persist_state="session",
             help="Type a prompt, or take one from a task: clean and corrupted prompts with the answer and "
             "the wrong token, generated for this model's vocabulary (held-out names and templates on the "
             "embedded models).",
@@ -182,10 +190,11 @@ def sidebar() -> View:
             # prompt is kept under a second key while a task is the source, and comes back.
             if "prompt" not in st.session_state:
                 st.session_state["prompt"] = st.session_state.get("_typed_prompt", default_prompt(choice))
-            text = st.text_area("Prompt", key="prompt", height=140)
+            text = st.text_area("Prompt", key="prompt", height=140, persist_state="session")
             st.session_state["_typed_prompt"] = text
         else:
-            example = int(st.number_input(f"Example (0–{TASK_BATCH - 1})", 0, TASK_BATCH - 1, key="example", step=1))
+            example = int(st.number_input(f"Example (0–{TASK_BATCH - 1})", 0, TASK_BATCH - 1, key="example", step=1,
+                                         persist_state="session"))
     model, model_error = None, None
     if not name:
         model_error = "Type a TransformerLens model name or the path of a local checkpoint folder."
@@ -293,3 +302,94 @@ def show_problems(view: View) -> bool:
             f"{view.model.cfg.n_ctx}. Showing the first {view.model.cfg.n_ctx} tokens."
         )
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit attribution page: the target token(s), and links to a head on the Attention page
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_token(model: HookedTransformer, token: int) -> str:
+    return model.tokenizer.decode([int(token)])
+
+
+@dataclass
+class AttributionTarget:
+    """What the attribution explains: answer ids [batch], optional wrong ids [batch], a label."""
+
+    answers: "torch.Tensor | None" = None
+    wrongs: "torch.Tensor | None" = None
+    label: str = ""
+    error: str | None = None
+    suggestion: str | None = None  # a value the person could use instead (first token of a split answer)
+    suggestion_key: str | None = None
+
+
+ANSWER_KEY, WRONG_KEY = "attr_answer", "attr_wrong"
+
+
+def use_suggestion(key: str, value: str) -> None:
+    """Button callback: put a suggested value into a text box."""
+    st.session_state[key] = value
+
+
+def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Task | None, run, whole_task: bool) -> AttributionTarget:
+    """Draw the answer / counterfactual boxes and parse them (messages instead of exceptions).
+
+    Defaults: a task's answer and wrong token; for typed text the model's two most likely next
+    tokens (so the page opens on "why this and not the runner-up"). Defaults are reset when
+    the prompt changes, and the boxes are kept in the URL (`answer`, `wrong`).
+    """
+    import torch
+
+    state = st.session_state
+    c1, c2 = st.columns(2)
+    if whole_task:
+        c1.text_input("Answer", value="each prompt's answer", disabled=True, key="attr_answer_task")
+        c2.text_input("Counterfactual", value="each prompt's wrong token", disabled=True, key="attr_wrong_task")
+        return AttributionTarget(task.answers, task.wrongs, "logit difference answer − wrong")
+    where = (model_key(model), tuple(prompt.tokens[0].tolist()))
+    if state.get("_attr_for") != where:
+        first_time = "_attr_for" not in state
+        state["_attr_for"] = where
+        if task is not None:
+            i = int(state.get("example", 0))
+            default = (decode_token(model, task.answers[i]), decode_token(model, task.wrongs[i]))
+        else:
+            top = run.logits[0, -1].topk(2).indices.tolist()
+            default = (decode_token(model, top[0]), decode_token(model, top[1]))
+        url = (st.query_params.get("answer"), st.query_params.get("wrong")) if first_time else (None, None)
+        state[ANSWER_KEY] = url[0] if url[0] is not None else default[0]
+        state[WRONG_KEY] = url[1] if url[1] is not None else default[1]
+    answer_text = c1.text_input("Answer", key=ANSWER_KEY, persist_state="session", help="The next token to explain (one token). "
+                                "'Mary' means ' Mary', as after a space.")
+    wrong_text = c2.text_input("Counterfactual (optional)", key=WRONG_KEY, persist_state="session",
+                               help="Explain the logit difference answer − counterfactual; leave empty for the answer's logit.")
+    set_url(answer=answer_text or None, wrong=wrong_text or None)
+    try:
+        answer = tasks.answer_token(model, answer_text, "answer")
+    except tasks.TaskError as err:
+        return AttributionTarget(error=str(err), suggestion=err.suggestion, suggestion_key=ANSWER_KEY)
+    if not wrong_text.strip():
+        return AttributionTarget(torch.tensor([answer]), None, f"logit({decode_token(model, answer)!r})")
+    try:
+        wrong = tasks.answer_token(model, wrong_text, "counterfactual")
+    except tasks.TaskError as err:
+        return AttributionTarget(error=str(err), suggestion=err.suggestion, suggestion_key=WRONG_KEY)
+    if wrong == answer:
+        return AttributionTarget(error=f"The counterfactual is the same token as the answer ({decode_token(model, answer)!r}): "
+                                 "their logit difference is always 0. Pick another token, or leave it empty.")
+    label = f"logit({decode_token(model, answer)!r}) − logit({decode_token(model, wrong)!r})"
+    return AttributionTarget(torch.tensor([answer]), torch.tensor([wrong]), label)
+
+
+def attention_link_params(layer: int, head: int) -> dict:
+    """Query params that open (layer, head) on the Attention page with this model and prompt."""
+    keep = {k: v for k, v in st.query_params.to_dict().items() if k in ("model", "prompt", "source", "example")}
+    return {**keep, "page": "attention", "layer": str(layer), "head": str(head)}
+
+
+def open_head_on_attention_page(layer: int, head: int) -> None:
+    """Switch to the Attention page showing (layer, head)."""
+    st.session_state["layer"], st.session_state["head"] = layer, head
+    st.switch_page("pages/attention.py", query_params=attention_link_params(layer, head))

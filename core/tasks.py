@@ -44,7 +44,15 @@ INDUCTION_LEN = 20
 
 
 class TaskError(ValueError):
-    """A task cannot be built or used; the message is meant for the person who asked."""
+    """A task cannot be built or used; the message is meant for the person who asked.
+
+    `suggestion`, when set, is a value the person could use instead (say, the first token of an
+    answer that is several tokens).
+    """
+
+    def __init__(self, message: str, suggestion: str | None = None):
+        super().__init__(message)
+        self.suggestion = suggestion
 
 
 @dataclass
@@ -382,7 +390,13 @@ def _finish(model, name, description, kind, clean, corrupted, answers, wrongs, t
                 torch.tensor(wrong_ids), clean, corrupted, answer_sets, wrong_sets, template, info)
 
 
-def _answer_token(model: HookedTransformer, text: str, which: str, prepend_space: bool) -> int:
+def answer_token(model: HookedTransformer, text: str, which: str = "answer", prepend_space: bool = True) -> int:
+    """The single token id of an answer typed as text; TaskError (with the first token as
+    `suggestion`) when it is empty, several tokens or unknown to the model.
+
+    With `prepend_space` (as TransformerLens's `test_prompt`), "Mary" means " Mary", the way
+    GPT-2 spells a word after a space.
+    """
     if not text or not text.strip():
         raise TaskError(f"The {which} is empty: type the token the model should predict.")
     shown = " " + text if prepend_space and not text[0].isspace() else text
@@ -392,7 +406,8 @@ def _answer_token(model: HookedTransformer, text: str, which: str, prepend_space
         first = pieces[0] if pieces else ""
         raise TaskError(
             f"The {which} {shown!r} is {len(pieces)} tokens ({', '.join(repr(p) for p in pieces)}); it must be "
-            f"a single token. Try its first token, {first!r}."
+            f"a single token. Try its first token, {first!r}.",
+            suggestion=first,
         )
     if _is_unknown(model, int(toks[0])):
         raise TaskError(f"The {which} {shown.strip()!r} is not in this model's vocabulary.")
@@ -409,8 +424,8 @@ def custom_task(model: HookedTransformer, clean: str, corrupted: str, answer: st
     for label, text in (("clean prompt", clean), ("corrupted prompt", corrupted)):
         if not text or not text.strip():
             raise TaskError(f"The {label} is empty.")
-    answer_id = _answer_token(model, answer, "answer", prepend_space)
-    wrong_id = _answer_token(model, wrong, "wrong answer", prepend_space)
+    answer_id = answer_token(model, answer, "answer", prepend_space)
+    wrong_id = answer_token(model, wrong, "wrong answer", prepend_space)
     if answer_id == wrong_id:
         raise TaskError("The answer and the wrong answer are the same token; the metric would always be 0.")
     clean_tokens = model.to_tokens(clean, prepend_bos=True, truncate=False)

@@ -156,3 +156,42 @@ def test_markup_in_tokens_never_runs_in_the_browser(server, tmp_path):
         assert dialogs == []
         assert page.evaluate("() => document.querySelectorAll('b').length") == 0
         browser.close()
+
+
+def test_attribution_page_click_a_head_opens_its_attention_pattern(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from urllib.parse import quote
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server}/attribution?model=ce-circuits-3l-attn&prompt={quote(prompt)}", wait_until="domcontentloaded")
+        page.get_by_text("Direct effect of each component").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(1500)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "attribution_components.png"), full_page=False)
+        page.get_by_role("tab", name="By head").click()
+        page.get_by_text("Direct effect of each head").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(SHOTS / "attribution_heads.png"), full_page=False)
+        # The click target of L1H1 (data -> page pixels) in the visible head heatmap.
+        point = page.evaluate(
+            """() => {
+                const gd = [...document.querySelectorAll('.js-plotly-plot')]
+                    .find(g => g.offsetParent !== null && g.layout.title && g.layout.title.text.includes('each head'));
+                const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+                const t = gd.data[1], i = t.customdata.findIndex(c => c[0] === 1 && c[1] === 1);
+                return {x: r.left + xa._offset + xa.d2p(t.x[i]), y: r.top + ya._offset + ya.d2p(t.y[i])};
+            }"""
+        )
+        page.mouse.click(point["x"], point["y"])
+        page.get_by_text("L1H1 attention pattern").first.wait_for(timeout=60_000)
+        assert "layer=1" in page.url and "head=1" in page.url and "model=ce-circuits-3l-attn" in page.url
+        # Back through the sidebar: model, prompt and answer boxes are as they were.
+        page.get_by_role("link", name="Logit attribution").click()
+        page.get_by_text("Direct effect of each component").first.wait_for(timeout=60_000)
+        assert page.get_by_role("textbox", name="Answer").input_value() == "mary"
+        assert page.get_by_role("textbox", name="Counterfactual (optional)").input_value() == "john"
+        assert "model=ce-circuits-3l-attn" in page.url
+        browser.close()

@@ -1,0 +1,136 @@
+"""Logit attribution page: which components write the answer, the logit lens, neurons."""
+import streamlit as st
+
+# See pages/attention.py: every page sets the wide layout itself.
+st.set_page_config(layout="wide")
+st.title("Logit attribution")
+with st.spinner("Starting: loading TransformerLens…"):
+    from core import attribution, plots, session, tasks
+
+view = session.sidebar()
+if not session.show_problems(view):
+    session.sidebar_footer()
+    st.stop()
+
+model, prompt, task = view.model, view.prompt, view.task
+store = session.get_store()
+n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+decode = session.decode_token
+
+# ---------------------------------------------------------------------------------------------
+# What to explain: one prompt or the task's batch; the answer and the counterfactual token
+# ---------------------------------------------------------------------------------------------
+whole_task = False
+if task is not None:
+    whole_task = (
+        st.segmented_control(
+            "Prompts", ["This example", f"Mean over the task's {len(task)} prompts"], default="This example",
+            key="attr_scope", persist_state="session",
+        )
+        or "This example"
+    ) != "This example"
+tokens = task.clean_tokens if whole_task else prompt.tokens
+with st.spinner("Running the model…"):
+    run = store.get(model, tokens)  # the shared store: a second page or a new answer costs no forward pass
+
+target = session.attribution_target(model, prompt, task, run, whole_task)
+if target.error:
+    st.warning(target.error)
+    if target.suggestion is not None:
+        st.button(f"Use {target.suggestion!r}", on_click=session.use_suggestion, args=(target.suggestion_key, target.suggestion))
+    session.sidebar_footer()
+    st.stop()
+answers, wrongs, label = target.answers, target.wrongs, target.label
+st.caption(
+    session.md_escape(
+        f"Target: {label}"
+        + (f", per prompt of the task (answer {decode(model, int(answers[0]))!r} vs "
+           f"{decode(model, int(wrongs[0]))!r} in the first)" if whole_task else "")
+        + f" at the last position; the model's value: {float(attribution.target(model, run.logits, answers, wrongs).mean()):+.4f}"
+        + (" (mean)." if whole_task else ".")
+    )
+)
+
+tab_comp, tab_heads, tab_acc, tab_lens, tab_neurons = st.tabs(
+    ["By component", "By head", "Accumulated residual", "Logit lens", "Neurons"]
+)
+
+with tab_comp:
+    comp = attribution.by_component(model, run.cache, answers, wrongs)
+    st.plotly_chart(
+        plots.attribution_bar(comp.labels, comp.mean(), label, "Direct effect of each component"),
+        width="stretch", key="attr_components",
+    )
+    st.caption(
+        f"Each bar is the component's output at the last position, divided by the final LayerNorm scale "
+        f"of this run and read through the unembedding. Bars plus the constant {float(comp.bias.mean()):+.4f} "
+        "(final LayerNorm bias and unembedding bias) add up to the model's value above."
+    )
+
+with tab_heads:
+    heads = attribution.by_head(model, run.cache, answers, wrongs)
+    grid = attribution.head_grid(model, heads)
+    event = st.plotly_chart(
+        plots.head_attribution_heatmap(grid, label, "Direct effect of each head"),
+        width="stretch", key="attr_heads", on_select="rerun", selection_mode="points",
+    )
+    clicked = plots.clicked_head(event, n_layers, n_heads)
+    if clicked is not None:
+        session.open_head_on_attention_page(*clicked)
+    top = attribution.top_heads(grid, k=min(6, n_layers * n_heads))
+    st.caption("Click a head to open its attention pattern, or follow a link:")
+    cols = st.columns(len(top))
+    for col, (layer, head, value) in zip(cols, top):
+        col.page_link("pages/attention.py", label=f"L{layer}H{head} {value:+.2f}",
+                      query_params=session.attention_link_params(layer, head))
+    st.caption(
+        "Blue heads push towards the answer, red against it (diverging scale centred at 0). "
+        f"The attention output biases, not a head's, add {float(heads.mean()[-1]):+.4f}."
+    )
+
+with tab_acc:
+    acc = attribution.accumulated(model, run.cache, answers, wrongs)
+    st.plotly_chart(plots.accumulated_line(acc.labels, acc.mean() + acc.bias.mean(), label), width="stretch", key="attr_acc")
+    st.caption(
+        "The residual stream before each layer and after the last, read like the final logits with this "
+        "run's final LayerNorm scale (TransformerLens's `accumulated_resid` + `apply_ln_to_stack`). The last "
+        "point is the model's value."
+    )
+
+with tab_lens:
+    i = 0
+    if whole_task:
+        st.caption("The logit lens reads one prompt: the first of the task's batch.")
+    answer_id = int(answers[i])
+    lens = attribution.logit_lens(model, run.cache, answer=answer_id, k=5, batch_index=i)
+    str_tokens = [decode(model, int(t)) for t in tokens[i]]
+    top_tokens = [[[decode(model, int(t)) for t in pos] for pos in layer] for layer in lens.top_ids.tolist()]
+    st.plotly_chart(plots.logit_lens_heatmap(lens.labels, top_tokens, lens.top_probs, str_tokens),
+                    width="stretch", key="attr_lens")
+    st.plotly_chart(
+        plots.answer_by_layer(lens.labels, lens.answer_prob[:, -1], lens.answer_rank[:, -1], decode(model, answer_id)),
+        width="stretch", key="attr_lens_answer",
+    )
+    st.caption(
+        "Each layer's residual stream decoded as if it were the last: the final LayerNorm recomputed on it, "
+        "then the unembedding. Cells: the most likely next token and its probability; hover for the top 5. "
+        "Below: the answer's probability and rank at the last position, per layer."
+    )
+
+with tab_neurons:
+    if model.cfg.attn_only:
+        st.info("This model is attention-only: it has no MLP neurons. Pick a model with MLPs (e.g. ce-circuits-3l-mlp).")
+    else:
+        layer = st.selectbox("MLP layer", range(n_layers), index=n_layers - 1, key="attr_neuron_layer", persist_state="session")
+        table = attribution.top_neurons(model, run.cache, layer, answers, wrongs, k=20)
+        st.plotly_chart(
+            plots.neuron_bar(table.neurons, table.effects, table.activations,
+                             [", ".join(decode(model, t) for t in ids) for ids in table.top_tokens], layer, label),
+            width="stretch", key="attr_neurons",
+        )
+        st.caption(
+            "Neurons with the largest direct effect (activation × output weight, through the final LayerNorm "
+            "scale and the unembedding); hover for the activation and the tokens each neuron's output promotes most."
+        )
+
+session.sidebar_footer()
