@@ -64,7 +64,18 @@ def _ids(tokens: Tokens, batch: int) -> torch.Tensor:
 
 
 def _has_ln_weight(model: HookedTransformer) -> bool:
-    return hasattr(model.ln_final, "w")
+    return hasattr(getattr(model, "ln_final", None), "w")
+
+
+def _centres(model: HookedTransformer) -> bool:
+    """Whether the final normalisation subtracts the mean (LayerNorm; RMSNorm does not)."""
+    return model.cfg.normalization_type in ("LN", "LNPre")
+
+
+def _final_scale(model: HookedTransformer, cache: ActivationCache, pos: int) -> torch.Tensor | float:
+    """[batch, 1] the final normalisation's scale at `pos` from the cache (1 without one)."""
+    name = "ln_final.hook_scale"
+    return cache[name][:, pos, :] if name in cache.cache_dict else 1.0
 
 
 @torch.no_grad()
@@ -91,7 +102,7 @@ def target_bias(model: HookedTransformer, answers: Tokens, wrongs: Tokens | None
     a = _ids(answers, batch)
     w = None if wrongs is None else _ids(wrongs, a.shape[0])
     out = model.b_U[a] - (model.b_U[w] if w is not None else 0.0)
-    if hasattr(model.ln_final, "b"):
+    if hasattr(getattr(model, "ln_final", None), "b"):
         u = model.W_U[:, a].T - (model.W_U[:, w].T if w is not None else 0.0)
         out = out + u @ model.ln_final.b
     return out
@@ -206,25 +217,25 @@ class LogitLens:
 
 
 @torch.no_grad()
-def layer_logits(model: HookedTransformer, cache: ActivationCache, batch_index: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """([layer, pos, d_vocab] logits of the residual stream before each layer and after the last, labels)."""
-    resid, labels = cache.accumulated_resid(layer=None, return_labels=True)  # [layer, batch, pos, d_model]
-    resid = resid[:, batch_index]
-    return model.unembed(model.ln_final(resid)), labels
-
-
-@torch.no_grad()
 def logit_lens(model: HookedTransformer, cache: ActivationCache, answer: int | None = None, k: int = 5,
                batch_index: int = 0) -> LogitLens:
-    """Top-k tokens per layer x position, and the answer's probability and rank per layer x position."""
-    logits, labels = layer_logits(model, cache, batch_index)
-    probs = logits.float().softmax(-1)
-    top = probs.topk(k, dim=-1)
-    answer_prob = answer_rank = None
-    if answer is not None:
-        answer_prob = probs[..., answer]
-        answer_rank = (logits > logits[..., answer : answer + 1]).sum(-1)
-    return LogitLens(labels, top.indices, top.values, answer_prob, answer_rank)
+    """Top-k tokens per layer x position, and the answer's probability and rank per layer x position.
+
+    One layer at a time, so at most [pos, d_vocab] logits are held (GPT-2 at 1,024 tokens: 200 MB).
+    """
+    resid, labels = cache.accumulated_resid(layer=None, return_labels=True)  # [layer, batch, pos, d_model]
+    top_ids, top_probs, answer_prob, answer_rank = [], [], [], []
+    for layer_resid in resid[:, batch_index]:
+        logits = model.unembed(model.ln_final(layer_resid[None]))[0].float()  # [pos, d_vocab]
+        probs = logits.softmax(-1)
+        top = probs.topk(k, dim=-1)
+        top_ids.append(top.indices)
+        top_probs.append(top.values)
+        if answer is not None:
+            answer_prob.append(probs[:, answer])
+            answer_rank.append((logits > logits[:, answer : answer + 1]).sum(-1))
+    stack = lambda xs: torch.stack(xs) if xs else None  # noqa: E731
+    return LogitLens(labels, stack(top_ids), stack(top_probs), stack(answer_prob), stack(answer_rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +257,10 @@ def neuron_attribution(model: HookedTransformer, cache: ActivationCache, layer: 
     if model.cfg.attn_only:
         raise ValueError("This model has no MLP layers, so it has no neurons.")
     post = cache["post", layer][:, pos, :]  # [batch, d_mlp]
-    scale = cache["ln_final.hook_scale"][:, pos, :]  # [batch, 1]
+    scale = _final_scale(model, cache, pos)  # [batch, 1]
     direction = unembed_direction(model, answers, wrongs, batch=post.shape[0])  # [batch, d_model]
-    direction = direction - direction.mean(-1, keepdim=True)  # centring x == centring the direction
+    if _centres(model):
+        direction = direction - direction.mean(-1, keepdim=True)  # centring x == centring the direction
     w_dir = direction @ model.W_out[layer].T  # [batch, d_mlp]
     return (post * w_dir / scale).T
 
@@ -257,7 +269,8 @@ def neuron_attribution(model: HookedTransformer, cache: ActivationCache, layer: 
 def neuron_top_tokens(model: HookedTransformer, layer: int, neuron: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [k], logit weights [k]) of the tokens neuron's output row promotes most (W_out @ W_U)."""
     row = model.W_out[layer, neuron]
-    row = row - row.mean()  # the final LayerNorm centres what reaches the unembedding
+    if _centres(model):
+        row = row - row.mean()  # the final LayerNorm centres what reaches the unembedding
     if _has_ln_weight(model):
         row = row * model.ln_final.w
     weights = row @ model.W_U

@@ -270,7 +270,7 @@ def attribution_bar(labels: Sequence[str], values: torch.Tensor, target_label: s
     )
     fig.update_layout(
         title=title, xaxis=dict(title="component (residual-stream order)", type="category"),
-        yaxis_title=f"direct effect on {target_label}", height=380, margin=dict(l=10, r=10, t=50, b=10),
+        yaxis_title=f"direct effect on {safe(target_label)}", height=380, margin=dict(l=10, r=10, t=50, b=10),
     )
     return fig
 
@@ -322,7 +322,7 @@ def accumulated_line(labels: Sequence[str], values: torch.Tensor, target_label: 
                    hovertemplate="%{x}<br>" + safe(target_label) + ": %{y:+.4f}<extra></extra>")
     )
     fig.update_layout(
-        xaxis=dict(title="residual stream", type="category"), yaxis_title=target_label,
+        xaxis=dict(title="residual stream", type="category"), yaxis_title=safe(target_label),
         height=340, margin=dict(l=10, r=10, t=20, b=10),
     )
     return fig
@@ -393,7 +393,7 @@ def neuron_bar(neurons: Sequence[int], values: Sequence[float], activations: Seq
         )
     )
     fig.update_layout(
-        xaxis=dict(title=f"neuron of MLP {layer}", type="category"), yaxis_title=f"direct effect on {target_label}",
+        xaxis=dict(title=f"neuron of MLP {layer}", type="category"), yaxis_title=f"direct effect on {safe(target_label)}",
         height=360, margin=dict(l=10, r=10, t=20, b=10),
     )
     return fig

@@ -347,17 +347,23 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     if whole_task:
         c1.text_input("Answer", value="each prompt's answer", disabled=True, key="attr_answer_task")
         c2.text_input("Counterfactual", value="each prompt's wrong token", disabled=True, key="attr_wrong_task")
-        return AttributionTarget(task.answers, task.wrongs, "logit difference answer − wrong")
+        label = "logit difference answer − wrong"
+        if task.metric_kind == "prob_diff":
+            label += " (one year token against one; the task's own metric is a probability difference)"
+        return AttributionTarget(task.answers, task.wrongs, label)
     where = (model_key(model), tuple(prompt.tokens[0].tolist()))
     if state.get("_attr_for") != where:
         first_time = "_attr_for" not in state
         state["_attr_for"] = where
         if task is not None:
             i = int(state.get("example", 0))
-            default = (decode_token(model, task.answers[i]), decode_token(model, task.wrongs[i]))
+            ids = [int(task.answers[i]), int(task.wrongs[i])]
         else:
-            top = run.logits[0, -1].topk(2).indices.tolist()
-            default = (decode_token(model, top[0]), decode_token(model, top[1]))
+            ids = run.logits[0, -1].topk(2).indices.tolist()
+        default = (decode_token(model, ids[0]), decode_token(model, ids[1]))
+        # The default tokens are known by id: their text may not re-tokenize to them (a "##53"
+        # continuation shows as "53"; GPT-2's "," is not " ,").
+        state["_attr_known"] = {default[0]: ids[0], default[1]: ids[1]}
         url = (st.query_params.get("answer"), st.query_params.get("wrong")) if first_time else (None, None)
         state[ANSWER_KEY] = url[0] if url[0] is not None else default[0]
         state[WRONG_KEY] = url[1] if url[1] is not None else default[1]
@@ -366,19 +372,21 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     wrong_text = c2.text_input("Counterfactual (optional)", key=WRONG_KEY, persist_state="session",
                                help="Explain the logit difference answer − counterfactual; leave empty for the answer's logit.")
     set_url(answer=answer_text or None, wrong=wrong_text or None)
+    known = state.get("_attr_known", {})
     try:
-        answer = tasks.answer_token(model, answer_text, "answer")
+        answer = known.get(answer_text) or tasks.answer_token(model, answer_text, "answer")
     except tasks.TaskError as err:
-        return AttributionTarget(error=str(err), suggestion=err.suggestion, suggestion_key=ANSWER_KEY)
+        return AttributionTarget(error=md_escape(str(err)), suggestion=err.suggestion, suggestion_key=ANSWER_KEY)
     if not wrong_text.strip():
         return AttributionTarget(torch.tensor([answer]), None, f"logit({decode_token(model, answer)!r})")
     try:
-        wrong = tasks.answer_token(model, wrong_text, "counterfactual")
+        wrong = known.get(wrong_text) or tasks.answer_token(model, wrong_text, "counterfactual")
     except tasks.TaskError as err:
-        return AttributionTarget(error=str(err), suggestion=err.suggestion, suggestion_key=WRONG_KEY)
+        return AttributionTarget(error=md_escape(str(err)), suggestion=err.suggestion, suggestion_key=WRONG_KEY)
     if wrong == answer:
-        return AttributionTarget(error=f"The counterfactual is the same token as the answer ({decode_token(model, answer)!r}): "
-                                 "their logit difference is always 0. Pick another token, or leave it empty.")
+        return AttributionTarget(error=md_escape(
+            f"The counterfactual is the same token as the answer ({decode_token(model, answer)!r}): "
+            "their logit difference is always 0. Pick another token, or leave it empty."))
     label = f"logit({decode_token(model, answer)!r}) − logit({decode_token(model, wrong)!r})"
     return AttributionTarget(torch.tensor([answer]), torch.tensor([wrong]), label)
 

@@ -37,7 +37,7 @@ target = session.attribution_target(model, prompt, task, run, whole_task)
 if target.error:
     st.warning(target.error)
     if target.suggestion is not None:
-        st.button(f"Use {target.suggestion!r}", on_click=session.use_suggestion, args=(target.suggestion_key, target.suggestion))
+        st.button(session.md_escape(f"Use {target.suggestion!r}"), on_click=session.use_suggestion, args=(target.suggestion_key, target.suggestion))
     session.sidebar_footer()
     st.stop()
 answers, wrongs, label = target.answers, target.wrongs, target.label
@@ -98,9 +98,9 @@ with tab_acc:
     )
 
 with tab_lens:
-    i = 0
+    i = int(st.session_state.get("example", 0)) if whole_task else 0
     if whole_task:
-        st.caption("The logit lens reads one prompt: the first of the task's batch.")
+        st.caption(f"The logit lens reads one prompt: the sidebar's example {i}.")
     answer_id = int(answers[i])
     lens = attribution.logit_lens(model, run.cache, answer=answer_id, k=5, batch_index=i)
     str_tokens = [decode(model, int(t)) for t in tokens[i]]

@@ -164,7 +164,7 @@ def test_neuron_attribution_equals_transformer_lens_and_adds_up(mlp_lm):
     task, _, cache = _ioi(mlp_lm)
     answers, wrongs = task.answers, task.wrongs
     comp = attribution.by_component(mlp_lm, cache, answers, wrongs)
-    direction = attribution.unembed_direction(mlp_lm, answers, wrongs, batch=len(task))
+    direction = (mlp_lm.W_U[:, answers] - mlp_lm.W_U[:, wrongs]).T * mlp_lm.ln_final.w  # [batch, d_model]
     for layer in range(mlp_lm.cfg.n_layers):
         ours = attribution.neuron_attribution(mlp_lm, cache, layer, answers, wrongs)
         assert ours.shape == (mlp_lm.cfg.d_mlp, len(task))
@@ -204,3 +204,43 @@ def test_head_results_equal_transformer_lens_and_leave_the_cache_alone(mlp_lm):
     ref, ref_labels = fresh.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
     assert labels == ref_labels
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_unfolded_components_equal_the_folded_models(mlp_lm, folded_mlp_lm):
+    """Folding LayerNorm weights into W_U (TransformerLens's processing) moves the weight, not the
+    contributions: every component and head is the same on the zoo model and its folded copy."""
+    task, _, cache = _ioi(mlp_lm)
+    _, _, folded_cache = _ioi(folded_mlp_lm)
+    for fn in (attribution.by_component, attribution.accumulated):
+        ours = fn(mlp_lm, cache, task.answers, task.wrongs)
+        ref = fn(folded_mlp_lm, folded_cache, task.answers, task.wrongs)
+        assert ours.labels == ref.labels
+        torch.testing.assert_close(ours.values, ref.values, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.total(), ref.total(), atol=ATOL, rtol=0)
+    # Heads: TL's processing also folds each head's value bias into b_O, which moves part of a
+    # head's output into "attn bias"; heads plus that bias, and every other row, are unchanged.
+    ours = attribution.by_head(mlp_lm, cache, task.answers, task.wrongs)
+    ref = attribution.by_head(folded_mlp_lm, folded_cache, task.answers, task.wrongs)
+    n = mlp_lm.cfg.n_layers * mlp_lm.cfg.n_heads
+    attn = lambda a: a.values[:n].sum(0) + a.values[-1]  # noqa: E731
+    torch.testing.assert_close(attn(ours), attn(ref), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.values[n:-1], ref.values[n:-1], atol=ATOL, rtol=0)
+
+
+def test_rmsnorm_and_unnormalised_models_add_up():
+    """Neurons and components of models whose final normalisation does not centre (RMS) or is absent."""
+    for norm in ("RMS", None):
+        torch.manual_seed(3)
+        cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50,
+                                      act_fn="gelu", normalization_type=norm, seed=3)
+        model = HookedTransformer(cfg)
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        logits, cache, answers, wrongs = _random_run(model)
+        comp = attribution.by_component(model, cache, answers, wrongs)
+        torch.testing.assert_close(comp.total(), attribution.target(model, logits, answers, wrongs), atol=ATOL, rtol=0)
+        for layer in range(2):
+            neurons = attribution.neuron_attribution(model, cache, layer, answers, wrongs).sum(0)
+            stack = cache.apply_ln_to_stack(model.b_out[layer].expand(1, 3, -1), pos_slice=-1)
+            b_out = (stack[0] * attribution.unembed_direction(model, answers, wrongs, batch=3)).sum(-1)
+            torch.testing.assert_close(neurons + b_out, comp.values[comp.labels.index(f"{layer}_mlp_out")], atol=ATOL, rtol=0)

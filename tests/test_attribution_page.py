@@ -189,13 +189,13 @@ def test_bad_answers_are_clear_messages(box, text, message):
         at.text_input(key="attr_answer").set_value("mary").run()
     at.text_input(key=box).set_value(text).run()
     assert not at.exception
-    assert any(message in w.value for w in at.warning), [w.value for w in at.warning]
+    assert any(message in _plain(w.value) for w in at.warning), [w.value for w in at.warning]
 
 
 def test_a_split_answer_offers_its_first_token():
     at = _app(page="attribution", model="ce-circuits-3l-attn", prompt="The war lasted from the year 1732 to the year")
     at.text_input(key="attr_answer").set_value("1758").run()
-    assert any("Try its first token, '17'" in w.value for w in at.warning)
+    assert any("Try its first token, '17'" in _plain(w.value) for w in at.warning)
     at.button[0].click().run()
     assert at.text_input(key="attr_answer").value == "17"
     assert not at.warning and not at.exception
@@ -224,3 +224,24 @@ def test_on_ioi_the_heads_that_write_the_answer_are_the_name_movers():
     assert name(int(np.argmax(flat))) in movers  # the head writing ' Mary' most is a name mover
     top5 = {name(int(i)) for i in np.argsort(-flat)[:5]}
     assert movers <= top5  # and every name mover is among the five strongest writers
+
+
+def test_subword_and_year_answers_open_without_a_message():
+    """Default answers are kept by id: a year continuation ("##53", shown "53") would not
+    re-tokenize from its text."""
+    model = models.load_model("ce-circuits-3l-mlp")
+    at = _app(page="attribution", model="ce-circuits-3l-mlp", source="greater_than", example="2")
+    assert not at.exception and not at.warning
+    task = tasks.make_task("greater_than", model, n=32, seed=0, split="held_out")
+    assert at.text_input(key="attr_answer").value == model.tokenizer.decode([int(task.answers[2])])
+    _, cache = model.run_with_cache(task.clean_tokens[2:3])
+    comps, _, diff = _manual_direct_effects(model, task.clean_tokens[2:3], task.answers[2:3], task.wrongs[2:3])
+    np.testing.assert_allclose(_bar(at, "Direct effect of each component")["y"], comps[:, 0].numpy(), atol=1e-4)
+    at.segmented_control(key="attr_scope").set_value("Mean over the task's 32 prompts").run()
+    assert not at.exception
+    assert "probability difference" in _plain(at.caption[0].value)  # said: not the task's own metric
+    prompt = "The war lasted from the year 1732 to the year 17"
+    at = _app(page="attribution", model="ce-circuits-3l-mlp", prompt=prompt)
+    assert not at.exception and not at.warning
+    top = model(model.to_tokens(prompt))[0, -1].argmax()
+    assert model.tokenizer.convert_ids_to_tokens(int(top)).startswith("##")
