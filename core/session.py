@@ -234,8 +234,7 @@ def sidebar() -> View:
 
 def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
     """The example's clean and corrupted prompts and answers, as plain text."""
-    answer = model.tokenizer.decode([int(task.answers[i])])
-    wrong = model.tokenizer.decode([int(task.wrongs[i])])
+    answer, wrong = decode_token(model, task.answers[i]), decode_token(model, task.wrongs[i])
     st.text(f"Clean: {task.clean_prompts[i]}\nCorrupted: {task.corrupted_prompts[i]}")
     note = f"Answer {answer!r} vs {wrong!r}; metric: {task.metric_label}."
     if task.metric_kind == "prob_diff":
@@ -347,6 +346,7 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     if whole_task:
         c1.text_input("Answer", value="each prompt's answer", disabled=True, key="attr_answer_task")
         c2.text_input("Counterfactual", value="each prompt's wrong token", disabled=True, key="attr_wrong_task")
+        set_url(answer=None, wrong=None)  # the boxes do not apply to the batch
         label = "logit difference answer − wrong"
         if task.metric_kind == "prob_diff":
             label += " (one year token against one; the task's own metric is a probability difference)"
@@ -374,13 +374,13 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     set_url(answer=answer_text or None, wrong=wrong_text or None)
     known = state.get("_attr_known", {})
     try:
-        answer = known.get(answer_text) or tasks.answer_token(model, answer_text, "answer")
+        answer = known[answer_text] if answer_text in known else tasks.answer_token(model, answer_text, "answer")
     except tasks.TaskError as err:
         return AttributionTarget(error=md_escape(str(err)), suggestion=err.suggestion, suggestion_key=ANSWER_KEY)
     if not wrong_text.strip():
         return AttributionTarget(torch.tensor([answer]), None, f"logit({decode_token(model, answer)!r})")
     try:
-        wrong = known.get(wrong_text) or tasks.answer_token(model, wrong_text, "counterfactual")
+        wrong = known[wrong_text] if wrong_text in known else tasks.answer_token(model, wrong_text, "counterfactual")
     except tasks.TaskError as err:
         return AttributionTarget(error=md_escape(str(err)), suggestion=err.suggestion, suggestion_key=WRONG_KEY)
     if wrong == answer:

@@ -5,7 +5,7 @@ import streamlit as st
 st.set_page_config(layout="wide")
 st.title("Logit attribution")
 with st.spinner("Starting: loading TransformerLens…"):
-    from core import attribution, plots, session, tasks
+    from core import attribution, plots, session
 
 view = session.sidebar()
 if not session.show_problems(view):

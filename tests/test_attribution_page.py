@@ -113,6 +113,7 @@ def test_task_batch_mean_equals_the_mean_of_independent_effects(attn_lm):
     at = _app(page="attribution", model="ce-circuits-3l-attn", source="ioi", example="0")
     at.segmented_control(key="attr_scope").set_value("Mean over the task's 32 prompts").run()
     assert not at.exception and not at.warning
+    assert "answer" not in at.query_params and "wrong" not in at.query_params
     task = tasks.make_task("ioi", attn_lm, n=32, seed=0, split="held_out")
     comps, heads, _ = _manual_direct_effects(attn_lm, task.clean_tokens, task.answers, task.wrongs)
     np.testing.assert_allclose(_bar(at, "Direct effect of each component")["y"], comps.mean(-1).numpy(), atol=1e-4)
