@@ -1,0 +1,473 @@
+"""Activation patching, ablation and attribution patching, batched.
+
+Patching asks: if this one activation took its value from the other run, what would the task
+metric be? TransformerLens's `patching` module answers with one forward pass per component.
+Here every intervention of a sweep is a copy of the base run, and the copies are stacked along
+the batch dimension (row = copy * n_prompts + prompt). Three savings, none of which changes a
+number:
+
+1. **Batching.** One forward pass serves many copies.
+2. **Start where the patch is.** A copy patched at layer L equals the base run below L, so it
+   joins the batch at layer L from the base run's cached `resid_pre` (TransformerLens's
+   `start_at_layer`); copies patched at different layers share the passes through later layers.
+3. **Compute only what can change, and only what is read.** Attention is causal, so a patch at
+   position p leaves every position before p as it was: a by-position sweep recomputes
+   positions p.. only, reading the earlier keys and values from the base run's cache (as
+   TransformerLens's key-value cache does when it generates). The final LayerNorm and the
+   unembedding run only at the position the metric reads (the last one, for every task).
+
+The base run is the one that is patched (the corrupted run when denoising, the clean run when
+noising) and the source is where patched values come from (the other run's cache, or for an
+ablation zeros, a batch mean or another prompt's values). Every block is TransformerLens's own
+module, run with its own hooks, so any architecture TransformerLens runs is patched the same way.
+
+Shapes follow `transformer_lens.patching`: layer sweeps give [layer, pos] (or [layer] over all
+positions), head sweeps [layer, head] over all positions and [layer, pos, head] by position
+(the pattern too, where TransformerLens's own `pattern_by_pos` gives [layer, head, dest_pos]).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Mapping
+
+import torch
+from transformer_lens import ActivationCache, HookedTransformer, utils
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from core.store import locked
+
+LAYER_ACTS = ("resid_pre", "attn_out", "mlp_out")
+HEAD_ACTS = ("z", "q", "k", "v", "pattern")
+ACTS = LAYER_ACTS + HEAD_ACTS + ("post",)
+Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] -> 0-d (or [k]) tensor
+Source = Callable[[str], torch.Tensor]  # hook name -> activation [batch, ...] (full positions)
+Progress = Callable[[float], None]  # share of the sweep done, 0..1
+
+DEFAULT_MAX_TOKENS = 16384  # rows x positions per forward pass (bounds memory)
+
+
+class PatchingError(ValueError):
+    """A sweep cannot run as asked; the message is meant for the person who asked."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One intervention: an activation at a layer, optionally one position, head or neuron.
+
+    `pos=None` patches every position; `head` is for z/q/k/v/pattern (required there),
+    `neuron` for `post` (the MLP's hidden activations).
+    """
+
+    act: str
+    layer: int
+    pos: int | None = None
+    head: int | None = None
+    neuron: int | None = None
+
+    @property
+    def hook_name(self) -> str:
+        return utils.get_act_name(self.act, self.layer)
+
+    @property
+    def start(self) -> int:
+        """First position the patch can change (attention is causal)."""
+        return 0 if self.pos is None else self.pos
+
+
+def hook_name(act: str, layer: int) -> str:
+    return utils.get_act_name(act, layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+
+def _set(act: torch.Tensor, rows: slice, c: Component, src: torch.Tensor, start: int) -> None:
+    """Write the source value of component `c` into `act[rows]` (positions are relative to `start`)."""
+    if c.act == "pattern":  # [batch, head, query_pos, key_pos]; the query axis starts at `start`
+        q = slice(None) if c.pos is None else c.pos - start
+        q_src = slice(start, None) if c.pos is None else c.pos
+        act[rows, c.head, q] = src[:, c.head, q_src]
+        return
+    p = slice(None) if c.pos is None else c.pos - start
+    p_src = slice(start, None) if c.pos is None else c.pos
+    if c.act in ("z", "q", "k", "v"):  # [batch, pos, head, d_head]
+        act[rows, p, c.head] = src[:, p_src, c.head]
+    elif c.act == "post":  # [batch, pos, d_mlp]
+        idx = slice(None) if c.neuron is None else c.neuron
+        act[rows, p, idx] = src[:, p_src, idx]
+    else:  # [batch, pos, d_model]
+        act[rows, p] = src[:, p_src]
+
+
+def _check(model: HookedTransformer, components: list[Component], n_pos: int) -> None:
+    cfg = model.cfg
+    if cfg.positional_embedding_type == "shortformer":
+        raise PatchingError("Batched patching does not support shortformer position embeddings.")
+    for c in components:
+        if c.act not in ACTS:
+            raise PatchingError(f"Unknown activation {c.act!r}; one of {', '.join(ACTS)}.")
+        if not 0 <= c.layer < cfg.n_layers:
+            raise PatchingError(f"Layer {c.layer} is outside the model's {cfg.n_layers} layers.")
+        if c.pos is not None and not 0 <= c.pos < n_pos:
+            raise PatchingError(f"Position {c.pos} is outside the prompt's {n_pos} tokens.")
+        if c.act in HEAD_ACTS and c.head is None:
+            raise PatchingError(f"Patching {c.act} needs a head.")
+        if c.act == "post" and cfg.attn_only:
+            raise PatchingError("This model has no MLP neurons.")
+        if c.act == "mlp_out" and cfg.attn_only:
+            raise PatchingError("This model has no MLP layers.")
+
+
+def patch_components(
+    model: HookedTransformer,
+    base_tokens: torch.Tensor,
+    base_cache: ActivationCache | Mapping[str, torch.Tensor],
+    source: Source,
+    components: list[Component],
+    metric: Metric,
+    read: Literal["last", "all"] = "last",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """[len(components)] (or [len(components), k]): the metric of the base run with each component set from `source`.
+
+    base_tokens: [batch, pos]; base_cache: the base run's activations (resid_pre, k and v of
+    every layer at least); source(hook_name) -> [batch, ...] values of that activation.
+    `metric` takes the logits of one patched copy, [batch, read positions, d_vocab], like the
+    metric of `transformer_lens.patching` (which sees every position): with `read="last"` only
+    the last position is computed, which is all a task metric reads. It returns a 0-d tensor, or
+    [k] for k numbers from one pass.
+    """
+    n_prompts, n_pos = base_tokens.shape
+    _check(model, components, n_pos)
+    if read == "all" and any(c.start for c in components):
+        raise PatchingError("A metric that reads every position needs patches over every position.")
+    out: list[torch.Tensor | None] = [None] * len(components)
+    # Copies that change the same positions share passes: one group per first changed position.
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(components):
+        groups.setdefault(c.start, []).append(i)
+    # Chunks: no more than `max_tokens` rows x positions in one pass.
+    chunks = []
+    for start, idx in sorted(groups.items()):
+        idx.sort(key=lambda i: components[i].layer)
+        per = max(1, max_tokens // (n_prompts * (n_pos - start)))
+        chunks += [(start, idx[j : j + per]) for j in range(0, len(idx), per)]
+    work = [len(idx) * (n_pos - start) for start, idx in chunks]
+    done = 0.0
+    with locked(model), torch.inference_mode():
+        for (start, idx), w in zip(chunks, work):
+            logits = _run_chunk(model, base_cache, source, [components[i] for i in idx], start, n_prompts, read)
+            for j, i in enumerate(idx):
+                out[i] = metric(logits[j * n_prompts : (j + 1) * n_prompts]).detach().float().cpu()
+            done += w
+            if progress is not None:
+                progress(done / sum(work))
+    return torch.stack(out) if out else torch.empty(0)
+
+
+def _run_chunk(model, base_cache, source, comps: list[Component], start: int, n_prompts: int, read: str):
+    """Logits [len(comps) * n_prompts, read positions, d_vocab] of the patched copies."""
+    by_layer: dict[int, list[int]] = {}
+    for j, c in enumerate(comps):
+        by_layer.setdefault(c.layer, []).append(j)
+    resid = None
+    row_of = {}  # copy index -> first row
+    for layer in range(comps[0].layer, model.cfg.n_layers):
+        joiners = by_layer.get(layer, [])
+        if joiners:
+            x = base_cache[hook_name("resid_pre", layer)][:, start:]
+            first = 0 if resid is None else resid.shape[0]
+            for n, j in enumerate(joiners):
+                row_of[j] = first + n * n_prompts
+            x = x.repeat(len(joiners), 1, 1)
+            resid = x if resid is None else torch.cat([resid, x])
+        copies = resid.shape[0] // n_prompts
+        entry = None
+        if start > 0:
+            k = base_cache[hook_name("k", layer)][:, :start]
+            v = base_cache[hook_name("v", layer)][:, :start]
+            entry = TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1), frozen=True)
+        hooks = []
+        for name in {comps[j].hook_name for j in joiners}:
+            mine = [j for j in joiners if comps[j].hook_name == name]
+            src = source(name)
+
+            def hook(act, hook, mine=mine, src=src):
+                for j in mine:
+                    r = row_of[j]
+                    _set(act, slice(r, r + n_prompts), comps[j], src, start)
+                return act
+
+            hooks.append((name, hook))
+        if hooks:
+            with model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
+                resid = model.blocks[layer](resid, past_kv_cache_entry=entry)
+        else:
+            resid = model.blocks[layer](resid, past_kv_cache_entry=entry)
+    # Copies were appended in layer order; put them back in `comps` order.
+    order = torch.cat([torch.arange(row_of[j], row_of[j] + n_prompts) for j in range(len(comps))])
+    resid = resid[order]
+    final = resid[:, -1:] if read == "last" else resid
+    if model.cfg.normalization_type is not None:
+        final = model.ln_final(final)
+    logits = model.unembed(final)
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A named family of components: one activation, over every position or by position."""
+
+    key: str
+    act: str
+    by_pos: bool
+    label: str
+
+    def components(self, model: HookedTransformer, n_pos: int) -> list[Component]:
+        cfg = model.cfg
+        heads = cfg.n_heads
+        if self.act in ("k", "v") and getattr(cfg, "n_key_value_heads", None):
+            heads = cfg.n_key_value_heads
+        positions = range(n_pos) if self.by_pos else [None]
+        if self.act in HEAD_ACTS:
+            return [Component(self.act, l, p, h) for l in range(cfg.n_layers) for p in positions for h in range(heads)]
+        if self.act == "post":
+            return [Component("post", l, p, None, n) for l in range(cfg.n_layers) for p in positions for n in range(cfg.d_mlp)]
+        return [Component(self.act, l, p) for l in range(cfg.n_layers) for p in positions]
+
+    def shape(self, model: HookedTransformer, n_pos: int) -> tuple[int, ...]:
+        cfg = model.cfg
+        heads = cfg.n_heads
+        if self.act in ("k", "v") and getattr(cfg, "n_key_value_heads", None):
+            heads = cfg.n_key_value_heads
+        dims = [cfg.n_layers] + ([n_pos] if self.by_pos else [])
+        if self.act in HEAD_ACTS:
+            dims.append(heads)
+        return tuple(dims)
+
+
+SWEEPS = {
+    s.key: s
+    for s in [
+        Sweep("resid_pre", "resid_pre", True, "Residual stream (resid_pre), layer × position"),
+        Sweep("attn_out", "attn_out", True, "Attention layer output, layer × position"),
+        Sweep("mlp_out", "mlp_out", True, "MLP layer output, layer × position"),
+        Sweep("z", "z", False, "Head outputs (z), all positions"),
+        Sweep("z_by_pos", "z", True, "Head outputs (z), by position"),
+        Sweep("q", "q", False, "Head queries (q), all positions"),
+        Sweep("k", "k", False, "Head keys (k), all positions"),
+        Sweep("v", "v", False, "Head values (v), all positions"),
+        Sweep("pattern", "pattern", False, "Head attention patterns, all positions"),
+        Sweep("q_by_pos", "q", True, "Head queries (q), by position"),
+        Sweep("k_by_pos", "k", True, "Head keys (k), by position"),
+        Sweep("v_by_pos", "v", True, "Head values (v), by position"),
+        Sweep("pattern_by_pos", "pattern", True, "Head attention patterns, by query (destination) position"),
+    ]
+}
+EVERY_HEAD_ACT = ("z", "q", "k", "v", "pattern")  # the order of TL's *_every functions
+
+
+def cache_source(cache: ActivationCache | Mapping[str, torch.Tensor]) -> Source:
+    return lambda name: cache[name]
+
+
+def run_sweep(
+    model: HookedTransformer,
+    sweep: str | Sweep,
+    base_tokens: torch.Tensor,
+    base_cache: ActivationCache,
+    source_cache: ActivationCache,
+    metric: Metric,
+    progress: Progress | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> torch.Tensor:
+    """One sweep, in the shape of the matching `transformer_lens.patching` function.
+
+    Denoising: base = corrupted run, source = clean cache. Noising: base = clean, source = corrupted.
+    """
+    s = SWEEPS[sweep] if isinstance(sweep, str) else sweep
+    if s.act in ("mlp_out", "post") and model.cfg.attn_only:
+        raise PatchingError("This model has no MLP layers (it is attention-only).")
+    n_pos = base_tokens.shape[1]
+    comps = s.components(model, n_pos)
+    values = patch_components(model, base_tokens, base_cache, cache_source(source_cache), comps, metric,
+                              progress=progress, max_tokens=max_tokens)
+    return values.reshape(s.shape(model, n_pos))
+
+
+def every_head_act(model, base_tokens, base_cache, source_cache, metric, by_pos: bool,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """[5, layer, head] (or [5, layer, pos, head]): z, q, k, v, pattern, as TL's `*_every`."""
+    comps: list[Component] = []
+    shapes = []
+    n_pos = base_tokens.shape[1]
+    for act in EVERY_HEAD_ACT:
+        s = Sweep(act, act, by_pos, act)
+        comps += s.components(model, n_pos)
+        shapes.append(s.shape(model, n_pos))
+    values = patch_components(model, base_tokens, base_cache, cache_source(source_cache), comps, metric,
+                              progress=progress)
+    out, i = [], 0
+    width = shapes[0][-1]
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        part = values[i : i + n].reshape(shape)
+        i += n
+        if shape[-1] < width:  # grouped-query keys/values: pad as TL does
+            part = torch.nn.functional.pad(part, (0, width - shape[-1]))
+        out.append(part)
+    return torch.stack(out)
+
+
+def block_every(model, base_tokens, base_cache, source_cache, metric, progress: Progress | None = None) -> torch.Tensor:
+    """[3, layer, pos]: resid_pre, attn_out, mlp_out by layer and position (TL's `get_act_patch_block_every`)."""
+    n_pos = base_tokens.shape[1]
+    comps = [c for act in LAYER_ACTS for c in Sweep(act, act, True, act).components(model, n_pos)]
+    values = patch_components(model, base_tokens, base_cache, cache_source(source_cache), comps, metric,
+                              progress=progress)
+    return values.reshape(3, model.cfg.n_layers, n_pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation
+# ---------------------------------------------------------------------------------------------
+
+AblationKind = Literal["zero", "mean", "resample"]
+
+
+def derangement(n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded permutation of range(n) that moves every index (n >= 2)."""
+    if n < 2:
+        raise PatchingError("Resample ablation needs at least two prompts, to take each one's values from another.")
+    rng = random.Random(seed)
+    while True:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        if all(i != p for i, p in enumerate(perm)):
+            return torch.tensor(perm)
+
+
+def ablation_source(cache: ActivationCache | Mapping[str, torch.Tensor], kind: AblationKind, n_prompts: int,
+                    seed: int = 0) -> Source:
+    """Values that replace an activation: zeros, its mean over the batch (per position), or another prompt's."""
+    if kind == "zero":
+        return lambda name: torch.zeros_like(cache[name])
+    if kind == "mean":
+        return lambda name: cache[name].mean(0, keepdim=True).expand_as(cache[name])
+    if kind == "resample":
+        perm = derangement(n_prompts, seed)
+        return lambda name: cache[name][perm]
+    raise PatchingError(f"Unknown ablation {kind!r}: zero, mean or resample.")
+
+
+def loss_metric(tokens: torch.Tensor) -> Metric:
+    """Mean next-token cross-entropy over `tokens` [batch, pos] (logits of every position)."""
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return utils.lm_cross_entropy_loss(logits, tokens)
+    return metric
+
+
+@dataclass
+class AblationResult:
+    """Each ablated component's task metric and loss, beside the unablated run's."""
+
+    components: list[Component]
+    metric: torch.Tensor  # [n]
+    loss: torch.Tensor  # [n]
+    clean_metric: float
+    clean_loss: float
+
+
+def ablate(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    cache: ActivationCache,
+    components: list[Component],
+    metric: Metric,
+    kind: AblationKind = "zero",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> AblationResult:
+    """Ablate each component (at every position) on `tokens`: the task metric and the loss."""
+    if any(c.pos is not None for c in components):
+        raise PatchingError("Ablation is over every position.")
+    src = ablation_source(cache, kind, tokens.shape[0], seed)
+    lm = loss_metric(tokens)
+
+    def both(logits):  # one pass gives both numbers
+        return torch.stack([metric(logits).float(), lm(logits).float()])
+
+    values = patch_components(model, tokens, cache, src, components, both, read="all", progress=progress)
+    with locked(model), torch.inference_mode():
+        logits = model(tokens)
+    return AblationResult(components, values[:, 0], values[:, 1], float(metric(logits)), float(lm(logits)))
+
+
+def head_components(model: HookedTransformer, act: str = "z") -> list[Component]:
+    return [Component(act, l, None, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+
+
+def mlp_components(model: HookedTransformer) -> list[Component]:
+    return [Component("mlp_out", l) for l in range(model.cfg.n_layers)]
+
+
+def neuron_components(model: HookedTransformer, layer: int) -> list[Component]:
+    return [Component("post", layer, None, None, n) for n in range(model.cfg.d_mlp)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribution patching
+# ---------------------------------------------------------------------------------------------
+
+
+def attribution_patch(
+    model: HookedTransformer,
+    sweep: str | Sweep,
+    base_tokens: torch.Tensor,
+    source_cache: ActivationCache,
+    metric: Metric,
+) -> torch.Tensor:
+    """The linear estimate of `run_sweep`'s metric change: (source - base) · d metric / d activation.
+
+    One forward and one backward pass on the base run for every component at once. Returns the
+    estimated metric of each patched run (base metric + estimated change), in the sweep's shape.
+    """
+    s = SWEEPS[sweep] if isinstance(sweep, str) else sweep
+    if s.act in ("mlp_out", "post") and model.cfg.attn_only:
+        raise PatchingError("This model has no MLP layers (it is attention-only).")
+    names = [hook_name(s.act, l) for l in range(model.cfg.n_layers)]
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(act, hook):
+        acts[hook.name] = act
+        return act
+
+    with locked(model), torch.enable_grad():
+        with model.hooks(fwd_hooks=[(n, keep) for n in names], reset_hooks_end=True):
+            logits = model(base_tokens)
+        value = metric(logits)
+        grads = torch.autograd.grad(value, [acts[n] for n in names])
+    per_layer = []
+    for n, g in zip(names, grads):
+        diff = (source_cache[n] - acts[n].detach()) * g
+        if s.act == "pattern":  # [batch, head, dest, src] -> [pos(dest), head] or [head]
+            d = diff.sum(dim=(0, 3)).T if s.by_pos else diff.sum(dim=(0, 2, 3))
+        elif s.act in ("z", "q", "k", "v"):  # [batch, pos, head, d_head]
+            d = diff.sum(dim=(0, 3)) if s.by_pos else diff.sum(dim=(0, 1, 3))
+        else:  # [batch, pos, d_model]
+            d = diff.sum(dim=(0, 2)) if s.by_pos else diff.sum(dim=(0, 1, 2))
+        per_layer.append(d)
+    # The metric is a batch mean in the tasks; the gradient already carries the 1/batch.
+    return float(value.detach()) + torch.stack(per_layer).detach()
