@@ -10,11 +10,15 @@ number:
 2. **Start where the patch is.** A copy patched at layer L equals the base run below L, so it
    joins the batch at layer L from the base run's cached `resid_pre` (TransformerLens's
    `start_at_layer`); copies patched at different layers share the passes through later layers.
-3. **Compute only what can change, and only what is read.** Attention is causal, so a patch at
-   position p leaves every position before p as it was: a by-position sweep recomputes
-   positions p.. only, reading the earlier keys and values from the base run's cache (as
-   TransformerLens's key-value cache does when it generates). The final LayerNorm and the
-   unembedding run only at the position the metric reads (the last one, for every task).
+3. **Compute only what can change, and only what is read.** Attention is causal, so a patch
+   whose first new value is at position p leaves every position before p as it was: the copy
+   recomputes positions p.. only, reading the earlier keys and values from the base run's cache
+   (as TransformerLens's key-value cache does when it generates). That holds for a by-position
+   patch at p, and for an all-positions patch when the two runs first differ at p (clean and
+   corrupted prompts usually share their start; the values are compared exactly, and a patch
+   that writes the values already there is not run: its metric is the base run's). The final
+   LayerNorm and the unembedding run only at the position the metric reads (the last one, for
+   every task).
 
 The base run is the one that is patched (the corrupted run when denoising, the clean run when
 noising) and the source is where patched values come from (the other run's cache, or for an
@@ -69,11 +73,6 @@ class Component:
     @property
     def hook_name(self) -> str:
         return utils.get_act_name(self.act, self.layer)
-
-    @property
-    def start(self) -> int:
-        """First position the patch can change (attention is causal)."""
-        return 0 if self.pos is None else self.pos
 
 
 def hook_name(act: str, layer: int) -> str:
@@ -144,13 +143,26 @@ def patch_components(
     """
     n_prompts, n_pos = base_tokens.shape
     _check(model, components, n_pos)
-    if read == "all" and any(c.start for c in components):
+    if read == "all" and any(c.pos is not None for c in components):
         raise PatchingError("A metric that reads every position needs patches over every position.")
+    src_cache: dict[str, torch.Tensor] = {}
+
+    def src(name: str) -> torch.Tensor:
+        if name not in src_cache:
+            src_cache[name] = source(name)
+        return src_cache[name]
+
     out: list[torch.Tensor | None] = [None] * len(components)
     # Copies that change the same positions share passes: one group per first changed position.
+    # A patch that writes the values already there changes nothing: its metric is the base run's.
     groups: dict[int, list[int]] = {}
+    unchanged = []
     for i, c in enumerate(components):
-        groups.setdefault(c.start, []).append(i)
+        first = 0 if read == "all" else _first_change(c, base_cache, src)
+        if first is None:
+            unchanged.append(i)
+        else:
+            groups.setdefault(first, []).append(i)
     # Chunks: no more than `max_tokens` rows x positions in one pass.
     chunks = []
     for start, idx in sorted(groups.items()):
@@ -160,14 +172,54 @@ def patch_components(
     work = [len(idx) * (n_pos - start) for start, idx in chunks]
     done = 0.0
     with locked(model), torch.inference_mode():
+        if unchanged:
+            value = metric(_base_logits(model, base_cache, read)).detach().float().cpu()
+            for i in unchanged:
+                out[i] = value
         for (start, idx), w in zip(chunks, work):
-            logits = _run_chunk(model, base_cache, source, [components[i] for i in idx], start, n_prompts, read)
+            logits = _run_chunk(model, base_cache, src, [components[i] for i in idx], start, n_prompts, read)
             for j, i in enumerate(idx):
                 out[i] = metric(logits[j * n_prompts : (j + 1) * n_prompts]).detach().float().cpu()
             done += w
             if progress is not None:
                 progress(done / sum(work))
+    if progress is not None and not chunks:
+        progress(1.0)
     return torch.stack(out) if out else torch.empty(0)
+
+
+def _component_slice(c: Component, act: torch.Tensor) -> torch.Tensor:
+    """The part of an activation a component patches, with positions on axis 1: [batch, pos, ...]."""
+    if c.act == "pattern":  # [batch, head, query_pos, key_pos]
+        return act[:, c.head]
+    if c.act in ("z", "q", "k", "v"):
+        return act[:, :, c.head]
+    if c.act == "post" and c.neuron is not None:
+        return act[:, :, c.neuron]
+    return act
+
+
+def _first_change(c: Component, base_cache, src) -> int | None:
+    """First position where the patch writes a value different from the base run's, or None."""
+    base = _component_slice(c, base_cache[c.hook_name])
+    new = _component_slice(c, src(c.hook_name))
+    if c.pos is not None:
+        return None if torch.equal(base[:, c.pos], new[:, c.pos]) else c.pos
+    differs = (base != new).reshape(base.shape[0], base.shape[1], -1).any(-1).any(0)
+    hits = differs.nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+def _base_logits(model, base_cache, read: str) -> torch.Tensor:
+    """The unpatched run's logits at the read positions, from its cached final residual stream."""
+    resid = base_cache[hook_name("resid_post", model.cfg.n_layers - 1)]
+    return _unembed(model, resid[:, -1:] if read == "last" else resid)
+
+
+def _unembed(model, resid: torch.Tensor) -> torch.Tensor:
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 
 def _run_chunk(model, base_cache, source, comps: list[Component], start: int, n_prompts: int, read: str):
@@ -212,11 +264,7 @@ def _run_chunk(model, base_cache, source, comps: list[Component], start: int, n_
     # Copies were appended in layer order; put them back in `comps` order.
     order = torch.cat([torch.arange(row_of[j], row_of[j] + n_prompts) for j in range(len(comps))])
     resid = resid[order]
-    final = resid[:, -1:] if read == "last" else resid
-    if model.cfg.normalization_type is not None:
-        final = model.ln_final(final)
-    logits = model.unembed(final)
-    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+    return _unembed(model, resid[:, -1:] if read == "last" else resid)
 
 
 # ---------------------------------------------------------------------------------------------
