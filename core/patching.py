@@ -4,7 +4,7 @@ Patching asks: if this one activation took its value from the other run, what wo
 metric be? TransformerLens's `patching` module answers with one forward pass per component.
 Here every intervention of a sweep is a copy of the base run, and the copies are stacked along
 the batch dimension (row = copy * n_prompts + prompt). Three savings, none of which changes a
-number:
+number beyond float rounding (the tests hold every sweep to TransformerLens's within 1e-4):
 
 1. **Batching.** One forward pass serves many copies.
 2. **Start where the patch is.** A copy patched at layer L equals the base run below L, so it
@@ -50,6 +50,7 @@ Source = Callable[[str], torch.Tensor]  # hook name -> activation [batch, ...] (
 Progress = Callable[[float], None]  # share of the sweep done, 0..1
 
 DEFAULT_MAX_TOKENS = 16384  # rows x positions per forward pass (bounds memory)
+MAX_LOGITS = 2**24  # logits computed at once (64 MiB in float32)
 
 
 class PatchingError(ValueError):
@@ -104,8 +105,9 @@ def _set(act: torch.Tensor, rows: slice, c: Component, src: torch.Tensor, start:
 
 def _check(model: HookedTransformer, components: list[Component], n_pos: int) -> None:
     cfg = model.cfg
-    if cfg.positional_embedding_type == "shortformer":
-        raise PatchingError("Batched patching does not support shortformer position embeddings.")
+    if cfg.positional_embedding_type in ("alibi", "relative_positional_bias"):
+        raise PatchingError(f"Batched patching does not support {cfg.positional_embedding_type} positions.")
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     for c in components:
         if c.act not in ACTS:
             raise PatchingError(f"Unknown activation {c.act!r}; one of {', '.join(ACTS)}.")
@@ -113,12 +115,41 @@ def _check(model: HookedTransformer, components: list[Component], n_pos: int) ->
             raise PatchingError(f"Layer {c.layer} is outside the model's {cfg.n_layers} layers.")
         if c.pos is not None and not 0 <= c.pos < n_pos:
             raise PatchingError(f"Position {c.pos} is outside the prompt's {n_pos} tokens.")
-        if c.act in HEAD_ACTS and c.head is None:
-            raise PatchingError(f"Patching {c.act} needs a head.")
-        if c.act == "post" and cfg.attn_only:
-            raise PatchingError("This model has no MLP neurons.")
-        if c.act == "mlp_out" and cfg.attn_only:
-            raise PatchingError("This model has no MLP layers.")
+        if c.act in HEAD_ACTS:
+            heads = kv_heads if c.act in ("k", "v") else cfg.n_heads
+            if c.head is None:
+                raise PatchingError(f"Patching {c.act} needs a head.")
+            if not 0 <= c.head < heads:
+                raise PatchingError(f"Head {c.head} is outside the layer's {heads} {c.act} heads.")
+        if c.act in ("post", "mlp_out") and cfg.attn_only:
+            raise PatchingError("This model has no MLP layers (it is attention-only).")
+        if c.act == "post":
+            if c.hook_name not in model.hook_dict:
+                raise PatchingError("This model's MLPs have no single neurons to patch (no hook_post).")
+            if c.neuron is not None and not 0 <= c.neuron < cfg.d_mlp:
+                raise PatchingError(f"Neuron {c.neuron} is outside the layer's {cfg.d_mlp} neurons.")
+
+
+OLMO = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoForCausalLM")
+
+
+def reuses_prefix(model: HookedTransformer) -> bool:
+    """Whether a copy may start at its first changed position, reading earlier keys and values
+    from the base run's `hook_k`/`hook_v`.
+
+    Not when attention is not causal, when keys or values are changed after their hooks (QK
+    norm, clipping), or when the tokenizer pads on the left (TransformerLens then masks);
+    those models run every copy from position 0, still exact, just slower.
+    """
+    cfg = model.cfg
+    tok = getattr(model, "tokenizer", None)
+    return (
+        cfg.attention_dir == "causal"
+        and not getattr(cfg, "use_qk_norm", False)
+        and getattr(cfg, "clip_qkv", None) is None
+        and cfg.original_architecture not in OLMO
+        and getattr(tok, "padding_side", "right") != "left"
+    )
 
 
 def patch_components(
@@ -134,8 +165,9 @@ def patch_components(
 ) -> torch.Tensor:
     """[len(components)] (or [len(components), k]): the metric of the base run with each component set from `source`.
 
-    base_tokens: [batch, pos]; base_cache: the base run's activations (resid_pre, k and v of
-    every layer at least); source(hook_name) -> [batch, ...] values of that activation.
+    base_tokens: [batch, pos]; base_cache: the base run's activations (every layer's resid_pre,
+    k and v, the last layer's resid_post and the patched activations: a full `run_with_cache`
+    has them); source(hook_name) -> [batch, ...] values of that activation.
     `metric` takes the logits of one patched copy, [batch, read positions, d_vocab], like the
     metric of `transformer_lens.patching` (which sees every position): with `read="last"` only
     the last position is computed, which is all a task metric reads. It returns a 0-d tensor, or
@@ -143,6 +175,7 @@ def patch_components(
     """
     n_prompts, n_pos = base_tokens.shape
     _check(model, components, n_pos)
+    prefix = reuses_prefix(model) and read == "last"
     if read == "all" and any(c.pos is not None for c in components):
         raise PatchingError("A metric that reads every position needs patches over every position.")
     src_cache: dict[str, torch.Tensor] = {}
@@ -158,16 +191,17 @@ def patch_components(
     groups: dict[int, list[int]] = {}
     unchanged = []
     for i, c in enumerate(components):
-        first = 0 if read == "all" else _first_change(c, base_cache, src)
+        first = _first_change(c, base_cache, src)
         if first is None:
             unchanged.append(i)
         else:
-            groups.setdefault(first, []).append(i)
-    # Chunks: no more than `max_tokens` rows x positions in one pass.
+            groups.setdefault(first if prefix else 0, []).append(i)
+    # Chunks: no more than `max_tokens` rows x positions (recomputed ones and the earlier keys
+    # and values read from the cache) in one pass.
     chunks = []
     for start, idx in sorted(groups.items()):
         idx.sort(key=lambda i: components[i].layer)
-        per = max(1, max_tokens // (n_prompts * (n_pos - start)))
+        per = max(1, max_tokens // (n_prompts * n_pos))
         chunks += [(start, idx[j : j + per]) for j in range(0, len(idx), per)]
     work = [len(idx) * (n_pos - start) for start, idx in chunks]
     done = 0.0
@@ -177,9 +211,16 @@ def patch_components(
             for i in unchanged:
                 out[i] = value
         for (start, idx), w in zip(chunks, work):
-            logits = _run_chunk(model, base_cache, src, [components[i] for i in idx], start, n_prompts, read)
-            for j, i in enumerate(idx):
-                out[i] = metric(logits[j * n_prompts : (j + 1) * n_prompts]).detach().float().cpu()
+            resid = _run_chunk(model, base_tokens, base_cache, src, [components[i] for i in idx], start, n_prompts)
+            resid = resid[:, -1:] if read == "last" else resid
+            # Unembed a few copies at a time: logits are [rows, read positions, d_vocab].
+            per_unembed = max(1, MAX_LOGITS // (n_prompts * resid.shape[1] * model.cfg.d_vocab))
+            for j0 in range(0, len(idx), per_unembed):
+                j1 = min(len(idx), j0 + per_unembed)
+                logits = _unembed(model, resid[j0 * n_prompts : j1 * n_prompts])
+                for j in range(j0, j1):
+                    r = (j - j0) * n_prompts
+                    out[idx[j]] = metric(logits[r : r + n_prompts]).detach().float().cpu()
             done += w
             if progress is not None:
                 progress(done / sum(work))
@@ -222,8 +263,11 @@ def _unembed(model, resid: torch.Tensor) -> torch.Tensor:
     return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 
-def _run_chunk(model, base_cache, source, comps: list[Component], start: int, n_prompts: int, read: str):
-    """Logits [len(comps) * n_prompts, read positions, d_vocab] of the patched copies."""
+def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], start: int, n_prompts: int):
+    """Final residual stream [len(comps) * n_prompts, positions start.., d_model] of the patched copies."""
+    shortformer = None
+    if model.cfg.positional_embedding_type == "shortformer":  # added to queries and keys in every block
+        shortformer = model.pos_embed(base_tokens[:, start:].to(model.cfg.device), start)
     by_layer: dict[int, list[int]] = {}
     for j, c in enumerate(comps):
         by_layer.setdefault(c.layer, []).append(j)
@@ -256,15 +300,12 @@ def _run_chunk(model, base_cache, source, comps: list[Component], start: int, n_
                 return act
 
             hooks.append((name, hook))
-        if hooks:
-            with model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
-                resid = model.blocks[layer](resid, past_kv_cache_entry=entry)
-        else:
-            resid = model.blocks[layer](resid, past_kv_cache_entry=entry)
+        pos = None if shortformer is None else shortformer.repeat(copies, 1, 1)
+        with model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
+            resid = model.blocks[layer](resid, shortformer_pos_embed=pos, past_kv_cache_entry=entry)
     # Copies were appended in layer order; put them back in `comps` order.
     order = torch.cat([torch.arange(row_of[j], row_of[j] + n_prompts) for j in range(len(comps))])
-    resid = resid[order]
-    return _unembed(model, resid[:, -1:] if read == "last" else resid)
+    return resid[order]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,10 +379,14 @@ def run_sweep(
     metric: Metric,
     progress: Progress | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    read: Literal["last", "all"] = "last",
 ) -> torch.Tensor:
-    """One sweep, in the shape of the matching `transformer_lens.patching` function.
+    """One sweep, in the shape of the matching `transformer_lens.patching` function (by-position
+    pattern: [layer, pos, head], where TL's `pattern_by_pos` is [layer, head, dest_pos]).
 
     Denoising: base = corrupted run, source = clean cache. Noising: base = clean, source = corrupted.
+    The metric sees the last position's logits only (`read="last"`, all a task metric reads);
+    pass `read="all"` for a metric of every position (all-positions sweeps only; slower).
     """
     s = SWEEPS[sweep] if isinstance(sweep, str) else sweep
     if s.act in ("mlp_out", "post") and model.cfg.attn_only:
@@ -349,7 +394,7 @@ def run_sweep(
     n_pos = base_tokens.shape[1]
     comps = s.components(model, n_pos)
     values = patch_components(model, base_tokens, base_cache, cache_source(source_cache), comps, metric,
-                              progress=progress, max_tokens=max_tokens)
+                              progress=progress, max_tokens=max_tokens, read=read)
     return values.reshape(s.shape(model, n_pos))
 
 
@@ -452,14 +497,14 @@ def ablate(
     if any(c.pos is not None for c in components):
         raise PatchingError("Ablation is over every position.")
     src = ablation_source(cache, kind, tokens.shape[0], seed)
-    lm = loss_metric(tokens)
+    lm = loss_metric(tokens.to(model.cfg.device))
 
     def both(logits):  # one pass gives both numbers
         return torch.stack([metric(logits).float(), lm(logits).float()])
 
     values = patch_components(model, tokens, cache, src, components, both, read="all", progress=progress)
     with locked(model), torch.inference_mode():
-        logits = model(tokens)
+        logits = model(tokens.to(model.cfg.device))
     return AblationResult(components, values[:, 0], values[:, 1], float(metric(logits)), float(lm(logits)))
 
 
@@ -518,4 +563,4 @@ def attribution_patch(
             d = diff.sum(dim=(0, 2)) if s.by_pos else diff.sum(dim=(0, 1, 2))
         per_layer.append(d)
     # The metric is a batch mean in the tasks; the gradient already carries the 1/batch.
-    return float(value.detach()) + torch.stack(per_layer).detach()
+    return (float(value.detach()) + torch.stack(per_layer).detach()).float().cpu()

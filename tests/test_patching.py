@@ -93,6 +93,22 @@ def test_grouped_query_attention_keys_and_values(attn_model):
     _check_every(model, task, "denoise")
 
 
+@pytest.mark.parametrize("extra", [{"use_qk_norm": True}, {"clip_qkv": 0.5}], ids=["qk_norm", "clip_qkv"])
+def test_models_whose_keys_change_after_their_hook_patch_from_position_0(attn_model, extra):
+    """QK norm and clipping act after hook_k/hook_v: the engine must not reuse cached keys there."""
+    model = _random_model(attn_model.tokenizer, positional_embedding_type="rotary", rotary_dim=16,
+                          normalization_type="RMS", **extra)
+    assert not patching.reuses_prefix(model)
+    _check_every(model, tasks.make_task("ioi", attn_model, n=2, seed=8), "denoise")
+
+
+def test_shortformer_induction_model(attn_model):
+    """ce-induction-2l adds positions to queries and keys only (shortformer)."""
+    model = load_model("ce-induction-2l")
+    task = tasks.make_task("induction", model, n=3, seed=1)
+    _check_every(model, task, "denoise")
+
+
 def test_chunking_and_progress_do_not_change_numbers(attn_model):
     task = tasks.make_task("ioi", attn_model, n=4, seed=2)
     clean, corrupted = _runs(attn_model, task)
@@ -104,15 +120,26 @@ def test_chunking_and_progress_do_not_change_numbers(attn_model):
     assert len(seen) > 10 and seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
 
 
-def test_patching_every_head_recovers_the_whole_run(attn_model):
-    """Patching all of the last layer's input (resid_pre at every position) gives the clean metric exactly."""
+def test_patches_that_write_what_is_there_are_not_run(attn_model, monkeypatch):
+    """Before the first position where the prompts differ, clean and corrupted activations are
+    equal: those by-position patches are skipped and give the corrupted metric; patching a whole
+    layer's input gives the clean metric."""
     task = tasks.make_task("ioi", attn_model, n=4, seed=2)
     clean, corrupted = _runs(attn_model, task)
-    comps = [patching.Component("resid_pre", layer) for layer in range(attn_model.cfg.n_layers)]
+    differ = int((task.clean_tokens != task.corrupted_tokens).any(0).nonzero()[0])
+    ran = []
+    real = patching._run_chunk
+    monkeypatch.setattr(patching, "_run_chunk", lambda *a: ran.extend(a[4]) or real(*a))
+    comps = [patching.Component("resid_pre", layer, pos) for layer in range(attn_model.cfg.n_layers)
+             for pos in range(task.clean_tokens.shape[1])]
+    comps += [patching.Component("resid_pre", layer) for layer in range(attn_model.cfg.n_layers)]
     values = patching.patch_components(attn_model, task.corrupted_tokens, corrupted, patching.cache_source(clean),
                                        comps, task.metric)
     base = tasks.baselines(attn_model, task)
-    assert values.tolist() == pytest.approx([base.clean] * len(comps), abs=1e-4)
+    early = [v for c, v in zip(comps, values) if c.pos is not None and c.pos < differ]
+    assert early and all(v == pytest.approx(base.corrupted, abs=1e-5) for v in early)
+    assert all(c.pos is None or c.pos >= differ for c in ran)
+    assert values[-3:].tolist() == pytest.approx([base.clean] * 3, abs=1e-4)
 
 
 def test_bad_requests_get_messages(attn_model, mlp_model):
@@ -126,6 +153,9 @@ def test_bad_requests_get_messages(attn_model, mlp_model):
     with pytest.raises(patching.PatchingError, match="needs a head"):
         patching.patch_components(attn_model, task.corrupted_tokens, corrupted, patching.cache_source(clean),
                                   [patching.Component("z", 0, None)], task.metric)
+    with pytest.raises(patching.PatchingError, match="outside the layer"):
+        patching.patch_components(attn_model, task.corrupted_tokens, corrupted, patching.cache_source(clean),
+                                  [patching.Component("z", 0, None, 7)], task.metric)
     with pytest.raises(patching.PatchingError, match="two prompts"):
         patching.derangement(1)
 
