@@ -10,6 +10,7 @@ st.set_page_config(page_title="Circuit Explorer", page_icon="🔬", layout="wide
 PAGES = {
     "attention": st.Page("pages/attention.py", title="Attention", icon="👀", url_path="attention", default=True),
     "attribution": st.Page("pages/attribution.py", title="Logit attribution", icon="🎯", url_path="attribution"),
+    "patching": st.Page("pages/patching.py", title="Head importance", icon="🧪", url_path="patching"),
 }
 
 page = st.navigation(list(PAGES.values()))

@@ -322,11 +322,15 @@ class Sweep:
     by_pos: bool
     label: str
 
+    def n_heads(self, cfg) -> int:
+        """Heads of this activation: key/value heads for k and v of grouped-query models."""
+        if self.act in ("k", "v") and getattr(cfg, "n_key_value_heads", None):
+            return cfg.n_key_value_heads
+        return cfg.n_heads
+
     def components(self, model: HookedTransformer, n_pos: int) -> list[Component]:
         cfg = model.cfg
-        heads = cfg.n_heads
-        if self.act in ("k", "v") and getattr(cfg, "n_key_value_heads", None):
-            heads = cfg.n_key_value_heads
+        heads = self.n_heads(cfg)
         positions = range(n_pos) if self.by_pos else [None]
         if self.act in HEAD_ACTS:
             return [Component(self.act, l, p, h) for l in range(cfg.n_layers) for p in positions for h in range(heads)]
@@ -336,9 +340,7 @@ class Sweep:
 
     def shape(self, model: HookedTransformer, n_pos: int) -> tuple[int, ...]:
         cfg = model.cfg
-        heads = cfg.n_heads
-        if self.act in ("k", "v") and getattr(cfg, "n_key_value_heads", None):
-            heads = cfg.n_key_value_heads
+        heads = self.n_heads(cfg)
         dims = [cfg.n_layers] + ([n_pos] if self.by_pos else [])
         if self.act in HEAD_ACTS:
             dims.append(heads)

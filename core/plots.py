@@ -397,3 +397,85 @@ def neuron_bar(neurons: Sequence[int], values: Sequence[float], activations: Seq
         height=360, margin=dict(l=10, r=10, t=20, b=10),
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Head importance (patching, ablation, attribution patching)
+# ---------------------------------------------------------------------------------------------
+
+
+def importance_heatmap(values: torch.Tensor, y_labels: Sequence[str], x_labels: Sequence[str], title: str,
+                       value_label: str, hover: Sequence[Sequence[str]] | None = None,
+                       heads: Sequence[Sequence[tuple[int, int]]] | None = None, centre: float = 0.0) -> go.Figure:
+    """A diverging heatmap centred at `centre` (0 for the normalised metric). values: [y, x].
+
+    `x_labels`/`y_labels` must be unique (plotly merges equal categories); `hover` gives each
+    cell's description (already escaped); `heads` gives each cell's (layer, head), which makes the
+    cells clickable (near-invisible markers carry customdata [layer, head], as in
+    `head_attribution_heatmap`).
+    """
+    z = values.float().cpu()
+    n_y, n_x = z.shape
+    bound = float((z - centre).abs().max()) or 1.0
+    text = hover if hover is not None else [[f"{y_labels[i]}, {x_labels[j]}" for j in range(n_x)] for i in range(n_y)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.numpy(), x=list(x_labels), y=list(y_labels), customdata=text,
+            colorscale=DIVERGING, zmid=centre, zmin=centre - bound, zmax=centre + bound,
+            text=[[f"{float(v):+.2f}" for v in row] for row in z],
+            texttemplate="%{text}" if n_x * n_y <= 64 else None, textfont=dict(size=12),
+            colorbar=dict(title=value_label),
+            hovertemplate="%{customdata}<br>" + safe(value_label) + ": %{z:+.4f}<extra></extra>",
+        )
+    )
+    if heads is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=[x_labels[j] for i in range(n_y) for j in range(n_x)],
+                y=[y_labels[i] for i in range(n_y) for j in range(n_x)],
+                mode="markers", marker=dict(size=max(8, min(30, 600 // max(n_x, n_y))), opacity=0.01, symbol="square", color="grey"),
+                customdata=[list(heads[i][j]) for i in range(n_y) for j in range(n_x)],
+                hoverinfo="none", showlegend=False, name="open head",
+            )
+        )
+    fig.update_layout(
+        title=title, xaxis=dict(type="category"), yaxis=dict(autorange="reversed", type="category"),
+        height=max(280, 140 + min(22, max(14, 420 // n_y)) * n_y), margin=dict(l=10, r=10, t=50, b=10),
+        clickmode="event+select",
+    )
+    return fig
+
+
+def exact_vs_attribution(exact: torch.Tensor, approx: torch.Tensor, names: Sequence[str], title: str) -> go.Figure:
+    """Scatter: exact patching (x) against attribution patching (y), both normalised; y = x for reference."""
+    x, y = exact.float().flatten().tolist(), approx.float().flatten().tolist()
+    lo, hi = min(x + y + [0.0]), max(x + y + [1.0])
+    fig = go.Figure(
+        [
+            go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="grey", dash="dot"), name="y = x",
+                       hoverinfo="skip"),
+            go.Scatter(x=x, y=y, mode="markers", marker=dict(size=7, color="#2166ac", opacity=0.7), name="component",
+                       customdata=[safe(n) for n in names],
+                       hovertemplate="%{customdata}<br>exact: %{x:+.4f}<br>attribution: %{y:+.4f}<extra></extra>"),
+        ]
+    )
+    fig.update_layout(
+        title=title, xaxis_title="activation patching (exact), normalised metric",
+        yaxis_title="attribution patching (linear estimate)", height=420, margin=dict(l=10, r=10, t=50, b=10),
+    )
+    return fig
+
+
+def ablation_bar(names: Sequence[str], metric: Sequence[float], loss: Sequence[float], title: str) -> go.Figure:
+    """Components' ablation effects: the normalised task metric (bars) and the loss change (hover)."""
+    fig = go.Figure(
+        go.Bar(
+            x=list(names), y=list(metric), customdata=[f"{l:+.4f}" for l in loss],
+            marker_color=["#2166ac" if v >= 0.5 else "#b2182b" for v in metric],
+            hovertemplate="%{x}<br>task metric after ablation: %{y:+.4f} (1 = clean, 0 = corrupted)"
+            "<br>loss change: %{customdata} nats<extra></extra>",
+        )
+    )
+    fig.update_layout(title=title, xaxis=dict(type="category"), yaxis_title="task metric (1 = clean, 0 = corrupted)",
+                      height=360, margin=dict(l=10, r=10, t=50, b=10))
+    return fig

@@ -7,6 +7,7 @@ lives in the URL query parameters, so a copied link reopens the same view.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,7 +31,11 @@ FALLBACK_PROMPT = "When Mary and John went to the store, John gave a drink to"
 TEXT_SOURCE = "text"
 PROMPT_SOURCES = {TEXT_SOURCE: "Typed text", **tasks.LABELS}
 TASK_BATCH = tasks.DEFAULT_BATCH
-PAGE_LINKS = [("pages/attention.py", "Attention", "👀"), ("pages/attribution.py", "Logit attribution", "🎯")]
+PAGE_LINKS = [
+    ("pages/attention.py", "Attention", "👀"),
+    ("pages/attribution.py", "Logit attribution", "🎯"),
+    ("pages/patching.py", "Head importance", "🧪"),
+]
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -93,9 +98,14 @@ def composition_table(
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def task_batch(_model: HookedTransformer, model_id: str, name: str, n: int, seed: int) -> tasks.Task:
-    """A built-in task's held-out batch for a model object (cached; raises TaskError)."""
-    return tasks.make_task(name, _model, n=n, seed=seed, split="held_out")
+def task_batch(_model: HookedTransformer, model_id: str, name: str, n: int, seed: int,
+               template: str | None = None) -> tasks.Task:
+    """A built-in task's batch on held-out names for a model object (cached; raises TaskError).
+
+    `template`: one of the task's corpus templates (default: its held-out one).
+    """
+    extra = {"template": template} if template is not None else {}
+    return tasks.make_task(name, _model, n=n, seed=seed, split="held_out", **extra)
 
 
 def default_prompt(model_name: str) -> str:
@@ -149,6 +159,8 @@ def _init_state() -> None:
     st.session_state["source"] = source if source in PROMPT_SOURCES else TEXT_SOURCE
     example = url_int("example")
     st.session_state["example"] = example if example is not None and 0 <= example < TASK_BATCH else 0
+    if st.query_params.get("template"):
+        st.session_state["template"] = st.query_params["template"]
 
 
 def sidebar() -> View:
@@ -184,7 +196,7 @@ def sidebar() -> View:
             "the wrong token, generated for this model's vocabulary (held-out names and templates on the "
             "embedded models).",
         )
-        text, example = "", 0
+        text, example, template = "", 0, None
         if source == TEXT_SOURCE:
             # Streamlit forgets the state of a widget that was not drawn in a run, so the typed
             # prompt is kept under a second key while a task is the source, and comes back.
@@ -193,6 +205,7 @@ def sidebar() -> View:
             text = st.text_area("Prompt", key="prompt", height=140, persist_state="session")
             st.session_state["_typed_prompt"] = text
         else:
+            template = _template_picker(source)
             example = int(st.number_input(f"Example (0–{TASK_BATCH - 1})", 0, TASK_BATCH - 1, key="example", step=1,
                                          persist_state="session"))
     model, model_error = None, None
@@ -211,14 +224,14 @@ def sidebar() -> View:
             prompt_error = str(err)
     elif model is not None:
         try:
-            task = task_batch(model, model_key(model), source, TASK_BATCH, 0)
+            task = task_batch(model, model_key(model), source, TASK_BATCH, 0, template)
             prompt = prompt_from_tokens(model, task.clean_tokens[example])
         except tasks.TaskError as err:
             prompt_error = f"{PROMPT_SOURCES[source]} cannot be built for this model: {err}"
     if source == TEXT_SOURCE:
-        set_url(model=name or None, prompt=text if text else None, source=None, example=None)
+        set_url(model=name or None, prompt=text if text else None, source=None, example=None, template=None)
     else:
-        set_url(model=name or None, source=source, example=example)
+        set_url(model=name or None, source=source, example=example, template=template)
     with st.sidebar:
         if task is not None:
             _task_caption(model, task, example)
@@ -230,6 +243,22 @@ def sidebar() -> View:
                 + (", attention only" if cfg.attn_only else "")
             )
     return View(name, model, model_error, prompt, prompt_error, task)
+
+
+def _template_picker(source: str) -> str | None:
+    """The template of a text task (held-out one by default), or None for tasks without templates."""
+    tpls = tasks.templates(source)
+    if not tpls:
+        return None
+    held = {t.name: t.held_out for t in tpls}
+    if st.session_state.get("template") not in held:
+        st.session_state["template"] = next(t.name for t in tpls if t.held_out)
+    return st.selectbox(
+        "Template", list(held), format_func=lambda n: n + (" (held out)" if held[n] else " (trained)"),
+        key="template", persist_state="session",
+        help="The sentence shape of the task's prompts. Names are always held out; a held-out template was "
+        "never seen in training either.",
+    )
 
 
 def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
@@ -391,13 +420,144 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     return AttributionTarget(torch.tensor([answer]), torch.tensor([wrong]), label)
 
 
+LINK_KEYS = ("model", "prompt", "source", "example", "template")  # the sidebar's view, kept by page links
+
+
 def attention_link_params(layer: int, head: int) -> dict:
     """Query params that open (layer, head) on the Attention page with this model and prompt."""
-    keep = {k: v for k, v in st.query_params.to_dict().items() if k in ("model", "prompt", "source", "example")}
+    keep = {k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}
     return {**keep, "page": "attention", "layer": str(layer), "head": str(head)}
+
+
+def attribution_link_params() -> dict:
+    """Query params that open the Logit attribution page with this model and prompt."""
+    keep = {k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}
+    return {**keep, "page": "attribution"}
 
 
 def open_head_on_attention_page(layer: int, head: int) -> None:
     """Switch to the Attention page showing (layer, head)."""
     st.session_state["layer"], st.session_state["head"] = layer, head
     st.switch_page("pages/attention.py", query_params=attention_link_params(layer, head))
+
+
+# ---------------------------------------------------------------------------------------------
+# Head-importance page: the task (a built-in one or a typed pair) and cached sweeps
+# ---------------------------------------------------------------------------------------------
+
+# The typed pair's defaults when the prompt is the IOI example: the IOI paper's ABC corruption.
+DEFAULT_PAIR = {FALLBACK_PROMPT: ("When Mary and John went to the store, Paul gave a drink to", "Mary", "John")}
+PAIR_KEYS = ("pair_corrupted", "pair_answer", "pair_wrong")
+
+
+def custom_pair(model: HookedTransformer) -> tuple[tasks.Task | None, str | None]:
+    """Draw the corrupted prompt and the two answers for a typed clean prompt; return (task, message).
+
+    The clean prompt is the sidebar's. Defaults are the IOI paper's corruption for the IOI example
+    and the clean prompt itself otherwise (edit it: patching needs two runs that differ).
+    """
+    state = st.session_state
+    clean = state.get("prompt", "")
+    if state.get("_pair_for") != clean:
+        state["_pair_for"] = clean
+        corrupted, answer, wrong = DEFAULT_PAIR.get(clean, (clean, "", ""))
+        state.update(dict(zip(PAIR_KEYS, (corrupted, answer, wrong))))
+    st.caption("Patching compares two runs. The clean prompt is the sidebar's; type a corrupted prompt of the "
+               "same token length and the two answers, or take a task in the sidebar (\"Prompt from\").")
+    corrupted = st.text_input("Corrupted prompt", key=PAIR_KEYS[0], persist_state="session")
+    c1, c2 = st.columns(2)
+    answer = c1.text_input("Answer (clean run's)", key=PAIR_KEYS[1], persist_state="session")
+    wrong = c2.text_input("Wrong answer (corrupted run's)", key=PAIR_KEYS[2], persist_state="session")
+    try:
+        return tasks.custom_task(model, clean, corrupted, answer, wrong), None
+    except tasks.TaskError as err:
+        return None, md_escape(str(err))
+
+
+def task_key(task: tasks.Task) -> str:
+    """A content hash of a task's prompts and answers (a cache key that never mixes two tasks up)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in (task.clean_tokens, task.corrupted_tokens, task.answers, task.wrongs):
+        h.update(t.cpu().numpy().tobytes())
+    h.update(task.metric_kind.encode())
+    return h.hexdigest()
+
+
+RESULTS_KEPT = 64
+
+
+@st.cache_resource(show_spinner=False)
+def _results() -> tuple:
+    """Process-wide LRU of sweep results, shared by every session (st.cache_data cannot hold a
+    function that draws a progress bar created outside it)."""
+    from collections import OrderedDict
+
+    return OrderedDict(), threading.Lock(), {}
+
+
+def _cached(key: tuple, compute) -> dict:
+    """The kept result for `key`, computed once: a second caller of the same key waits for the first."""
+    kept, lock, computing = _results()
+    with lock:
+        if key in kept:
+            kept.move_to_end(key)
+            return kept[key]
+        key_lock = computing.setdefault(key, threading.Lock())
+    with key_lock:
+        with lock:
+            if key in kept:
+                return kept[key]
+        try:
+            value = compute()
+            with lock:
+                kept[key] = value
+                while len(kept) > RESULTS_KEPT:
+                    kept.popitem(last=False)
+        finally:
+            with lock:
+                computing.pop(key, None)
+        return value
+
+
+def patching_sweep(model: HookedTransformer, model_id: str, task: tasks.Task, task_id: str, sweep: str,
+                   direction: str, method: str, _progress=None) -> dict:
+    """One sweep's raw metric values (numpy), cached per model object, task and choice.
+
+    direction: "denoise" (clean values into the corrupted run) or "noise" (the reverse);
+    method: "exact" or "attribution".
+    """
+    return _cached(("patch", model_id, task_id, sweep, direction, method),
+                   lambda: _patching_sweep(model, task, sweep, direction, method, _progress))
+
+
+def _patching_sweep(_model, _task, sweep, direction, method, _progress) -> dict:
+    from core import patching
+
+    store = get_store()
+    clean, corrupted = store.get(_model, _task.clean_tokens), store.get(_model, _task.corrupted_tokens)
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    if method == "attribution":
+        values = patching.attribution_patch(_model, sweep, base.tokens, source.cache, _task.metric)
+    else:
+        values = patching.run_sweep(_model, sweep, base.tokens, base.cache, source.cache, _task.metric, progress=_progress)
+    return {"values": values.numpy()}
+
+
+def ablation_sweep(model: HookedTransformer, model_id: str, task: tasks.Task, task_id: str, target: str,
+                   layer: int, kind: str, _progress=None) -> dict:
+    """Ablation of every head, MLP layer or neuron of `layer` on the clean prompts (numpy arrays), cached."""
+    return _cached(("ablate", model_id, task_id, target, layer, kind),
+                   lambda: _ablation_sweep(model, task, target, layer, kind, _progress))
+
+
+def _ablation_sweep(_model, _task, target, layer, kind, _progress) -> dict:
+    from core import patching
+
+    comps = {"heads": lambda: patching.head_components(_model), "mlps": lambda: patching.mlp_components(_model),
+             "neurons": lambda: patching.neuron_components(_model, layer)}[target]()
+    run = get_store().get(_model, _task.clean_tokens)
+    result = patching.ablate(_model, run.tokens, run.cache, comps, _task.metric, kind=kind, progress=_progress)
+    return {"metric": result.metric.numpy(), "loss": result.loss.numpy(), "clean_metric": result.clean_metric,
+            "clean_loss": result.clean_loss}

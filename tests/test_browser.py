@@ -195,3 +195,44 @@ def test_attribution_page_click_a_head_opens_its_attention_pattern(server):
         assert page.get_by_role("textbox", name="Counterfactual (optional)").input_value() == "john"
         assert "model=ce-circuits-3l-attn" in page.url
         browser.close()
+
+
+def test_head_importance_page_patches_and_a_click_opens_the_head(server):
+    """Open the page on the typed IOI pair, see the head grid, click the strongest head, come back."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from urllib.parse import quote
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"{server}/patching?model=ce-circuits-3l-attn&prompt={quote(prompt)}", wait_until="domcontentloaded")
+        page.get_by_text("Head outputs (z), all positions: exact").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(1500)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "patching_heads.png"), full_page=False)
+        # A pair of one's own (not the default), kept across the trip to the Attention page.
+        box = page.get_by_role("textbox", name="Corrupted prompt")
+        box.fill("When Mary and John went to the store, Alice gave a drink to")
+        box.press("Enter")
+        page.wait_for_timeout(3000)
+        page.get_by_text("Head outputs (z), all positions: exact").first.wait_for(timeout=60_000)
+        # The strongest cell of the grid (largest |value|), clicked through its marker.
+        point = page.evaluate(
+            """() => {
+                const gd = [...document.querySelectorAll('.js-plotly-plot')]
+                    .find(g => g.offsetParent !== null && g.layout.title && g.layout.title.text.includes('all positions: exact'));
+                const z = gd.data[0].z, xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+                let best = [0, 0], v = -1;
+                z.forEach((row, l) => row.forEach((x, h) => { if (Math.abs(x) > v) { v = Math.abs(x); best = [l, h]; } }));
+                const t = gd.data[1], i = t.customdata.findIndex(c => c[0] === best[0] && c[1] === best[1]);
+                return {x: r.left + xa._offset + xa.d2p(t.x[i]), y: r.top + ya._offset + ya.d2p(t.y[i]), l: best[0], h: best[1]};
+            }"""
+        )
+        page.mouse.click(point["x"], point["y"])
+        page.get_by_text(f"L{point['l']}H{point['h']} attention pattern").first.wait_for(timeout=60_000)
+        assert f"layer={point['l']}" in page.url and f"head={point['h']}" in page.url
+        page.get_by_role("link", name="Head importance").click()
+        page.get_by_text("Head outputs (z), all positions: exact").first.wait_for(timeout=60_000)
+        assert page.get_by_role("textbox", name="Corrupted prompt").input_value().endswith("Alice gave a drink to")
+        browser.close()
