@@ -132,7 +132,7 @@ def patching_view() -> None:
         act = c2.selectbox("Head activation", list(ACTS), format_func=ACTS.get, key="hi_act", persist_state="session")
         by_pos = c3.toggle("By position", key="hi_by_pos", persist_state="session",
                            help="One cell per head and position instead of one per head (all positions at once).")
-    d1, d2 = st.columns(2)
+    d1, d2 = st.columns([2, 3])
     direction = d1.segmented_control("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, default="denoise",
                                      key="hi_direction", persist_state="session") or "denoise"
     method = d2.segmented_control("Method", list(METHODS), format_func=METHODS.get, default="exact",

@@ -224,7 +224,8 @@ def test_head_importance_page_patches_and_a_click_opens_the_head(server):
                     .find(g => g.offsetParent !== null && g.layout.title && g.layout.title.text.includes('all positions: exact'));
                 const z = gd.data[0].z, xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
                 let best = [0, 0], v = -1;
-                z.forEach((row, l) => row.forEach((x, h) => { if (Math.abs(x) > v) { v = Math.abs(x); best = [l, h]; } }));
+                Array.from(z, r => Array.from(r)).forEach((row, l) => row.forEach((x, h) => {
+                    if (Math.abs(x) > v) { v = Math.abs(x); best = [l, h]; } }));
                 const t = gd.data[1], i = t.customdata.findIndex(c => c[0] === best[0] && c[1] === best[1]);
                 return {x: r.left + xa._offset + xa.d2p(t.x[i]), y: r.top + ya._offset + ya.d2p(t.y[i]), l: best[0], h: best[1]};
             }"""
