@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, utils

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import streamlit as st
+import torch
 from transformer_lens import HookedTransformer
 
 from core import attention, tasks
