@@ -90,6 +90,27 @@ def _ours_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
+def zoo_times(repeats: int) -> None:
+    """The page's sweeps on the zoo task models: IOI (template when_went), 32 prompts."""
+    from core import tasks
+    from core.models import load_model
+
+    print(f"zoo models, IOI when_went, 32 prompts; torch threads {torch.get_num_threads()}; medians of {repeats}")
+    for name in ("ce-circuits-3l-attn", "ce-circuits-3l-mlp"):
+        model = load_model(name)
+        task = tasks.make_task("ioi", model, n=32, seed=0, template="when_went")
+        with torch.no_grad():
+            clean = model.run_with_cache(task.clean_tokens)[1]
+            corrupted = model.run_with_cache(task.corrupted_tokens)[1]
+        cells = []
+        for key in ("z", "z_by_pos", "resid_pre"):  # noising, as the card's patching
+            s, _ = _ours_time(lambda: patching.run_sweep(model, key, task.clean_tokens, clean, corrupted, task.metric), repeats)
+            cells.append(f"{key} {s:.3f} s")
+        s, _ = _ours_time(lambda: patching.every_head_act(model, task.corrupted_tokens, corrupted, clean, task.metric, by_pos=True), repeats)
+        cells.append(f"every head activation by position (denoising) {s:.3f} s")
+        print(f"{name} [{task.clean_tokens.shape[1]} tokens]: " + " | ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -99,8 +120,12 @@ def main() -> None:
                         help="share of the components TL's every-activation-by-position sweep is timed on (1 = all)")
     parser.add_argument("--diff-at", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="a tiny model (checks the script, not a benchmark)")
+    parser.add_argument("--zoo", action="store_true", help="only time the page's sweeps on the zoo models")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.zoo:
+        zoo_times(args.repeats)
+        return
     model = make_model(args.quick)
     metric = make_metric(model)
     pairs = {"IOI-like pair (differs at %d)" % args.diff_at: make_pair(model, args.diff_at),

@@ -510,15 +510,13 @@ def _cached(key: tuple, compute) -> dict:
         with lock:
             if key in kept:
                 return kept[key]
-        try:
-            value = compute()
-            with lock:
-                kept[key] = value
-                while len(kept) > RESULTS_KEPT:
-                    kept.popitem(last=False)
-        finally:
-            with lock:
-                computing.pop(key, None)
+        value = compute()  # on an error (or a rerun) the key lock stays for the next caller
+        with lock:
+            kept[key] = value
+            while len(kept) > RESULTS_KEPT:
+                kept.popitem(last=False)
+            if computing.get(key) is key_lock:
+                computing.pop(key)
         return value
 
 

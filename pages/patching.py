@@ -35,8 +35,8 @@ clean_metric = float(task.metric(clean_run.logits))
 corrupted_metric = float(task.metric(corrupted_run.logits))
 st.caption(session.md_escape(
     f"{task.description}, {len(task)} prompt(s). Metric: {task.metric_label}, mean over the prompts: "
-    f"clean run {clean_metric:+.4f}, corrupted run {corrupted_metric:+.4f}. Every chart shows the normalised "
-    "metric: 1 = the clean run's behaviour, 0 = the corrupted run's."
+    f"clean run {clean_metric:+.4f}, corrupted run {corrupted_metric:+.4f}. The metric is shown normalised: "
+    "1 = the clean run's behaviour, 0 = the corrupted run's."
 ))
 if abs(clean_metric - corrupted_metric) < 1e-6:
     st.warning("The clean and corrupted runs score the same, so there is nothing to restore or destroy: "
@@ -107,7 +107,7 @@ def open_clicked(event) -> None:
 # One view at a time (tabs would run both sweeps on every rerun).
 VIEWS = {"patch": "Patching", "ablate": "Ablation"}
 view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, default="patch", key="hi_view",
-                                   persist_state="session", label_visibility="collapsed") or "patch"
+                                   persist_state="session", label_visibility="collapsed", required=True) or "patch"
 
 # ---------------------------------------------------------------------------------------------
 # Patching: exact (batched), attribution patching, or both side by side
@@ -134,9 +134,9 @@ def patching_view() -> None:
                            help="One cell per head and position instead of one per head (all positions at once).")
     d1, d2 = st.columns([2, 3])
     direction = d1.segmented_control("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, default="denoise",
-                                     key="hi_direction", persist_state="session") or "denoise"
+                                     key="hi_direction", persist_state="session", required=True) or "denoise"
     method = d2.segmented_control("Method", list(METHODS), format_func=METHODS.get, default="exact",
-                                  key="hi_method", persist_state="session") or "exact"
+                                  key="hi_method", persist_state="session", required=True) or "exact"
     sweep = f"{act}_by_pos" if what == "heads" and by_pos else act
     label = patching.SWEEPS[sweep].label
     results = {}
@@ -175,8 +175,9 @@ def patching_view() -> None:
         exact, approx = results["exact"], results["attribution"]
         r = float(torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1]) if exact.numel() > 1 else float("nan")
         comps = patching.SWEEPS[sweep].components(model, len(positions))
-        comp_names = [f"L{c.layer}" + (f"H{c.head}" if c.head is not None else "") + (f" pos {c.pos}" if c.pos is not None else "")
-                      for c in comps]
+        h_name = "KV" if patching.SWEEPS[sweep].n_heads(model.cfg) != n_heads else "H"
+        comp_names = [f"L{c.layer}" + (f"{h_name}{c.head}" if c.head is not None else "")
+                      + (f" pos {c.pos}" if c.pos is not None else "") for c in comps]
         st.plotly_chart(plots.exact_vs_attribution(exact, approx, comp_names,
                                                    f"Attribution patching against exact patching (r = {r:.3f})"),
                         width="stretch", key="hi_scatter")
