@@ -494,8 +494,12 @@ def ablate(
     kind: AblationKind = "zero",
     seed: int = 0,
     progress: Progress | None = None,
+    logits: torch.Tensor | None = None,
 ) -> AblationResult:
-    """Ablate each component (at every position) on `tokens`: the task metric and the loss."""
+    """Ablate each component (at every position) on `tokens`: the task metric and the loss.
+
+    `logits`: the unablated run's logits when already at hand (a stored run), else computed.
+    """
     if any(c.pos is not None for c in components):
         raise PatchingError("Ablation is over every position.")
     src = ablation_source(cache, kind, tokens.shape[0], seed)
@@ -505,8 +509,9 @@ def ablate(
         return torch.stack([metric(logits).float(), lm(logits).float()])
 
     values = patch_components(model, tokens, cache, src, components, both, read="all", progress=progress)
-    with locked(model), torch.inference_mode():
-        logits = model(tokens.to(model.cfg.device))
+    if logits is None:
+        with locked(model), torch.inference_mode():
+            logits = model(tokens.to(model.cfg.device))
     return AblationResult(components, values[:, 0], values[:, 1], float(metric(logits)), float(lm(logits)))
 
 

@@ -369,8 +369,6 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     tokens (so the page opens on "why this and not the runner-up"). Defaults are reset when
     the prompt changes, and the boxes are kept in the URL (`answer`, `wrong`).
     """
-    import torch
-
     state = st.session_state
     c1, c2 = st.columns(2)
     if whole_task:
@@ -424,16 +422,19 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
 LINK_KEYS = ("model", "prompt", "source", "example", "template")  # the sidebar's view, kept by page links
 
 
+def _view_params(page: str) -> dict:
+    """The current URL's sidebar view (model, prompt or task), pointed at `page`."""
+    return {**{k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}, "page": page}
+
+
 def attention_link_params(layer: int, head: int) -> dict:
     """Query params that open (layer, head) on the Attention page with this model and prompt."""
-    keep = {k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}
-    return {**keep, "page": "attention", "layer": str(layer), "head": str(head)}
+    return {**_view_params("attention"), "layer": str(layer), "head": str(head)}
 
 
 def attribution_link_params() -> dict:
     """Query params that open the Logit attribution page with this model and prompt."""
-    keep = {k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}
-    return {**keep, "page": "attribution"}
+    return _view_params("attribution")
 
 
 def open_head_on_attention_page(layer: int, head: int) -> None:
@@ -557,6 +558,7 @@ def _ablation_sweep(_model, _task, target, layer, kind, _progress) -> dict:
     comps = {"heads": lambda: patching.head_components(_model), "mlps": lambda: patching.mlp_components(_model),
              "neurons": lambda: patching.neuron_components(_model, layer)}[target]()
     run = get_store().get(_model, _task.clean_tokens)
-    result = patching.ablate(_model, run.tokens, run.cache, comps, _task.metric, kind=kind, progress=_progress)
+    result = patching.ablate(_model, run.tokens, run.cache, comps, _task.metric, kind=kind, progress=_progress,
+                             logits=run.logits)
     return {"metric": result.metric.numpy(), "loss": result.loss.numpy(), "clean_metric": result.clean_metric,
             "clean_loss": result.clean_loss}

@@ -47,6 +47,11 @@ def test_first_load_patches_every_head_of_the_typed_ioi_pair(attn_lm):
     spec = _figure(at, "Head outputs (z), all positions: exact")
     task = tasks.custom_task(attn_lm, IOI_PROMPT, ABC_PROMPT, "Mary", "John")
     expected = _hand_head_denoising(attn_lm, task)
+    with torch.no_grad():  # the caption's clean and corrupted metrics, from plain forward passes
+        clean = float(task.metric(attn_lm(task.clean_tokens)))
+        corrupted = float(task.metric(attn_lm(task.corrupted_tokens)))
+    caption = " ".join(_plain(c.value) for c in at.caption)
+    assert f"clean run {clean:+.4f}, corrupted run {corrupted:+.4f}" in caption
     assert np.allclose(_z(spec["data"][0]), expected.numpy(), atol=1e-4)
     # Clickable cells (customdata [layer, head]) and links to the strongest heads and the attribution page.
     assert spec["data"][1]["customdata"][0] == [0, 0]
@@ -107,6 +112,7 @@ def test_by_position_layer_sweeps_and_attribution(attn_lm):
     scatter = _figure(at, "Attribution patching against exact patching")
     approx = patching.attribution_patch(attn_lm, "resid_pre", task.corrupted_tokens, clean, task.metric)
     assert np.allclose(np.array(scatter["data"][1]["y"]), _normalised(approx, base.clean, base.corrupted).flatten().numpy(), atol=1e-4)
+    assert np.allclose(np.array(scatter["data"][1]["x"]), _normalised(ref, base.clean, base.corrupted).flatten().numpy(), atol=1e-4)
     assert "(r = " in scatter["layout"]["title"]["text"]
 
 
@@ -172,7 +178,18 @@ def test_mlp_model_ablation_of_layers_and_neurons():
     assert bars["y"][0] == pytest.approx(_normalised(float(task.metric(logits)), base.clean, base.corrupted), abs=1e-4)
     at.selectbox(key="hi_target").set_value("neurons").run()
     assert not at.exception
-    assert len(_figure(at, "neurons of MLP 2")["data"][0]["x"]) == 20
+    neurons = _figure(at, "neurons of MLP 2")["data"][0]
+    assert len(neurons["x"]) == 20
+    for label, value in list(zip(neurons["x"], neurons["y"]))[:3]:  # hand hook: zero one neuron of MLP 2
+        n = int(label[1:])
+
+        def zero(post, hook, n=n):
+            post[:, :, n] = 0
+            return post
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(task.clean_tokens, fwd_hooks=[("blocks.2.mlp.hook_post", zero)])
+        assert value == pytest.approx(_normalised(float(task.metric(logits)), base.clean, base.corrupted), abs=1e-4)
     at.segmented_control(key="hi_view").set_value("patch").run()
     at.selectbox(key="hi_what").set_value("mlp_out").run()
     assert not at.exception and _figure(at, "MLP layer output, layer × position: exact")
