@@ -11,6 +11,7 @@ PAGES = {
     "attention": st.Page("pages/attention.py", title="Attention", icon="👀", url_path="attention", default=True),
     "attribution": st.Page("pages/attribution.py", title="Logit attribution", icon="🎯", url_path="attribution"),
     "patching": st.Page("pages/patching.py", title="Head importance", icon="🧪", url_path="patching"),
+    "saes": st.Page("pages/saes.py", title="SAE features", icon="🧩", url_path="saes"),
 }
 
 page = st.navigation(list(PAGES.values()))

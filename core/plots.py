@@ -479,3 +479,94 @@ def ablation_bar(names: Sequence[str], metric: Sequence[float], loss: Sequence[f
     fig.update_layout(title=title, xaxis=dict(type="category"), yaxis_title="task metric (1 = clean, 0 = corrupted)",
                       height=360, margin=dict(l=10, r=10, t=50, b=10))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# SAE features
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_features_heatmap(acts: torch.Tensor, str_tokens: Sequence[str], features: Sequence[int]) -> go.Figure:
+    """Features (rows) × prompt positions (columns) of SAE activations. acts: [pos, n_features].
+
+    Each cell carries its feature id as customdata, so a click opens that feature.
+    """
+    z = acts.float().cpu().T  # [feature, pos]
+    x = position_labels(str_tokens)
+    y = [f"feature {f}" for f in features]
+    hover = [[f"feature {f}<br>{x[p]}" for p in range(len(x))] for f in features]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.numpy(), x=x, y=y, customdata=hover, colorscale=HEAT, zmin=0,
+            colorbar=dict(title="activation"),
+            hovertemplate="%{customdata}<br>activation: %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[x[p] for _ in features for p in range(len(x))], y=[y[i] for i in range(len(features)) for _ in x],
+            mode="markers", marker=dict(size=max(8, min(24, 600 // max(len(x), len(features)))), opacity=0.01,
+                                        symbol="square", color="grey"),
+            customdata=[[int(f)] for f in features for _ in x], hoverinfo="none", showlegend=False, name="open feature",
+        )
+    )
+    fig.update_layout(
+        title="Strongest SAE features at each token (click one to open it)",
+        xaxis=dict(type="category"), yaxis=dict(autorange="reversed", type="category"),
+        height=max(260, 120 + 20 * len(features)), margin=dict(l=10, r=10, t=50, b=10), clickmode="event+select",
+    )
+    return fig
+
+
+def clicked_feature(event) -> int | None:
+    """The feature id of a click on `prompt_features_heatmap`, if any."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    for p in points:
+        data = p.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) == 1:
+            return int(data[0])
+    return None
+
+
+def activation_histogram(edges: Sequence[float], counts: Sequence[int], feature: int, density: float) -> go.Figure:
+    """Bars of the non-zero activations' histogram (bins over [0, max])."""
+    centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    width = (edges[1] - edges[0]) if len(edges) > 1 else 1.0
+    ranges = [f"{a:.3f} – {b:.3f}" for a, b in zip(edges[:-1], edges[1:])]
+    fig = go.Figure(go.Bar(x=centres, y=list(counts), width=width, customdata=ranges, marker_color="#4c78a8",
+                           hovertemplate="activation %{customdata}<br>%{y} tokens<extra></extra>"))
+    fig.update_layout(
+        title=f"Feature {feature}: activations where it fires (density {density:.3%} of tokens)",
+        xaxis_title="activation", yaxis_title="tokens", height=280, margin=dict(l=10, r=10, t=50, b=10), bargap=0,
+    )
+    return fig
+
+
+def logit_effect_bars(tokens: Sequence[str], values: Sequence[float], title: str, colour: str) -> go.Figure:
+    """Horizontal bars of a feature's direct logit effect on some tokens."""
+    labels = [f"{i + 1}. {safe(t)}" for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Bar(x=list(values), y=labels, orientation="h", marker_color=colour,
+                           customdata=[safe(t) for t in tokens],
+                           hovertemplate="token %{customdata}<br>logit effect %{x:+.4f}<extra></extra>"))
+    fig.update_layout(title=title, yaxis=dict(autorange="reversed", type="category"), xaxis_title="logit effect",
+                      height=max(220, 60 + 22 * len(tokens)), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def tinted_tokens_html(str_tokens: Sequence[str], acts: Sequence[float], max_act: float,
+                       mark: int | None = None) -> str:
+    """Tokens as HTML spans tinted by activation (0 → white, max_act → full orange); the token at
+    `mark` is outlined. Every token is escaped: markup in a prompt shows as text."""
+    top = max_act if max_act > 0 else 1.0
+    spans = []
+    for i, (t, a) in enumerate(zip(str_tokens, acts)):
+        alpha = max(0.0, min(1.0, float(a) / top))
+        style = f"background: rgba(255, 140, 0, {alpha:.3f}); padding: 1px 2px; border-radius: 3px;"
+        if i == mark:
+            style += " outline: 2px solid #d62728;"
+        title = html.escape(f"{t!r}: {float(a):.4f}", quote=True)
+        spans.append(f'<span title="{title}" style="{style}">{html.escape(t)}</span>')
+    return '<div style="line-height: 1.9; font-family: monospace;">' + " ".join(spans) + "</div>"

@@ -36,6 +36,7 @@ PAGE_LINKS = [
     ("pages/attention.py", "Attention", "👀"),
     ("pages/attribution.py", "Logit attribution", "🎯"),
     ("pages/patching.py", "Head importance", "🧪"),
+    ("pages/saes.py", "SAE features", "🧩"),
 ]
 
 
@@ -562,3 +563,70 @@ def _ablation_sweep(_model, _task, target, layer, kind, _progress) -> dict:
                              logits=run.logits)
     return {"metric": result.metric.numpy(), "loss": result.loss.numpy(), "clean_metric": result.clean_metric,
             "clean_loss": result.clean_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# SAE page: the SAE (embedded, local folder, pretrained), its corpus and its feature index
+# ---------------------------------------------------------------------------------------------
+
+SAE_SOURCES = {"embedded": "Embedded", "local": "Local folder", "pretrained": "Pretrained (sae_lens)"}
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def load_sae(source: str, ident: str):
+    """A LoadedSAE, once per process (raises SAELoadError). ident: name, folder, or "release\\nsae id"."""
+    from core import saes
+
+    if source == "embedded":
+        return saes.load_embedded(ident)
+    if source == "local":
+        return saes.load_local(ident)
+    release, _, sae_id = ident.partition("\n")
+    return saes.load_pretrained(release, sae_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def sae_fit_error(_model: HookedTransformer, model_id: str, _loaded, sae_key: str) -> str | None:
+    """Why this SAE does not fit this model, or None (cached per model object and SAE)."""
+    from core import saes
+
+    try:
+        saes.check_fits(_model, _loaded)
+    except saes.SAELoadError as err:
+        return str(err)
+    return None
+
+
+@st.cache_resource(show_spinner=False)
+def pretrained_for_model(_model: HookedTransformer, model_id: str) -> dict:
+    from core import saes
+
+    return saes.pretrained_for_model(_model)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def zoo_documents(_model: HookedTransformer, model_id: str, spec_json: str) -> list[list[int]]:
+    """The generated corpus of an embedded SAE (see core.zoo.sae_data), once per process."""
+    import json
+
+    from core.zoo import sae_data
+
+    return sae_data.documents(json.loads(spec_json), _model.tokenizer)
+
+
+def feature_index(model: HookedTransformer, loaded, docs: list[list[int]], what: str):
+    """The SQLite feature index for (model, SAE, corpus): read if built, else built with a progress bar."""
+    from core import sae_index
+
+    bar = st.empty()
+    start = time.monotonic()
+
+    def progress(share: float, text: str) -> None:
+        elapsed = time.monotonic() - start
+        left = f", about {elapsed * (1 - share) / share:.0f} s left" if 0 < share < 1 and elapsed > 0.5 else ""
+        bar.progress(min(1.0, max(0.0, share)), text=f"Building the feature index over {what}: {text}{left}")
+
+    try:
+        return sae_index.open_index(model, loaded, docs, progress)
+    finally:
+        bar.empty()

@@ -73,3 +73,17 @@ def make_markup_gpt2_dir(folder):
 @pytest.fixture()
 def markup_gpt2_dir(tmp_path):
     return make_markup_gpt2_dir(tmp_path / "markup-gpt2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def index_dir(tmp_path_factory):
+    """Feature indexes go to a temporary folder, not the repository's .data/."""
+    from core import sae_index
+
+    old = os.environ.get(sae_index.DATA_ENV)
+    os.environ[sae_index.DATA_ENV] = str(tmp_path_factory.mktemp("data"))
+    yield
+    if old is None:
+        os.environ.pop(sae_index.DATA_ENV, None)
+    else:
+        os.environ[sae_index.DATA_ENV] = old

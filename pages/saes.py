@@ -1,0 +1,308 @@
+"""SAE features page: load an SAE, see the features of the prompt, open a feature's dashboard, search."""
+import json
+
+import streamlit as st
+
+# See pages/attention.py: every page sets the wide layout itself.
+st.set_page_config(layout="wide")
+st.title("SAE features")
+with st.spinner("Starting: loading TransformerLens and sae_lens…"):
+    import torch
+
+    from core import plots, sae_index, saes, session
+
+view = session.sidebar()
+if not session.show_problems(view):
+    session.sidebar_footer()
+    st.stop()
+model = view.model
+model_id = session.model_key(model)
+state = st.session_state
+
+# ---------------------------------------------------------------------------------------------
+# Which SAE
+# ---------------------------------------------------------------------------------------------
+embedded = saes.embedded_saes(model.cfg.model_name)
+if state.get("sae_source") not in session.SAE_SOURCES:
+    state["sae_source"] = "embedded"
+c1, c2 = st.columns([1, 3])
+source = c1.selectbox("SAE from", list(session.SAE_SOURCES), format_func=session.SAE_SOURCES.get, key="sae_source",
+                      persist_state="session",
+                      help="Embedded SAEs were trained on the zoo models by core/zoo/train_sae.py and work offline. "
+                      "A local folder holds an SAE in sae_lens's disk format. Pretrained SAEs come from sae_lens's "
+                      "registry and are downloaded from the Hugging Face hub.")
+loaded, problem = None, None
+with c2:
+    if source == "embedded":
+        if not embedded:
+            others = ", ".join(f"{n} ({json.loads((saes.SAE_DIR / n / saes.METRICS_FILE).read_text())['model']})"
+                               for n in saes.embedded_saes()) or "none"
+            problem = (f"No embedded SAE was trained for {model.cfg.model_name}. Embedded SAEs (and their models): "
+                       f"{others}. Pick one of those models in the sidebar, or load an SAE from a folder or sae_lens.")
+        else:
+            if state.get("sae_embedded") not in embedded:
+                state["sae_embedded"] = embedded[0]
+            ident = st.selectbox("Embedded SAE", embedded, key="sae_embedded")
+            try:
+                loaded = session.load_sae("embedded", ident)
+            except saes.SAELoadError as err:
+                problem = str(err)
+    elif source == "local":
+        folder = st.text_input("SAE folder (cfg.json + sae_weights.safetensors)", key="sae_folder",
+                               persist_state="session", placeholder="/path/to/sae")
+        if folder.strip():
+            try:
+                loaded = session.load_sae("local", folder.strip())
+            except saes.SAELoadError as err:
+                problem = str(err)
+        else:
+            problem = "Type the folder of an SAE saved by sae_lens (`sae.save_model(path)`)."
+    else:
+        with st.spinner("Reading sae_lens's registry…"):
+            releases = session.pretrained_for_model(model, model_id)
+        if not releases:
+            problem = (f"sae_lens's registry has no SAE for {model.cfg.model_name}. Load gpt2-small (or another "
+                       "pretrained model) in the sidebar to list its SAEs, or use a local folder.")
+        else:
+            r1, r2 = st.columns(2)
+            release = r1.selectbox("Release", sorted(releases), key="sae_release")
+            sae_id = r2.selectbox("SAE id", releases[release], key="sae_id")
+            if st.button("Load this SAE", key="sae_load"):
+                state["_sae_pretrained"] = f"{release}\n{sae_id}"
+            chosen = state.get("_sae_pretrained")
+            if chosen:
+                with st.spinner("Downloading the SAE…"):
+                    try:
+                        loaded = session.load_sae("pretrained", chosen)
+                    except saes.SAELoadError as err:
+                        problem = str(err)
+            else:
+                problem = "Pick a release and an SAE id, then load it (it is downloaded from the Hugging Face hub)."
+if loaded is not None:
+    problem = session.sae_fit_error(model, model_id, loaded, f"{loaded.source}:{loaded.sae_id}")
+if problem:
+    st.warning(session.md_escape(problem))
+    session.sidebar_footer()
+    st.stop()
+
+sae = loaded.sae
+card = loaded.card
+if card:
+    st.caption(session.md_escape(
+        f"{loaded.sae_id}: {card['architecture']} SAE on {card['hook_name']}, {card['d_sae']} features. Measured on "
+        f"{card['tokens']:,} held-out tokens: L0 {card['l0']:.1f}, explained variance {card['explained_variance']:.3f}, "
+        f"{card['dead_features']} dead features, next-token loss {card['ce_loss_clean']:.3f} → "
+        f"{card['ce_loss_with_sae']:.3f} with the SAE spliced in ({card['loss_recovered']:.1%} of the loss recovered)."
+    ))
+else:
+    st.caption(session.md_escape(f"{loaded.sae_id}: SAE on {loaded.hook_name}, {loaded.d_sae} features "
+                                 f"(d_in {sae.cfg.d_in})."))
+
+# ---------------------------------------------------------------------------------------------
+# The corpus and its index
+# ---------------------------------------------------------------------------------------------
+docs, corpus_label = None, None
+if loaded.corpus_spec:
+    spec = loaded.corpus_spec
+    docs = session.zoo_documents(model, model_id, json.dumps(spec, sort_keys=True))
+    corpus_label = f"the zoo corpus ({spec['documents']:,} documents, seed {spec['seed']})"
+else:
+    upload = st.file_uploader("Corpus for the feature dashboards: a text file, one document per line", type=["txt"],
+                              key="sae_corpus_file")
+    if upload is not None:
+        try:
+            docs = saes.documents_from_text(model, upload.getvalue().decode("utf-8", errors="replace"))
+            corpus_label = f"{upload.name} ({len(docs):,} lines)"
+        except saes.SAELoadError as err:
+            st.warning(str(err))
+index = None
+if docs is not None:
+    try:
+        index = session.feature_index(model, loaded, docs, corpus_label)
+    except sae_index.IndexError_ as err:
+        st.warning(str(err))
+    if index is not None:
+        st.caption(f"Feature index: {index.n_tokens:,} tokens of {corpus_label}, built once in {index.build_seconds:.1f} s "
+                   f"({index.tokens_per_second:,.0f} tokens/s) and kept on disk (SQLite).")
+else:
+    st.info("Without a corpus the dashboards show logit effects and your own text only: upload a text file to see "
+            "each feature's top activating contexts.")
+
+
+def decode(t: int) -> str:
+    return session.decode_token(model, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt's features (also picks the default feature)
+# ---------------------------------------------------------------------------------------------
+run = session.get_store().get(model, view.prompt.tokens)
+acts = saes.prompt_features(model, loaded, run.cache)  # [pos, d_sae]
+acts[0] = 0.0  # BOS: its activations are outliers that every dashboard leaves out
+
+if state.get("_sae_for") != loaded.sae_id:  # first run with this SAE: the URL's feature, else the last token's strongest
+    from_url = session.url_int("feature") if "_sae_for" not in state else None
+    state["sae_feature"] = from_url if from_url is not None and 0 <= from_url < loaded.d_sae else int(acts[-1].argmax())
+    state["_sae_for"] = loaded.sae_id
+session.set_url(feature=int(state["sae_feature"]))
+
+VIEWS = {"prompt": "This prompt", "feature": "Feature dashboard", "search": "Search"}
+
+
+def open_feature(f: int) -> None:
+    state["sae_feature"] = int(f)
+    state["sae_view"] = "feature"
+
+
+def open_clicked() -> None:
+    f = plots.clicked_feature(state.get("sae_prompt_map"))
+    if f is not None:
+        open_feature(f)
+
+
+view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, default="prompt", key="sae_view",
+                                   persist_state="session", label_visibility="collapsed", required=True) or "prompt"
+
+
+def prompt_view() -> None:
+    k = st.slider("Features per token", 1, 8, 3, key="sae_per_token", persist_state="session")
+    values, ids = saes.top_features_per_token(acts[1:], k)
+    chosen = []
+    for f in ids[values > 0].tolist():
+        if f not in chosen:
+            chosen.append(f)
+    if not chosen:
+        st.info("No feature fires on this prompt (after BOS).")
+        return
+    chosen = sorted(chosen, key=lambda f: -float(acts[:, f].max()))[:30]
+    fig = plots.prompt_features_heatmap(acts[:, chosen], view.prompt.str_tokens, chosen)
+    st.plotly_chart(fig, width="stretch", key="sae_prompt_map", on_select=open_clicked, selection_mode="points")
+    st.caption(f"The {len(chosen)} features that are among the {k} strongest at some token (BOS left out). "
+               f"Activations of {loaded.hook_name} encoded by the SAE; click a cell to open its feature.")
+    f = int(state["sae_feature"])
+    st.markdown(f"**Feature {f} on this prompt** (max {float(acts[:, f].max()):.3f})")
+    st.html(plots.tinted_tokens_html(view.prompt.str_tokens, acts[:, f].tolist(), float(acts[:, f].max())))
+
+
+def context_html(ex: sae_index.Example, f: int, max_act: float, before: int = 12, after: int = 4) -> str:
+    tokens = index.doc(ex.doc)
+    doc_acts = index.doc_activations(f, ex.doc)
+    lo, hi = max(1, ex.pos - before), min(len(tokens), ex.pos + after + 1)
+    return plots.tinted_tokens_html([decode(t) for t in tokens[lo:hi]], doc_acts[lo:hi], max_act, mark=ex.pos - lo)
+
+
+def feature_view() -> None:
+    # The chosen feature lives under "sae_feature" (a widget's own key is forgotten while it is not drawn).
+    state["sae_feature_input"] = int(state["sae_feature"])
+    f = int(st.number_input(f"Feature (0–{loaded.d_sae - 1})", 0, loaded.d_sae - 1, key="sae_feature_input", step=1,
+                            on_change=lambda: open_feature(state["sae_feature_input"])))
+    left, right = st.columns([2, 3])
+    with left:
+        if index is not None:
+            stats = index.feature(f)
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Density", f"{stats.density:.3%}", help=f"Fires on {stats.n_fire:,} of {stats.n_tokens:,} corpus tokens.")
+            m2.metric("Max activation", f"{stats.max_act:.3f}")
+            m3.metric("Mean when firing", f"{stats.mean_act:.3f}")
+            if stats.n_fire:
+                st.plotly_chart(plots.activation_histogram(stats.hist_edges, stats.hist_counts, f, stats.density),
+                                width="stretch", key="sae_hist")
+        effects = saes.logit_effects(model, sae, f)
+        if effects is None:
+            st.info(f"Logit effects need a decoder that writes to the residual stream; {loaded.hook_name} does not.")
+        else:
+            n = min(10, effects.numel())
+            up, down = effects.topk(n), (-effects).topk(n)
+            st.plotly_chart(plots.logit_effect_bars([decode(t) for t in up.indices.tolist()], up.values.tolist(),
+                                                    "Promoted tokens (W_dec · W_U)", "#2ca02c"), width="stretch", key="sae_up")
+            st.plotly_chart(plots.logit_effect_bars([decode(t) for t in down.indices.tolist()], (-down.values).tolist(),
+                                                    "Suppressed tokens", "#d62728"), width="stretch", key="sae_down")
+    with right:
+        if index is not None:
+            stats = index.feature(f)
+            if not stats.n_fire:
+                st.info(f"Feature {f} never fires on {corpus_label}: a dead feature there.")
+            else:
+                st.markdown(f"**Top activating contexts** in {corpus_label} (firing token outlined; hover a token for its value)")
+                for ex in stats.top[:10]:
+                    st.html(f"<div><b>{ex.act:.3f}</b> · document {ex.doc}, position {ex.pos}</div>"
+                            + context_html(ex, f, stats.max_act))
+                with st.expander("Examples from each activation interval"):
+                    for lo, hi, examples in stats.intervals:
+                        st.markdown(f"Interval ({lo:.3f}, {hi:.3f}]: {len(examples)} example(s)")
+                        for ex in examples:
+                            st.html(f"<div><b>{ex.act:.3f}</b></div>" + context_html(ex, f, stats.max_act))
+        st.markdown("**Test your own text**")
+        text = st.text_input("Text", key="sae_test_text", persist_state="session",
+                             placeholder="Type text to see this feature's activation on each token")
+        if text.strip():
+            tokens = model.to_tokens(text, prepend_bos=True)[:, : model.cfg.n_ctx]
+            own = saes.prompt_features(model, loaded, session.get_store().get(model, tokens).cache)[:, f]
+            own[0] = 0.0
+            labels = [decode(t) for t in tokens[0].tolist()]
+            st.html(plots.tinted_tokens_html(labels[1:], own[1:].tolist(), float(own.max())))
+            st.caption(f"Max activation {float(own.max()):.4f} at {labels[int(own.argmax())]!r}.")
+        st.markdown("**Ablate or scale this feature** on the sidebar's prompt")
+        scale = st.slider("Scale (0 = ablate, 1 = unchanged)", -2.0, 5.0, 0.0, 0.25, key="sae_scale",
+                          persist_state="session")
+        base = run.logits[0, -1]
+        changed = saes.run_with_feature(model, loaded, view.prompt.tokens, f, scale)[0, -1]
+        p0, p1 = base.softmax(-1), changed.softmax(-1)
+        top = torch.unique(torch.cat([p0.topk(5).indices, p1.topk(5).indices]))
+        rows = sorted(({"token": decode(t), "probability before": float(p0[t]), "probability after": float(p1[t]),
+                        "logit change": float(changed[t] - base[t])} for t in top.tolist()),
+                      key=lambda r: -r["probability after"])
+        st.dataframe(rows, hide_index=True, width="stretch")
+        kl = float((p0 * (p0.clamp_min(1e-30).log() - p1.clamp_min(1e-30).log())).sum())
+        st.caption(f"Next token after the prompt, with feature {f} × {scale:g} at {loaded.hook_name} (the SAE's error "
+                   f"term kept): top is {decode(int(p0.argmax()))!r} → {decode(int(p1.argmax()))!r}; KL {kl:.4f} nats. "
+                   f"Feature {f} is {float(acts[-1, f]):.3f} at the last token.")
+
+
+def single_token(text: str) -> int | None:
+    tokens = model.to_tokens(text, prepend_bos=False)[0]
+    if text.strip() == "" or len(tokens) != 1:
+        st.warning(session.md_escape(f"'{text}' is {len(tokens)} tokens for this model; type one token."))
+        return None
+    return int(tokens[0])
+
+
+def search_view() -> None:
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        st.markdown("**Features that fire on a token**")
+        word = st.text_input("Token", key="sae_search_token", persist_state="session", placeholder="e.g. keys")
+        if word.strip():
+            t = single_token(word)
+            if t is not None and index is None:
+                st.info("Needs the corpus index (upload a corpus).")
+            elif t is not None:
+                rows = index.features_for_token(t)
+                if not rows:
+                    st.info(f"{decode(t)!r} does not occur in {corpus_label}.")
+                for r in rows:
+                    st.button(f"Feature {r['feature']}: mean {r['mean_act']:.3f} over {r['occurrences']} occurrences "
+                              f"(fires on {r['fires']})", key=f"sae_tok_{r['feature']}", on_click=open_feature,
+                              args=(r["feature"],))
+    with c2:
+        st.markdown("**Features that promote a token**")
+        word = st.text_input("Token ", key="sae_search_logit", persist_state="session", placeholder="e.g. are")
+        if word.strip():
+            t = single_token(word)
+            if t is not None:
+                effects = saes.features_promoting(model, sae, t)
+                if effects is None:
+                    st.info(f"{loaded.hook_name} does not write to the residual stream.")
+                else:
+                    top = effects.topk(min(10, effects.numel()))
+                    for f, v in zip(top.indices.tolist(), top.values.tolist()):
+                        st.button(f"Feature {f}: logit effect {v:+.3f}", key=f"sae_logit_{f}", on_click=open_feature,
+                                  args=(f,))
+    with c3:
+        st.markdown("**Feature by id**")
+        fid = st.number_input(f"Feature id (0–{loaded.d_sae - 1})", 0, loaded.d_sae - 1, key="sae_search_id", step=1)
+        st.button("Open", key="sae_open_id", on_click=open_feature, args=(int(fid),))
+
+
+{"prompt": prompt_view, "feature": feature_view, "search": search_view}[view_choice]()
+session.sidebar_footer()

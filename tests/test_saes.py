@@ -1,0 +1,367 @@
+"""SAEs: loading and fit checks, the embedded SAEs' cards, the feature index against direct
+sae_lens `encode` calls, index reuse and rebuilds, logit effects and feature interventions."""
+import json
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core import models, sae_index, saes
+from core.zoo import sae_data
+
+SAE_NAME = "ce-circuits-3l-mlp-res2-relu"
+
+
+@pytest.fixture(scope="module")
+def mlp_lm():
+    return models.load_model("ce-circuits-3l-mlp")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return saes.load_embedded(SAE_NAME)
+
+
+@pytest.fixture(scope="module")
+def small_docs(mlp_lm, loaded):
+    spec = dict(loaded.card["corpus"], documents=150)
+    return sae_data.documents(spec, mlp_lm.tokenizer)
+
+
+@torch.no_grad()
+def _dense(model, sae, docs):
+    """[n tokens, d_sae] activations of every corpus token but BOS, one plain run per document,
+    with (doc, pos, token) of each row: an independent computation of what the index holds."""
+    name = sae.cfg.metadata.hook_name
+    rows, where = [], []
+    for d, doc in enumerate(docs):
+        _, cache = model.run_with_cache(torch.tensor([doc]), names_filter=name)
+        rows.append(sae.encode(cache[name][0, 1:]))
+        where += [(d, p, doc[p]) for p in range(1, len(doc))]
+    return torch.cat(rows), where
+
+
+@pytest.fixture(scope="module")
+def built(mlp_lm, loaded, small_docs, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("index")
+    index = sae_index.open_index(mlp_lm, loaded, small_docs, directory=directory)
+    dense, where = _dense(mlp_lm, loaded.sae, small_docs)
+    return index, dense, where, directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded SAEs and their cards
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", saes.embedded_saes())
+def test_embedded_sae_reproduces_its_card(name):
+    loaded = saes.load_embedded(name)
+    card = loaded.card
+    model = models.load_model(card["model"])
+    saes.check_fits(model, loaded)
+    docs = sae_data.documents(card["eval"], model.tokenizer)
+    q = saes.quality(model, loaded.sae, docs)
+    assert q["tokens"] == card["tokens"]
+    for key in ("l0", "explained_variance", "ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablated", "loss_recovered"):
+        assert q[key] == pytest.approx(card[key], abs=2e-4), key
+    assert q["dead_features"] == card["dead_features"]
+    # A useful SAE: sparse, faithful, and the model still works with it spliced in.
+    assert q["l0"] < 40 and q["explained_variance"] > 0.7 and q["loss_recovered"] > 0.8
+    assert q["dead_features"] < 0.5 * card["d_sae"]
+
+
+@torch.no_grad()
+def test_quality_matches_a_hand_computation(mlp_lm, loaded):
+    docs = sae_data.documents(dict(loaded.card["eval"], documents=12), mlp_lm.tokenizer)
+    q = saes.quality(mlp_lm, loaded.sae, docs, batch=5)
+    sae, name = loaded.sae, loaded.hook_name
+    l0 = n = 0
+    xs, errs, ce, ce_sae = [], 0.0, 0.0, 0.0
+    targets = 0
+    for doc in docs:
+        t = torch.tensor([doc])
+        _, cache = mlp_lm.run_with_cache(t, names_filter=name)
+        x = cache[name][0, 1:]
+        f = sae.encode(x)
+        l0 += int((f > 0).sum())
+        n += len(x)
+        xs.append(x)
+        errs += float(((sae.decode(f) - x) ** 2).sum())
+
+        def splice(act, hook):
+            act[0, 1:] = sae.decode(sae.encode(act[0, 1:]))
+            return act
+
+        ce += float(F.cross_entropy(mlp_lm(t)[0, :-1], t[0, 1:], reduction="sum"))
+        ce_sae += float(F.cross_entropy(mlp_lm.run_with_hooks(t, fwd_hooks=[(name, splice)])[0, :-1], t[0, 1:], reduction="sum"))
+        targets += len(doc) - 1
+    X = torch.cat(xs)
+    assert q["l0"] == pytest.approx(l0 / n, rel=1e-6)
+    assert q["explained_variance"] == pytest.approx(1 - errs / float(((X - X.mean(0)) ** 2).sum()), abs=1e-5)
+    assert q["ce_loss_clean"] == pytest.approx(ce / targets, abs=1e-5)
+    assert q["ce_loss_with_sae"] == pytest.approx(ce_sae / targets, abs=1e-5)
+
+
+def test_embedded_saes_are_listed_per_model():
+    assert SAE_NAME in saes.embedded_saes("ce-circuits-3l-mlp")
+    assert SAE_NAME not in saes.embedded_saes("ce-circuits-3l-attn")
+    for name in saes.embedded_saes():
+        files = {p.name for p in (saes.SAE_DIR / name).iterdir()}
+        assert {"cfg.json", "sae_weights.safetensors", "metrics.json", "SAE_CARD.md"} <= files
+
+
+# ---------------------------------------------------------------------------------------------
+# The index against direct encode calls
+# ---------------------------------------------------------------------------------------------
+
+
+def test_index_feature_stats_match_direct_encode(built):
+    index, dense, where, _ = built
+    assert index.n_tokens == dense.shape[0]
+    checked = 0
+    for f in range(index.d_sae):
+        stats = index.feature(f)
+        col = dense[:, f]
+        fired = col > 0
+        assert stats.n_fire == int(fired.sum())
+        if not stats.n_fire:
+            assert stats.top == [] and stats.max_act == 0
+            continue
+        assert stats.max_act == pytest.approx(float(col.max()), abs=1e-5)
+        assert stats.mean_act == pytest.approx(float(col[fired].mean()), abs=1e-5)
+        assert stats.density == pytest.approx(float(fired.float().mean()))
+        # Top examples: the same values in the same order, at the right (doc, pos).
+        values = col.sort(descending=True).values[: len(stats.top)]
+        assert np.allclose([e.act for e in stats.top], values.numpy(), atol=1e-5)
+        lookup = {(d, p): i for i, (d, p, _) in enumerate(where)}
+        for e in stats.top + [e for _, _, ex in stats.intervals for e in ex]:
+            assert float(col[lookup[(e.doc, e.pos)]]) == pytest.approx(e.act, abs=1e-5)
+        for lo, hi, examples in stats.intervals:
+            assert all(lo < e.act <= hi + 1e-6 for e in examples)
+            # The index's batched runs and these single runs differ in the last float bits, which
+            # may move a value that sits on an interval's edge.
+            strict = int(((col > lo + 1e-5) & (col <= hi - 1e-5)).sum())
+            loose = int(((col > lo - 1e-5) & (col <= hi + 1e-5)).sum())
+            assert min(sae_index.PER_INTERVAL, strict) <= len(examples) <= min(sae_index.PER_INTERVAL, loose)
+        counts, _ = np.histogram(col[fired].numpy(), bins=np.linspace(0, float(col.max()), sae_index.HIST_BINS + 1))
+        assert sum(stats.hist_counts) == stats.n_fire
+        assert np.abs(np.array(stats.hist_counts) - counts).sum() <= 2  # float rounding at bin edges only
+        checked += 1
+    assert checked > 100
+
+
+def test_index_context_activations_and_token_search_match_direct_encode(built, small_docs):
+    index, dense, where, _ = built
+    rows_of_doc = {}
+    for i, (d, p, _) in enumerate(where):
+        rows_of_doc.setdefault(d, []).append(i)
+    for f in (0, 5, int(dense.max(0).values.argmax())):
+        for d in (0, 7, 42):
+            got = index.doc_activations(f, d)
+            assert got[0] == 0.0 and len(got) == len(small_docs[d])
+            assert np.allclose(got[1:], dense[rows_of_doc[d], f].numpy(), atol=1e-5)
+        assert index.doc(3) == small_docs[3]
+    # Search by token: mean activation over every occurrence of the token.
+    tokens = torch.tensor([t for _, _, t in where])
+    token = int(torch.mode(tokens).values)
+    occ = tokens == token
+    means = dense[occ].mean(0)
+    got = index.features_for_token(token, k=5)
+    assert [r["feature"] for r in got] == means.topk(5).indices.tolist()
+    assert np.allclose([r["mean_act"] for r in got], means.topk(5).values.numpy(), atol=1e-5)
+    assert got[0]["occurrences"] == int(occ.sum())
+    assert index.features_for_token(10**6) == []
+
+
+def test_second_opening_reads_the_index_without_a_forward_pass(built, loaded, small_docs):
+    index, _, _, directory = built
+    fresh = models.load_model("ce-circuits-3l-mlp")  # as after a restart: a new model object, same weights
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran")
+
+    fresh.forward = no_forward
+    fresh.run_with_cache = no_forward
+    start = time.perf_counter()
+    again = sae_index.open_index(fresh, loaded, small_docs, directory=directory)
+    assert again.path == index.path
+    assert again.feature(3) == index.feature(3)
+    assert time.perf_counter() - start < 5
+
+
+def test_corrupt_stale_or_incomplete_index_is_rebuilt(mlp_lm, loaded, small_docs, tmp_path):
+    docs = small_docs[:20]
+    first = sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)
+    expected = first.feature(1)
+    calls = []
+    original = sae_index.collect
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    sae_index.collect = counting
+    try:
+        first.path.write_bytes(b"this is not a database" * 100)  # corrupt
+        assert sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path).feature(1) == expected
+        assert len(calls) == 1
+        with sqlite3.connect(first.path) as con:  # an interrupted build
+            con.execute("UPDATE meta SET value = '0' WHERE key = 'complete'")
+        assert sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path).feature(1) == expected
+        assert len(calls) == 2
+        with sqlite3.connect(first.path) as con:  # a file whose recorded key is another's
+            con.execute("UPDATE meta SET value = 'other' WHERE key = 'key'")
+        sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)
+        assert len(calls) == 3
+        sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)  # valid now: read
+        assert len(calls) == 3
+        # Another corpus (or model, or SAE) is another index.
+        other = sae_index.open_index(mlp_lm, loaded, docs[:10], directory=tmp_path)
+        assert other.path != first.path and len(calls) == 4
+    finally:
+        sae_index.collect = original
+
+
+def test_empty_corpus_is_refused(mlp_lm, loaded, tmp_path):
+    for docs in ([], [[mlp_lm.tokenizer.bos_token_id]]):
+        with pytest.raises(sae_index.IndexError_, match="empty"):
+            sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)
+    with pytest.raises(saes.SAELoadError, match="empty"):
+        saes.documents_from_text(mlp_lm, "\n  \n")
+    docs = saes.documents_from_text(mlp_lm, "the keys are old\n\nmary went home")
+    assert len(docs) == 2 and all(d[0] == mlp_lm.tokenizer.bos_token_id for d in docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and fit
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_sae(folder, d_in, hook, d_sae=16, seed=0):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook)))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.2)
+    sae.save_model(folder)
+    return sae
+
+
+def test_local_sae_round_trip_and_bad_folders(mlp_lm, tmp_path):
+    good = tmp_path / "good"
+    sae = _save_sae(good, mlp_lm.cfg.d_model, "blocks.1.hook_resid_post")
+    loaded = saes.load_local(good)
+    saes.check_fits(mlp_lm, loaded)
+    assert torch.equal(loaded.sae.W_dec, sae.W_dec)
+    with pytest.raises(saes.SAELoadError, match="no folder"):
+        saes.load_local(tmp_path / "missing")
+    with pytest.raises(saes.SAELoadError, match="Type the path"):
+        saes.load_local("  ")
+    with pytest.raises(saes.SAELoadError, match="is a file"):
+        saes.load_local(good / "cfg.json")
+    with pytest.raises(saes.SAELoadError, match="sae_weights.safetensors missing"):
+        (tmp_path / "half").mkdir()
+        (tmp_path / "half" / "cfg.json").write_text("{}")
+        saes.load_local(tmp_path / "half")
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "cfg.json").write_text((good / "cfg.json").read_text())
+    (bad / "sae_weights.safetensors").write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(saes.SAELoadError, match="corrupt"):
+        saes.load_local(bad)
+
+
+def test_sae_that_does_not_fit_the_model_is_refused(mlp_lm, tmp_path):
+    wide = saes.load_local(_save_sae(tmp_path / "wide", 768, "blocks.1.hook_resid_post") and tmp_path / "wide")
+    with pytest.raises(saes.SAELoadError, match="expects 768 numbers per token"):
+        saes.check_fits(mlp_lm, wide)
+    deep = saes.load_local(_save_sae(tmp_path / "deep", mlp_lm.cfg.d_model, "blocks.9.hook_resid_pre") and tmp_path / "deep")
+    with pytest.raises(saes.SAELoadError, match="does not have"):
+        saes.check_fits(mlp_lm, deep)
+    mlp = saes.load_local(_save_sae(tmp_path / "mlp", mlp_lm.cfg.d_mlp, "blocks.0.mlp.hook_post") and tmp_path / "mlp")
+    saes.check_fits(mlp_lm, mlp)  # an MLP-neuron SAE fits at hook_post
+
+
+def test_pretrained_offline_fails_fast_and_unknown_ids_are_named(offline_hub):
+    start = time.perf_counter()
+    with pytest.raises(saes.SAELoadError, match="not reachable"):
+        saes.load_pretrained("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
+    assert time.perf_counter() - start < 3
+    with pytest.raises(saes.SAELoadError, match="Unknown SAE release"):
+        saes.load_pretrained("no-such-release", "x")
+    with pytest.raises(saes.SAELoadError, match="has no SAE"):
+        saes.load_pretrained("gpt2-small-res-jb", "blocks.99.hook_resid_pre")
+
+
+def test_registry_lists_only_the_saes_made_for_the_model(mlp_lm):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    gpt2_like = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=4, d_vocab=10,
+                                                          act_fn="gelu", model_name="gpt2"))
+    listed = saes.pretrained_for_model(gpt2_like)
+    assert "blocks.8.hook_resid_pre" in listed["gpt2-small-res-jb"]
+    assert all(saes.pretrained_directory()[r].model in ("gpt2-small", "gpt2") for r in listed)
+    assert saes.pretrained_for_model(mlp_lm) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit effects and interventions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_logit_effects_are_the_decoder_through_the_unembedding(mlp_lm, loaded, tmp_path):
+    W = loaded.sae.W_dec.detach()
+    for f in (0, 17):
+        assert torch.allclose(saes.logit_effects(mlp_lm, loaded.sae, f), W[f] @ mlp_lm.W_U, atol=1e-5)
+    token = 5
+    assert torch.allclose(saes.features_promoting(mlp_lm, loaded.sae, token), W @ mlp_lm.W_U[:, token], atol=1e-5)
+    # An MLP-neuron SAE writes through W_out; a hook_z SAE through W_O, head by head.
+    mlp = _save_sae(tmp_path / "mlp", mlp_lm.cfg.d_mlp, "blocks.1.mlp.hook_post")
+    expected = mlp.W_dec[3].detach() @ mlp_lm.blocks[1].mlp.W_out @ mlp_lm.W_U
+    assert torch.allclose(saes.logit_effects(mlp_lm, mlp, 3), expected, atol=1e-4)
+    n_heads, d_head = mlp_lm.cfg.n_heads, mlp_lm.cfg.d_head
+    z_sae = _save_sae(tmp_path / "z", n_heads * d_head, "blocks.2.attn.hook_z")
+    W_O = mlp_lm.blocks[2].attn.W_O
+    direction = sum(z_sae.W_dec[3, h * d_head:(h + 1) * d_head].detach() @ W_O[h] for h in range(n_heads))
+    assert torch.allclose(saes.logit_effects(mlp_lm, z_sae, 3), direction @ mlp_lm.W_U, atol=1e-4)
+
+
+@torch.no_grad()
+def test_feature_scaling_matches_hooked_sae_transformer(mlp_lm, loaded):
+    from sae_lens import HookedSAETransformer
+
+    tokens = mlp_lm.to_tokens("The keys on the cabinet are old . The keys that the man holds")
+    name = loaded.hook_name
+    _, cache = mlp_lm.run_with_cache(tokens, names_filter=name)
+    acts = loaded.sae.encode(cache[name])
+    f = int(acts[0, -1].argmax())
+    assert float(acts[0, -1, f]) > 0
+    plain = mlp_lm(tokens)
+    assert torch.equal(saes.run_with_feature(mlp_lm, loaded, tokens, f, 1.0), plain)  # scale 1: nothing changes
+    # The residual after the hook differs from the original by exactly (scale - 1) · f · W_dec[f].
+    changed = saes.feature_hook(loaded.sae, f, 3.0)(cache[name].clone(), None)
+    assert torch.allclose(changed - cache[name], 2.0 * acts[..., f, None] * loaded.sae.W_dec[f], atol=1e-5)
+    # Ablation against sae_lens's own HookedSAETransformer with the error term kept.
+    hooked = HookedSAETransformer(mlp_lm.cfg)
+    hooked.load_state_dict(mlp_lm.state_dict(), strict=False)
+    hooked.add_sae(loaded.sae, use_error_term=True)
+    try:
+        def zero(a, hook):
+            a[..., f] = 0.0
+            return a
+
+        expected = hooked.run_with_hooks(tokens, fwd_hooks=[(f"{name}.hook_sae_acts_post", zero)])
+    finally:
+        hooked.reset_saes()
+    ours = saes.run_with_feature(mlp_lm, loaded, tokens, f, 0.0)
+    assert torch.allclose(ours, expected, atol=1e-4)
+    assert not torch.allclose(ours, plain, atol=1e-4)
+    with pytest.raises(saes.SAELoadError, match="does not exist"):
+        saes.run_with_feature(mlp_lm, loaded, tokens, loaded.d_sae, 0.0)
