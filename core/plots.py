@@ -537,9 +537,10 @@ def activation_histogram(edges: Sequence[float], counts: Sequence[int], feature:
     width = (edges[1] - edges[0]) if len(edges) > 1 else 1.0
     ranges = [f"{a:.3f} – {b:.3f}" for a, b in zip(edges[:-1], edges[1:])]
     fig = go.Figure(go.Bar(x=centres, y=list(counts), width=width, customdata=ranges, marker_color="#4c78a8",
-                           hovertemplate="activation %{customdata}<br>%{y} tokens<extra></extra>"))
+                           hovertemplate="activation %{customdata}<br>%{y} tokens<extra></extra>",
+                           name=f"fires on {density:.3%} of tokens"))
     fig.update_layout(
-        title=f"Feature {feature}: activations where it fires (density {density:.3%} of tokens)",
+        title=f"Feature {feature}: activation histogram",
         xaxis_title="activation", yaxis_title="tokens", height=280, margin=dict(l=10, r=10, t=50, b=10), bargap=0,
     )
     return fig

@@ -33,7 +33,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from core import store
-from core.saes import LoadedSAE, encode
+from core.saes import LoadedSAE, doc_batches, encode
 
 SCHEMA_VERSION = 1
 DATA_ENV = "CIRCUIT_EXPLORER_DATA"
@@ -249,19 +249,19 @@ def open_index(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]
     return FeatureIndex(path)
 
 
-def _doc_batches(docs: list[list[int]], pad: int, size: int):
-    order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
-    for s in range(0, len(order), size):
-        ids = order[s : s + size]
-        width = max(len(docs[i]) for i in ids)
-        yield ids, torch.tensor([docs[i] + [pad] * (width - len(docs[i])) for i in ids])
+def capture_plan(name: str, n_layers: int) -> tuple[str, int | None]:
+    """(hook to read, stop_at_layer): the cheapest forward pass that yields the activation at `name`.
 
-
-def _stop_layer(name: str, n_layers: int) -> int | None:
+    `blocks.L.hook_resid_pre` is the very tensor `blocks.{L-1}.hook_resid_post` holds, so it is
+    read there and block L never runs; other block hooks stop after their block; the
+    unembedding never runs for a block hook.
+    """
     if name.startswith("blocks."):
         layer = int(name.split(".")[1])
-        return layer + 1 if layer + 1 < n_layers else None
-    return None
+        if name == f"blocks.{layer}.hook_resid_pre" and layer > 0:
+            return f"blocks.{layer - 1}.hook_resid_post", layer
+        return name, layer + 1
+    return name, None
 
 
 @torch.inference_mode()
@@ -276,13 +276,13 @@ def collect(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]], 
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
     feats, gidx, vals = [], [], []
-    stop = _stop_layer(name, model.cfg.n_layers)
+    read, stop = capture_plan(name, model.cfg.n_layers)
     done = 0
     total = int(lengths.sum())
-    for ids, tokens in _doc_batches(docs, pad, BATCH):
+    for ids, tokens in doc_batches(docs, pad, BATCH):
         with store.locked(model):
-            _, cache = model.run_with_cache(tokens, names_filter=name, stop_at_layer=stop)
-        acts = cache[name]
+            _, cache = model.run_with_cache(tokens, names_filter=read, stop_at_layer=stop)
+        acts = cache[read]
         width = tokens.shape[1]
         pos = torch.arange(width)
         lens = torch.tensor([len(docs[i]) for i in ids])

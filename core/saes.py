@@ -303,15 +303,16 @@ def run_with_feature(model: HookedTransformer, loaded: LoadedSAE, tokens: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def _batches(docs: list[list[int]], pad: int, size: int):
-    """Right-padded batches of documents of similar length: (tokens [b, pos], real mask [b, pos])."""
+def doc_batches(docs: list[list[int]], pad: int, size: int):
+    """Right-padded batches of documents of similar length: (document ids, tokens [b, pos]).
+
+    Causal attention never lets a real token see the padding after it.
+    """
     order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
     for s in range(0, len(order), size):
-        chunk = [docs[i] for i in order[s : s + size]]
-        width = max(len(d) for d in chunk)
-        tokens = torch.tensor([d + [pad] * (width - len(d)) for d in chunk])
-        mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in chunk], dtype=torch.bool)
-        yield tokens, mask
+        ids = order[s : s + size]
+        width = max(len(docs[i]) for i in ids)
+        yield ids, torch.tensor([docs[i] + [pad] * (width - len(docs[i])) for i in ids])
 
 
 @torch.inference_mode()
@@ -330,7 +331,9 @@ def quality(model: HookedTransformer, sae, docs: list[list[int]], batch: int = 6
     fired = torch.zeros(int(sae.cfg.d_sae), dtype=torch.long)
     losses = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_targets = 0
-    for tokens, mask in _batches(docs, pad, batch):
+    for ids, tokens in doc_batches(docs, pad, batch):
+        lengths = torch.tensor([len(docs[i]) for i in ids])
+        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
         keep = mask.clone()
         keep[:, 0] = False
         _, cache = store.run_with_cache(model, tokens, names_filter=name)

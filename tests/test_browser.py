@@ -3,6 +3,7 @@
 Skips only where /usr/bin/chromium (or the playwright package) is absent; .ci/run installs both.
 """
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -236,4 +237,39 @@ def test_head_importance_page_patches_and_a_click_opens_the_head(server):
         page.get_by_role("link", name="Head importance").click()
         page.get_by_text("Head outputs (z), all positions: exact").first.wait_for(timeout=60_000)
         assert page.get_by_role("textbox", name="Corrupted prompt").input_value().endswith("Alice gave a drink to")
+        browser.close()
+
+
+def test_sae_page_click_a_feature_opens_its_dashboard(server):
+    """Open the SAE page on the embedded SAE, click the strongest cell of the prompt's feature map,
+    land on that feature's dashboard with its top contexts."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from urllib.parse import quote
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"{server}/saes?model=ce-circuits-3l-mlp&prompt={quote('The keys that the man holds')}",
+                  wait_until="domcontentloaded")
+        page.get_by_text("Strongest SAE features at each token").first.wait_for(timeout=180_000)
+        page.wait_for_timeout(1500)
+        point = page.evaluate(
+            """() => {
+                const gd = [...document.querySelectorAll('.js-plotly-plot')]
+                    .find(g => g.offsetParent !== null && g.layout.title && g.layout.title.text.includes('Strongest SAE'));
+                const z = gd.data[0].z, xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+                let best = [0, 0], v = -1;
+                Array.from(z, r => Array.from(r)).forEach((row, f) => row.forEach((x, q) => {
+                    if (x > v) { v = x; best = [f, q]; } }));
+                const t = gd.data[1], nx = gd.data[0].x.length, i = best[0] * nx + best[1];
+                return {x: r.left + xa._offset + xa.d2p(t.x[i]), y: r.top + ya._offset + ya.d2p(t.y[i]), f: t.customdata[i][0]};
+            }"""
+        )
+        page.mouse.click(point["x"], point["y"])
+        page.get_by_text("Top activating contexts").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        assert f"feature={point['f']}" in page.url
+        assert page.get_by_role("spinbutton", name=re.compile("Feature")).input_value() == str(point["f"])
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "sae_feature.png"), full_page=False)
         browser.close()

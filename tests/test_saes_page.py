@@ -77,7 +77,7 @@ def test_feature_dashboard_numbers_match_direct_encode_calls(mlp_lm, relu_sae):
     assert _metric(at, "Density") == f"{float(fired.float().mean()):.3%}"
     assert _metric(at, "Max activation") == f"{float(col.max()):.3f}"
     assert _metric(at, "Mean when firing") == f"{float(col[fired].mean()):.3f}"
-    hist = _figure(at, f"Feature {f}: activations")
+    hist = _figure(at, f"Feature {f}: activation histogram")
     assert sum(_z({"z": hist["data"][0]["y"]}) if isinstance(hist["data"][0]["y"], dict) else hist["data"][0]["y"]) == int(fired.sum())
     effects = (relu_sae.sae.W_dec[f] @ mlp_lm.W_U).detach()
     up = _figure(at, "Promoted tokens")
@@ -169,3 +169,14 @@ def test_feature_id_out_of_range_in_the_url_falls_back(relu_sae):
     at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, feature="999999")
     assert not at.exception and not at.error
     assert 0 <= int(str(at.query_params["feature"]).strip("[]'")) < relu_sae.d_sae
+
+
+def test_default_model_opens_on_its_embedded_sae():
+    """A fresh start (no URL parameters): the default zoo model and its embedded SAE, dashboard and all."""
+    at = _app(page="saes")
+    assert not at.exception and not at.error and not at.warning
+    assert at.selectbox(key="sae_embedded").value == "ce-induction-2l-res1-topk"
+    _figure(at, "Strongest SAE features")
+    at.segmented_control(key="sae_view").set_value("feature").run()
+    assert not at.exception and not at.error
+    assert "Top activating contexts" in " ".join(m.value for m in at.markdown)

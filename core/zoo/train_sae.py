@@ -5,7 +5,7 @@ One command each, seeded, CPU only:
     python -m core.zoo.train_sae mlp-relu     # ce-circuits-3l-mlp-res2-relu
     python -m core.zoo.train_sae mlp-topk     # ce-circuits-3l-mlp-res2-topk
     python -m core.zoo.train_sae attn-relu    # ce-circuits-3l-attn-res2-relu
-    python -m core.zoo.train_sae induction-relu
+    python -m core.zoo.train_sae induction-topk   # ce-induction-2l-res1-topk
 
 `LanguageModelSAETrainingRunner` gets the zoo model (`override_model`) and an in-memory dataset
 of token rows (`override_dataset`): each row is BOS, one corpus document and PAD up to the
@@ -38,7 +38,7 @@ class SAETrainConfig:
     corpus_kind: str = "zoo-lm"
     architecture: str = "standard"  # or "topk"
     d_sae: int = 1024
-    l1_coefficient: float = 15.0
+    l1_coefficient: float = 8.0
     k: int = 16
     training_tokens: int = 1_500_000
     context_size: int = 40
@@ -58,8 +58,8 @@ VARIANTS = {
     "mlp-topk": SAETrainConfig("ce-circuits-3l-mlp-res2-topk", "ce-circuits-3l-mlp", "blocks.2.hook_resid_pre",
                                architecture="topk"),
     "attn-relu": SAETrainConfig("ce-circuits-3l-attn-res2-relu", "ce-circuits-3l-attn", "blocks.2.hook_resid_pre"),
-    "induction-relu": SAETrainConfig("ce-induction-2l-res1-relu", "ce-induction-2l", "blocks.1.hook_resid_pre",
-                                     corpus_kind="induction", d_sae=512, context_size=64),
+    "induction-topk": SAETrainConfig("ce-induction-2l-res1-topk", "ce-induction-2l", "blocks.1.hook_resid_pre",
+                                     corpus_kind="induction", architecture="topk", d_sae=2048, k=32, context_size=64),
 }
 
 
