@@ -58,17 +58,22 @@ def _digest(chunks) -> str:
     return h.hexdigest()
 
 
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return str((tuple(t.shape), t.dtype)).encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def tensors_fingerprint(named: dict[str, torch.Tensor]) -> str:
-    return _digest(
-        part for k in sorted(named) for part in (k.encode(), str(tuple(named[k].shape)).encode(),
-                                                 named[k].detach().cpu().contiguous().numpy().tobytes())
-    )
+    return _digest(part for k in sorted(named) for part in (k.encode(), _bytes(named[k])))
 
 
 def model_fingerprint(model: HookedTransformer) -> str:
     fp = getattr(model, "_circuit_explorer_fingerprint", None)
     if fp is None:
-        fp = tensors_fingerprint(model.state_dict())
+        fp = tensors_fingerprint(model.state_dict()) + _digest([
+            json.dumps(model.cfg.to_dict(), default=str, sort_keys=True).encode(),
+            json.dumps(sorted(model.tokenizer.all_special_ids) if model.tokenizer is not None else []).encode(),
+        ])[:8]
         model._circuit_explorer_fingerprint = fp
     return fp
 
@@ -76,7 +81,8 @@ def model_fingerprint(model: HookedTransformer) -> str:
 def sae_fingerprint(sae) -> str:
     fp = getattr(sae, "_circuit_explorer_fingerprint", None)
     if fp is None:
-        fp = tensors_fingerprint(sae.state_dict()) + _digest([sae.cfg.metadata.hook_name.encode()])[:8]
+        # The config too: TopK's k, input normalisation and reshaping live there, not in the weights.
+        fp = tensors_fingerprint(sae.state_dict()) + _digest([json.dumps(sae.cfg.to_dict(), default=str, sort_keys=True).encode()])[:8]
         sae._circuit_explorer_fingerprint = fp
     return fp
 
@@ -125,6 +131,7 @@ class FeatureIndex:
         self.build_seconds = float(meta["build_seconds"])
         self.key = meta["key"]
         self._offsets: np.ndarray | None = None
+        self._acts: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a few features' blobs, for this object's life
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
@@ -167,9 +174,13 @@ class FeatureIndex:
 
     def activations(self, f: int) -> tuple[np.ndarray, np.ndarray]:
         """(global token indices, activations) of every non-zero activation of feature f, by index."""
-        with self._connect() as con:
-            idx, acts = con.execute("SELECT idx, acts FROM features WHERE feature = ?", (int(f),)).fetchone()
-        return np.frombuffer(idx, dtype=np.int64), np.frombuffer(acts, dtype=np.float32)
+        if int(f) not in self._acts:
+            with self._connect() as con:
+                idx, acts = con.execute("SELECT idx, acts FROM features WHERE feature = ?", (int(f),)).fetchone()
+            if len(self._acts) >= 8:
+                self._acts.pop(next(iter(self._acts)))
+            self._acts[int(f)] = (np.frombuffer(idx, dtype=np.int64), np.frombuffer(acts, dtype=np.float32))
+        return self._acts[int(f)]
 
     def doc_activations(self, f: int, d: int) -> list[float]:
         """Feature f's activation at every position of document d (0 at BOS)."""
@@ -234,19 +245,50 @@ def _valid(path: Path, key: str, d_sae: int) -> bool:
 def open_index(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]], progress: Progress | None = None,
                directory: Path | None = None) -> FeatureIndex:
     """The index of this (model, SAE, corpus): read if a valid one exists, else built (and kept)."""
-    if not docs or not any(len(d) > 1 for d in docs):
+    docs = [d for d in docs if len(d) > 1]  # a document of BOS alone has nothing to index
+    if not docs:
         raise IndexError_("The corpus is empty: give at least one document with a token after BOS.")
     key = index_key(model, loaded, docs)
     path = index_path(model, loaded, docs, directory)
     with _build_guard:
         lock = _build_locks.setdefault(str(path), threading.Lock())
     with lock:
-        if path.exists() and _valid(path, key, loaded.d_sae):
+        if path.exists() and _checked(path, key, loaded.d_sae):
             return FeatureIndex(path)
         if path.exists():
             path.unlink()  # corrupt, stale or incomplete: never shown
+        _sweep(path.parent)
         build(model, loaded, docs, path, key, progress)
     return FeatureIndex(path)
+
+
+_checked_files: dict[str, tuple] = {}
+TMP_MAX_AGE = 3600.0
+
+
+def _checked(path: Path, key: str, d_sae: int) -> bool:
+    """`_valid`, run once per version of the file (its size and modification time) per process."""
+    st = path.stat()
+    stamp = (st.st_size, st.st_mtime_ns, key)
+    if _checked_files.get(str(path)) == stamp:
+        return True
+    ok = _valid(path, key, d_sae)
+    if ok:
+        _checked_files[str(path)] = stamp
+    return ok
+
+
+def _sweep(directory: Path) -> None:
+    """Remove temporary files of builds that died (a killed process) over an hour ago."""
+    if not directory.exists():
+        return
+    now = time.time()
+    for tmp in directory.glob("sae-index-*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > TMP_MAX_AGE:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def capture_plan(name: str, n_layers: int) -> tuple[str, int | None]:
@@ -271,7 +313,9 @@ def collect(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]], 
     name = loaded.hook_name
     tok = model.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    special = set(tok.all_special_ids) if tok is not None else set()
+    # Left out besides position 0: BOS and padding wherever they occur (packed or padded rows).
+    # Other special tokens (<unk>, EOS) are indexed like any token.
+    special = {i for i in (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)) if i is not None}
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
@@ -338,63 +382,67 @@ def build(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]], pa
 
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(tmp)
-    try:
-        con.executescript(
-            """
-            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
-            CREATE TABLE blobs (key TEXT PRIMARY KEY, value BLOB);
-            CREATE TABLE docs (doc INTEGER PRIMARY KEY, tokens BLOB);
-            CREATE TABLE features (feature INTEGER PRIMARY KEY, n_fire INTEGER, max_act REAL, sum_act REAL,
-                                   hist TEXT, top TEXT, intervals TEXT, idx BLOB, acts BLOB);
-            CREATE TABLE token_counts (token INTEGER PRIMARY KEY, n INTEGER);
-            CREATE TABLE token_features (token INTEGER, feature INTEGER, sum_act REAL, n_fire INTEGER, max_act REAL);
-            """
-        )
-        con.executemany("INSERT INTO docs VALUES (?, ?)", ((i, np.asarray(d, dtype=np.int32).tobytes()) for i, d in enumerate(docs)))
-        con.execute("INSERT INTO blobs VALUES ('offsets', ?)", (np.asarray(offsets, dtype=np.int64).tobytes(),))
-        rows = []
-        for f in range(d_sae):
-            s, e = int(starts[f]), int(ends[f])
-            n = e - s
-            if n == 0:
-                rows.append((f, 0, 0.0, 0.0, json.dumps({"edges": [], "counts": []}), "[]", "[]", b"", b""))
-                continue
-            v = vals[s:e]
-            mx = float(v[0])
-            edges = torch.linspace(0.0, mx, HIST_BINS + 1)
-            hist = torch.histc(v, bins=HIST_BINS, min=0.0, max=mx).long().tolist() if mx > 0 else [n] + [0] * (HIST_BINS - 1)
-            top = [example(s + i) for i in range(min(TOP_K, n))]
-            gen = torch.Generator().manual_seed(f)
-            intervals = []
-            for j in range(INTERVALS):
-                lo, hi = mx * j / INTERVALS, mx * (j + 1) / INTERVALS
-                inside = ((v > lo) & (v <= hi)).nonzero()[:, 0]  # descending order of v
-                pick = inside[torch.randperm(len(inside), generator=gen)[:PER_INTERVAL]].sort().values
-                intervals.append([lo, hi, [example(s + int(i)) for i in pick]])
-            by_index = torch.argsort(gidx[s:e])
-            rows.append((f, n, mx, float(v.double().sum()), json.dumps({"edges": edges.tolist(), "counts": hist}),
-                         json.dumps(top), json.dumps(intervals[::-1]),
-                         gidx[s:e][by_index].numpy().astype(np.int64).tobytes(),
-                         v[by_index].numpy().astype(np.float32).tobytes()))
-            if progress and f % 256 == 0:
-                progress(0.85 + 0.13 * f / d_sae, f"Summarising features: {f:,} of {d_sae:,}")
-        con.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        con.executemany("INSERT INTO token_counts VALUES (?, ?)", ((t, int(c)) for t, c in enumerate(occ.tolist()) if c))
-        con.executemany(
-            "INSERT INTO token_features VALUES (?, ?, ?, ?, ?)",
-            ((int(p // d_sae), int(p % d_sae), float(sm), int(c), float(m))
-             for p, sm, c, m in zip(uniq.tolist(), sums.tolist(), nfire.tolist(), maxes.tolist())),
-        )
-        con.execute("CREATE INDEX token_features_by_token ON token_features (token, sum_act DESC)")
-        seconds = time.perf_counter() - start
-        meta = {"schema": SCHEMA_VERSION, "key": key, "d_sae": d_sae, "n_tokens": n_tokens, "n_docs": len(docs),
-                "sae_id": loaded.sae_id, "hook_name": loaded.hook_name, "model": model.cfg.model_name,
-                "build_seconds": seconds, "built_at": time.time(), "complete": 1}
-        con.executemany("INSERT INTO meta VALUES (?, ?)", ((k, str(v)) for k, v in meta.items()))
-        con.commit()
-    finally:
-        con.close()
-    os.replace(tmp, path)
+    try:  # the temporary file goes, whatever stops the build: an error, or Streamlit stopping the script
+        con = sqlite3.connect(tmp)
+        try:
+            con.executescript(
+                """
+                CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+                CREATE TABLE blobs (key TEXT PRIMARY KEY, value BLOB);
+                CREATE TABLE docs (doc INTEGER PRIMARY KEY, tokens BLOB);
+                CREATE TABLE features (feature INTEGER PRIMARY KEY, n_fire INTEGER, max_act REAL, sum_act REAL,
+                                       hist TEXT, top TEXT, intervals TEXT, idx BLOB, acts BLOB);
+                CREATE TABLE token_counts (token INTEGER PRIMARY KEY, n INTEGER);
+                CREATE TABLE token_features (token INTEGER, feature INTEGER, sum_act REAL, n_fire INTEGER, max_act REAL);
+                """
+            )
+            con.executemany("INSERT INTO docs VALUES (?, ?)", ((i, np.asarray(d, dtype=np.int32).tobytes()) for i, d in enumerate(docs)))
+            con.execute("INSERT INTO blobs VALUES ('offsets', ?)", (np.asarray(offsets, dtype=np.int64).tobytes(),))
+            rows = []
+            for f in range(d_sae):
+                s, e = int(starts[f]), int(ends[f])
+                n = e - s
+                if n == 0:
+                    rows.append((f, 0, 0.0, 0.0, json.dumps({"edges": [], "counts": []}), "[]", "[]", b"", b""))
+                    continue
+                v = vals[s:e]
+                mx = float(v[0])
+                edges = torch.linspace(0.0, mx, HIST_BINS + 1)
+                hist = torch.histc(v, bins=HIST_BINS, min=0.0, max=mx).long().tolist() if mx > 0 else [n] + [0] * (HIST_BINS - 1)
+                top = [example(s + i) for i in range(min(TOP_K, n))]
+                gen = torch.Generator().manual_seed(f)
+                intervals = []
+                for j in range(INTERVALS):
+                    lo, hi = mx * j / INTERVALS, mx * (j + 1) / INTERVALS
+                    inside = ((v > lo) & (v <= hi)).nonzero()[:, 0]  # descending order of v
+                    pick = inside[torch.randperm(len(inside), generator=gen)[:PER_INTERVAL]].sort().values
+                    intervals.append([lo, hi, [example(s + int(i)) for i in pick]])
+                by_index = torch.argsort(gidx[s:e])
+                rows.append((f, n, mx, float(v.double().sum()), json.dumps({"edges": edges.tolist(), "counts": hist}),
+                             json.dumps(top), json.dumps(intervals[::-1]),
+                             gidx[s:e][by_index].numpy().astype(np.int64).tobytes(),
+                             v[by_index].numpy().astype(np.float32).tobytes()))
+                if progress and f % 256 == 0:
+                    progress(0.85 + 0.13 * f / d_sae, f"Summarising features: {f:,} of {d_sae:,}")
+            con.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            con.executemany("INSERT INTO token_counts VALUES (?, ?)", ((t, int(c)) for t, c in enumerate(occ.tolist()) if c))
+            con.executemany(
+                "INSERT INTO token_features VALUES (?, ?, ?, ?, ?)",
+                ((int(p // d_sae), int(p % d_sae), float(sm), int(c), float(m))
+                 for p, sm, c, m in zip(uniq.tolist(), sums.tolist(), nfire.tolist(), maxes.tolist())),
+            )
+            con.execute("CREATE INDEX token_features_by_token ON token_features (token, sum_act DESC)")
+            seconds = time.perf_counter() - start
+            meta = {"schema": SCHEMA_VERSION, "key": key, "d_sae": d_sae, "n_tokens": n_tokens, "n_docs": len(docs),
+                    "sae_id": loaded.sae_id, "hook_name": loaded.hook_name, "model": model.cfg.model_name,
+                    "build_seconds": seconds, "built_at": time.time(), "complete": 1}
+            con.executemany("INSERT INTO meta VALUES (?, ?)", ((k, str(v)) for k, v in meta.items()))
+            con.commit()
+        finally:
+            con.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if progress:
         progress(1.0, f"Index built: {n_tokens:,} tokens, {d_sae:,} features in {seconds:.1f} s")

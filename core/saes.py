@@ -190,13 +190,16 @@ def hook_shape(model: HookedTransformer, name: str) -> tuple[int, ...]:
 
 
 def check_fits(model: HookedTransformer, loaded: LoadedSAE) -> None:
-    """Raise SAELoadError unless the SAE reads a hook this model has, with the right width."""
+    """Raise SAELoadError unless the SAE reads a hook this model has, with the right width, and
+    encodes and decodes an activation of this model back to its shape."""
     name = loaded.hook_name
     if name not in model.hook_dict:
         raise SAELoadError(
             f"The SAE reads '{name}', which {model.cfg.model_name} does not have "
             f"({model.cfg.n_layers} layers). It was made for another model."
         )
+    if getattr(loaded.sae.cfg.metadata, "hook_head_index", None) is not None:
+        raise SAELoadError(f"The SAE reads one head of '{name}' (hook_head_index); this page reads whole hooks only.")
     shape = hook_shape(model, name)
     width = 1
     for s in shape:
@@ -207,6 +210,15 @@ def check_fits(model: HookedTransformer, loaded: LoadedSAE) -> None:
             f"The SAE expects {d_in} numbers per token at '{name}', but {model.cfg.model_name} has "
             f"{width} there ({' × '.join(map(str, shape))}). It was made for another model."
         )
+    probe = torch.zeros(1, 1, *shape)
+    try:
+        with torch.inference_mode():
+            out = loaded.sae.decode(encode(loaded.sae, probe))
+        if tuple(out.shape) != tuple(probe.shape):
+            raise ValueError(f"decoded shape {tuple(out.shape)} is not the activation's {tuple(probe.shape)}")
+    except Exception as err:
+        hint = " (a hook_z SAE needs reshape_activations = 'hook_z' in its cfg.json)" if name.endswith("hook_z") else ""
+        raise SAELoadError(f"The SAE cannot read '{name}' of {model.cfg.model_name}{hint}: {_short(err)}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,16 +289,19 @@ def check_feature(loaded: LoadedSAE, feature: int) -> None:
 
 
 def feature_hook(sae, feature: int, scale: float):
-    """A TL hook that multiplies one feature's contribution by `scale` (0 ablates it).
+    """A TL hook that multiplies one feature's activation by `scale` (0 ablates it).
 
-    act -> act + (scale - 1) · f(act) · W_dec[f]. The SAE's reconstruction error stays in, so
-    with every other feature untouched the rest of the activation is exactly as it was.
+    act -> act + decode(f with f[feature] scaled) - decode(f), f = encode(act): the SAE's
+    reconstruction error stays in, and every other feature is untouched. For a plain linear
+    decoder the change is (scale - 1) · f[feature] · W_dec[feature]; decoders that rescale their
+    output (sae_lens's normalised SAEs) are handled by decoding both.
     """
 
     def hook(act, hook):
-        f = sae.encode(act.to(sae.W_enc.dtype))[..., feature]  # [batch, pos]
-        delta = (scale - 1.0) * f[..., None] * sae.W_dec[feature]
-        return act + delta.reshape(act.shape).to(act.dtype)
+        f = sae.encode(act.to(sae.W_enc.dtype))
+        scaled = f.clone()
+        scaled[..., feature] = scaled[..., feature] * scale
+        return act + (sae.decode(scaled) - sae.decode(f)).reshape(act.shape).to(act.dtype)
 
     return hook
 
@@ -381,7 +396,7 @@ def documents_from_text(model: HookedTransformer, text: str, max_docs: int = 200
     """A text corpus as token documents: each non-empty line is one document (BOS first), cut to
     the model's context. Raises SAELoadError when nothing is left."""
     lines = [line.strip() for line in (text or "").splitlines()]
-    lines = [line for line in lines if line][:max_docs]
+    lines = [line for line in lines if line][:max_docs]  # the caller says how many documents it got
     docs = []
     for line in lines:
         tokens = model.to_tokens(line, prepend_bos=True, truncate=False)[0, : model.cfg.n_ctx].tolist()

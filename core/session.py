@@ -572,9 +572,24 @@ def _ablation_sweep(_model, _task, target, layer, kind, _progress) -> dict:
 SAE_SOURCES = {"embedded": "Embedded", "local": "Local folder", "pretrained": "Pretrained (sae_lens)"}
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
 def load_sae(source: str, ident: str):
-    """A LoadedSAE, once per process (raises SAELoadError). ident: name, folder, or "release\\nsae id"."""
+    """A LoadedSAE, once per process (raises SAELoadError). ident: name, folder, or "release\\nsae id".
+
+    A local folder is cached with its files' modification times, so a retrained SAE is reread.
+    """
+    import os
+
+    stamp = ""
+    if source == "local":
+        try:
+            stamp = ",".join(str(os.stat(os.path.join(ident, f)).st_mtime_ns) for f in ("cfg.json", "sae_weights.safetensors"))
+        except OSError:
+            stamp = "missing"
+    return _load_sae(source, ident, stamp)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _load_sae(source: str, ident: str, stamp: str):  # stamp: part of the cache key only
     from core import saes
 
     if source == "embedded":

@@ -41,8 +41,10 @@ with c2:
                        f"{others}. Pick one of those models in the sidebar, or load an SAE from a folder or sae_lens.")
         else:
             if state.get("sae_embedded") not in embedded:
-                state["sae_embedded"] = embedded[0]
-            ident = st.selectbox("Embedded SAE", embedded, key="sae_embedded")
+                wanted = st.query_params.get("sae")
+                state["sae_embedded"] = wanted if wanted in embedded else embedded[0]
+            ident = st.selectbox("Embedded SAE", embedded, key="sae_embedded", persist_state="session")
+            session.set_url(sae=ident)
             try:
                 loaded = session.load_sae("embedded", ident)
             except saes.SAELoadError as err:
@@ -68,8 +70,9 @@ with c2:
             release = r1.selectbox("Release", sorted(releases), key="sae_release")
             sae_id = r2.selectbox("SAE id", releases[release], key="sae_id")
             if st.button("Load this SAE", key="sae_load"):
-                state["_sae_pretrained"] = f"{release}\n{sae_id}"
-            chosen = state.get("_sae_pretrained")
+                state["_sae_pretrained"] = (model_id, f"{release}\n{sae_id}")
+            mine, chosen = state.get("_sae_pretrained") or (None, None)
+            chosen = chosen if mine == model_id else None  # a choice made for another model is not this one's
             if chosen:
                 with st.spinner("Downloading the SAE…"):
                     try:
@@ -78,6 +81,8 @@ with c2:
                         problem = str(err)
             else:
                 problem = "Pick a release and an SAE id, then load it (it is downloaded from the Hugging Face hub)."
+if source != "embedded":
+    session.set_url(sae=None)
 if loaded is not None:
     problem = session.sae_fit_error(model, model_id, loaded, f"{loaded.source}:{loaded.sae_id}")
 if problem:
@@ -112,7 +117,7 @@ else:
     if upload is not None:
         try:
             docs = saes.documents_from_text(model, upload.getvalue().decode("utf-8", errors="replace"))
-            corpus_label = f"{upload.name} ({len(docs):,} lines)"
+            corpus_label = f"{upload.name} ({len(docs):,} documents, one per non-empty line)"
         except saes.SAELoadError as err:
             st.warning(str(err))
 index = None
@@ -143,6 +148,9 @@ acts[0] = 0.0  # BOS: its activations are outliers that every dashboard leaves o
 if state.get("_sae_for") != loaded.sae_id:  # first run with this SAE: the URL's feature, else the last token's strongest
     from_url = session.url_int("feature") if "_sae_for" not in state else None
     state["sae_feature"] = from_url if from_url is not None and 0 <= from_url < loaded.d_sae else int(acts[-1].argmax())
+    if from_url is not None and from_url != state["sae_feature"]:
+        st.info(f"Feature {from_url} does not exist in this SAE (features 0–{loaded.d_sae - 1}); showing feature "
+                f"{state['sae_feature']}, the strongest at the prompt's last token.")
     state["_sae_for"] = loaded.sae_id
 session.set_url(feature=int(state["sae_feature"]))
 

@@ -1,6 +1,7 @@
 """SAEs: loading and fit checks, the embedded SAEs' cards, the feature index against direct
 sae_lens `encode` calls, index reuse and rebuilds, logit effects and feature interventions."""
 import json
+import os
 import sqlite3
 import time
 
@@ -160,7 +161,9 @@ def test_index_context_activations_and_token_search_match_direct_encode(built, s
     for i, (d, p, _) in enumerate(where):
         rows_of_doc.setdefault(d, []).append(i)
     for f in (0, 5, int(dense.max(0).values.argmax())):
-        for d in (0, 7, 42):
+        docs_with_f = sorted({e.doc for e in index.feature(f).top[:3]})
+        assert docs_with_f or int((dense[:, f] > 0).sum()) == 0
+        for d in docs_with_f + [0, 7]:  # documents where it fires, and two others
             got = index.doc_activations(f, d)
             assert got[0] == 0.0 and len(got) == len(small_docs[d])
             assert np.allclose(got[1:], dense[rows_of_doc[d], f].numpy(), atol=1e-5)
@@ -397,3 +400,45 @@ def test_training_script_runs_offline_and_is_seeded(tmp_path):
     assert outs[0].hook_name == cfg.hook and outs[0].d_sae == cfg.d_sae
     for a, b in zip(outs[0].sae.state_dict().values(), outs[1].sae.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_hook_z_sae_without_reshaping_and_other_dtypes(mlp_lm, tmp_path):
+    n = mlp_lm.cfg.n_heads * mlp_lm.cfg.d_head
+    _save_sae(tmp_path / "z", n, "blocks.1.attn.hook_z")  # flat d_in, but no reshape_activations = hook_z
+    cfg = json.loads((tmp_path / "z" / "cfg.json").read_text())
+    assert cfg.get("reshape_activations", "none") == "none"
+    with pytest.raises(saes.SAELoadError, match="hook_z SAE needs reshape_activations"):
+        saes.check_fits(mlp_lm, saes.load_local(tmp_path / "z"))
+    cfg["reshape_activations"] = "hook_z"
+    (tmp_path / "z" / "cfg.json").write_text(json.dumps(cfg))
+    saes.check_fits(mlp_lm, saes.load_local(tmp_path / "z"))
+    # A bfloat16 SAE fingerprints (the index key) without numpy's help.
+    sae = _save_sae(tmp_path / "bf", mlp_lm.cfg.d_model, "blocks.1.hook_resid_post").to(torch.bfloat16)
+    assert len(sae_index.sae_fingerprint(sae)) > 16
+
+
+def test_interrupted_build_leaves_nothing_behind(mlp_lm, loaded, small_docs, tmp_path):
+    class Stop(BaseException):  # what Streamlit raises inside a progress update on a rerun
+        pass
+
+    def progress(share, text):
+        if share > 0.86:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        sae_index.open_index(mlp_lm, loaded, small_docs[:30], progress=progress, directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    # A build that died with its process long ago leaves a temporary file: the next build removes it.
+    old = tmp_path / "sae-index-dead.sqlite.1234.tmp"
+    old.write_bytes(b"half")
+    os.utime(old, (time.time() - 2 * sae_index.TMP_MAX_AGE,) * 2)
+    index = sae_index.open_index(mlp_lm, loaded, small_docs[:30], directory=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [index.path.name]
+
+
+def test_unknown_tokens_are_indexed_and_bos_pad_are_not(mlp_lm, loaded, tmp_path):
+    tok = mlp_lm.tokenizer
+    doc = mlp_lm.to_tokens("the keys xyzzyq are old")[0].tolist()
+    assert tok.unk_token_id in doc
+    index = sae_index.open_index(mlp_lm, loaded, [doc + [tok.pad_token_id] * 3], directory=tmp_path)
+    assert index.n_tokens == len(doc) - 1  # BOS and the padding are left out, <unk> is not

@@ -57,6 +57,9 @@ def test_page_opens_on_the_embedded_sae_with_the_prompts_features(mlp_lm, relu_s
     _, cache = mlp_lm.run_with_cache(tokens, names_filter=relu_sae.hook_name)
     direct = relu_sae.sae.encode(cache[relu_sae.hook_name][0]).detach()
     features = [int(f) for (f,) in spec["data"][1]["customdata"][:: tokens.shape[1]]]
+    # The features shown: each one of the 3 strongest at some token after BOS.
+    top3 = {int(f) for row in direct[1:] for f, v in zip(row.topk(3).indices, row.topk(3).values) if v > 0}
+    assert set(features) == top3
     z = _z(spec["data"][0])  # [feature, pos]
     assert np.allclose(z[:, 1:], direct[1:, features].T.numpy(), atol=1e-4)
     assert np.all(z[:, 0] == 0)  # BOS left out
@@ -165,10 +168,19 @@ def test_bad_sae_input_gets_messages(tmp_path, tiny_gpt2_dir):
     assert not other.exception
 
 
-def test_feature_id_out_of_range_in_the_url_falls_back(relu_sae):
+def test_feature_and_sae_from_the_url(mlp_lm, relu_sae):
     at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, feature="999999")
     assert not at.exception and not at.error
-    assert 0 <= int(str(at.query_params["feature"]).strip("[]'")) < relu_sae.d_sae
+    tokens = mlp_lm.to_tokens(MLP_PROMPT)
+    _, cache = mlp_lm.run_with_cache(tokens, names_filter=relu_sae.hook_name)
+    best = int(relu_sae.sae.encode(cache[relu_sae.hook_name][0, -1]).argmax())
+    assert any("Feature 999999 does not exist" in i.value and f"showing feature {best}" in i.value for i in at.info)
+    assert at.query_params["feature"] in (str(best), [str(best)])
+    # A link names the SAE and the feature: both come back.
+    link = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, sae="ce-circuits-3l-mlp-res2-topk", feature="5")
+    assert link.selectbox(key="sae_embedded").value == "ce-circuits-3l-mlp-res2-topk"
+    link.segmented_control(key="sae_view").set_value("feature").run()
+    assert link.number_input(key="sae_feature_input").value == 5 and not link.exception
 
 
 def test_default_model_opens_on_its_embedded_sae():
