@@ -645,3 +645,11 @@ def feature_index(model: HookedTransformer, loaded, docs: list[list[int]], what:
         return sae_index.open_index(model, loaded, docs, progress)
     finally:
         bar.empty()
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def text_documents(_model: HookedTransformer, model_id: str, data: bytes) -> list[list[int]]:
+    """An uploaded corpus as token documents (see saes.documents_from_text), once per file and model."""
+    from core import saes
+
+    return saes.documents_from_text(_model, data.decode("utf-8", errors="replace"))

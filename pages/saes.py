@@ -116,7 +116,7 @@ else:
                               key="sae_corpus_file")
     if upload is not None:
         try:
-            docs = saes.documents_from_text(model, upload.getvalue().decode("utf-8", errors="replace"))
+            docs = session.text_documents(model, model_id, upload.getvalue())
             corpus_label = f"{upload.name} ({len(docs):,} documents, one per non-empty line)"
         except saes.SAELoadError as err:
             st.warning(str(err))
