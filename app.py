@@ -12,6 +12,7 @@ PAGES = {
     "attribution": st.Page("pages/attribution.py", title="Logit attribution", icon="🎯", url_path="attribution"),
     "patching": st.Page("pages/patching.py", title="Head importance", icon="🧪", url_path="patching"),
     "saes": st.Page("pages/saes.py", title="SAE features", icon="🧩", url_path="saes"),
+    "steering": st.Page("pages/steering.py", title="Steering", icon="🧭", url_path="steering"),
 }
 
 page = st.navigation(list(PAGES.values()))

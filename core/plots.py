@@ -571,3 +571,59 @@ def tinted_tokens_html(str_tokens: Sequence[str], acts: Sequence[float], max_act
         title = html.escape(f"{t!r}: {float(a):.4f}", quote=True)
         spans.append(f'<span title="{title}" style="{style}">{html.escape(t)}</span>')
     return '<div style="line-height: 1.9; font-family: monospace;">' + " ".join(spans) + "</div>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Steering
+# ---------------------------------------------------------------------------------------------
+
+
+def distribution_shift_bars(tokens: Sequence[str], before: Sequence[float], after: Sequence[float], title: str) -> go.Figure:
+    """Grouped bars: next-token probabilities without and with steering."""
+    labels = [f"{i + 1}. {safe(t)}" for i, t in enumerate(tokens)]
+    fig = go.Figure()
+    for name, values, colour in (("unsteered", before, "#9ecae1"), ("steered", after, "#e6550d")):
+        fig.add_trace(go.Bar(x=labels, y=list(values), name=name, marker_color=colour,
+                             hovertemplate="%{x}<br>" + name + ": %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=title, barmode="group", yaxis_title="probability", xaxis=dict(type="category"),
+                      height=320, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def monitor_lines(str_tokens: Sequence[str], projections: Sequence[Sequence[float]], names: Sequence[str],
+                  thresholds: Sequence[float], tripped: Sequence[int | None], prompt_len: int) -> go.Figure:
+    """One line per watched direction: projection per token; dashed threshold; a marker where it tripped."""
+    x = position_labels(str_tokens)
+    fig = go.Figure()
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    for i, (proj, name, thr) in enumerate(zip(projections, names, thresholds)):
+        c = colours[i % len(colours)]
+        n = len(proj)
+        fig.add_trace(go.Scatter(x=x[:n], y=list(proj), mode="lines+markers", name=safe(name), line=dict(color=c),
+                                 hovertemplate="%{x}<br>projection %{y:.3f}<extra>" + safe(name) + "</extra>"))
+        fig.add_trace(go.Scatter(x=[x[0], x[max(0, n - 1)]], y=[thr, thr], mode="lines", line=dict(color=c, dash="dash"),
+                                 name=f"threshold {thr:.2f}", hoverinfo="skip"))
+        if tripped[i] is not None and tripped[i] < n:
+            fig.add_trace(go.Scatter(x=[x[tripped[i]]], y=[proj[tripped[i]]], mode="markers", name=f"tripped: {safe(name)}",
+                                     marker=dict(symbol="x", size=16, color=c),
+                                     hovertemplate="tripped here: %{x}<br>projection %{y:.3f}<extra></extra>"))
+    if prompt_len < len(x):
+        fig.add_vline(x=prompt_len - 0.5, line=dict(color="grey", dash="dot"))
+    fig.update_layout(title="Glass-box monitor: projection of the residual stream on each watched direction",
+                      xaxis=dict(type="category", title="token (the dotted line: generation starts)"),
+                      yaxis_title="projection x · û", height=380, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def probe_accuracy_lines(layer_names: Sequence[str], test: Sequence[float], shuffled: Sequence[float],
+                         train: Sequence[float]) -> go.Figure:
+    fig = go.Figure()
+    for name, values, style in (("held-out accuracy", test, dict(color="#1f77b4")),
+                                ("train accuracy", train, dict(color="#1f77b4", dash="dot")),
+                                ("held-out, shuffled labels (control)", shuffled, dict(color="#7f7f7f"))):
+        fig.add_trace(go.Scatter(x=list(layer_names), y=list(values), mode="lines+markers", name=name, line=style,
+                                 hovertemplate="%{x}<br>" + name + ": %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=0.5, line=dict(color="black", dash="dash"), annotation_text="chance")
+    fig.update_layout(title="Linear probe accuracy by layer", yaxis=dict(range=[0, 1.05], title="accuracy"),
+                      xaxis=dict(type="category"), height=340, margin=dict(l=10, r=10, t=50, b=10))
+    return fig

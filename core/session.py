@@ -37,6 +37,7 @@ PAGE_LINKS = [
     ("pages/attribution.py", "Logit attribution", "🎯"),
     ("pages/patching.py", "Head importance", "🧪"),
     ("pages/saes.py", "SAE features", "🧩"),
+    ("pages/steering.py", "Steering", "🧭"),
 ]
 
 

@@ -273,3 +273,19 @@ def test_sae_page_click_a_feature_opens_its_dashboard(server):
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "sae_feature.png"), full_page=False)
         browser.close()
+
+
+def test_steering_page_steers_and_the_monitor_trips(server):
+    """Open the steering page: the default plural direction turns ' is' into ' are'; the monitor trips at 'keys'."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"{server}/steering?model=ce-circuits-3l-mlp", wait_until="domcontentloaded")
+        page.get_by_text("Top next token 'is' → 'are'").first.wait_for(timeout=180_000)
+        page.get_by_text("Monitor", exact=True).first.click()
+        page.get_by_text("at position 2 ('keys')").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "steering_monitor.png"), full_page=False)
+        browser.close()

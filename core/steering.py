@@ -1,0 +1,440 @@
+"""Directions in the residual stream: build them, steer with them, watch them, probe for them.
+
+A `Direction` is a vector [d_model] read and written at one hook (`blocks.L.hook_resid_pre`).
+- **Build**: the mean difference of two prompt sets' residual streams at a layer and position
+  (`contrastive_direction`), an SAE feature's decoder row (`sae_direction`), or a trained probe's
+  weight (`probe_direction`).
+- **Steer**: add alpha · direction at the hook (every position, or from a position on), or project
+  the direction out (directional ablation); `generate` runs with and without from the same seed.
+- **Monitor**: `monitored_generate` measures the projection of the residual stream on each
+  watched direction at every new token, and from the token where it crosses a threshold on,
+  applies the chosen intervention (in the same forward pass, before the next layer).
+- **Probe**: logistic-regression probes per layer on cached activations (`train_probes`).
+
+Directions are saved as safetensors (the vector) plus a small JSON (where it came from).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+from core import store
+
+MAX_ALPHA = 100.0  # |alpha| above this many direction norms is refused
+MIN_PROBE_PROMPTS = 8  # per class
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class SteeringError(ValueError):
+    """Bad input for steering (alpha, direction size, prompts); the message is for the user."""
+
+
+@dataclass
+class Direction:
+    name: str
+    hook_name: str  # blocks.L.hook_resid_pre
+    vector: torch.Tensor  # [d_model]
+    source: str  # "contrast", "sae", "probe" or "file"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int:
+        return int(self.hook_name.split(".")[1])
+
+    @property
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.vector.norm().clamp_min(1e-12)
+
+
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def check_direction(model: HookedTransformer, direction: Direction) -> None:
+    if direction.vector.ndim != 1 or direction.vector.shape[0] != model.cfg.d_model:
+        raise SteeringError(
+            f"Direction '{direction.name}' has {tuple(direction.vector.shape)} numbers; {model.cfg.model_name}'s "
+            f"residual stream has d_model = {model.cfg.d_model}. It was made for another model."
+        )
+    if direction.hook_name not in model.hook_dict:
+        raise SteeringError(f"Direction '{direction.name}' reads '{direction.hook_name}', which this model does not have.")
+    if not torch.isfinite(direction.vector).all() or float(direction.vector.norm()) == 0.0:
+        raise SteeringError(f"Direction '{direction.name}' is zero or not finite.")
+
+
+def check_alpha(alpha: float) -> None:
+    if not (-MAX_ALPHA <= float(alpha) <= MAX_ALPHA):
+        raise SteeringError(f"alpha = {alpha:g} is out of the sane range [-{MAX_ALPHA:g}, {MAX_ALPHA:g}] (in direction norms).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building directions
+# ---------------------------------------------------------------------------------------------
+
+
+def _prompt_tokens(model: HookedTransformer, prompts: list[str]) -> list[torch.Tensor]:
+    out = []
+    for p in prompts:
+        if p.strip():
+            out.append(model.to_tokens(p, prepend_bos=True)[0, : model.cfg.n_ctx])
+    return out
+
+
+def residuals(model: HookedTransformer, prompts: list[str], layer: int, position: int | None) -> torch.Tensor:
+    """[n, d_model]: each prompt's residual stream at `resid_hook(layer)`, at `position` (None = last token)."""
+    name = resid_hook(layer)
+    out = []
+    for tokens in _prompt_tokens(model, prompts):
+        pos = len(tokens) - 1 if position is None else position
+        if not 0 <= pos < len(tokens):
+            raise SteeringError(f"Position {position} does not exist in a prompt of {len(tokens)} tokens "
+                                f"(BOS is position 0): {model.to_string(tokens[1:])!r}.")
+        _, cache = store.run_with_cache(model, tokens[None], names_filter=name)
+        out.append(cache[name][0, pos])
+    return torch.stack(out) if out else torch.zeros(0, model.cfg.d_model)
+
+
+def contrastive_direction(model: HookedTransformer, positive: list[str], negative: list[str], layer: int,
+                          position: int | None = None, name: str = "contrast") -> Direction:
+    """mean(resid | positive prompts) − mean(resid | negative prompts) at a layer and position."""
+    pos, neg = residuals(model, positive, layer, position), residuals(model, negative, layer, position)
+    if len(pos) == 0 or len(neg) == 0:
+        raise SteeringError("Give at least one prompt on each side (one prompt per line).")
+    vector = pos.mean(0) - neg.mean(0)
+    unit = vector / vector.norm().clamp_min(1e-12)
+    hi, lo = float(pos.mean(0) @ unit), float(neg.mean(0) @ unit)
+    return Direction(name, resid_hook(layer), vector.detach().clone(), "contrast",
+                     {"positive": len(pos), "negative": len(neg), "position": "last" if position is None else position,
+                      "positive_projection": hi, "negative_projection": lo,
+                      # A monitor threshold three quarters of the way from the negative side's mean
+                      # projection to the positive side's: other tokens rarely reach it.
+                      "threshold": lo + 0.75 * (hi - lo)})
+
+
+def sae_direction(loaded, feature: int, name: str | None = None) -> Direction:
+    """An SAE feature's decoder direction, for residual-stream SAEs (`blocks.L.hook_resid_pre`/`post`)."""
+    hook = loaded.hook_name
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
+    if m is None:
+        raise SteeringError(f"Only residual-stream SAEs give a steering direction; this one reads '{hook}'.")
+    layer = int(m.group(1)) + (1 if m.group(2) == "post" else 0)
+    vector = loaded.sae.W_dec[int(feature)].detach().clone().float()
+    return Direction(name or f"sae-{feature}", resid_hook(layer), vector, "sae", {"sae": loaded.sae_id, "feature": int(feature)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def directions_dir() -> Path:
+    from core.sae_index import data_dir
+
+    return data_dir() / "directions"
+
+
+def save_direction(direction: Direction, folder: Path | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    if not NAME_RE.match(direction.name):
+        raise SteeringError("A direction's name is 1–64 letters, digits, '.', '_' or '-'.")
+    folder = Path(folder or directions_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"vector": direction.vector.contiguous()}, str(folder / f"{direction.name}.safetensors"))
+    meta = {"name": direction.name, "hook_name": direction.hook_name, "source": direction.source, "info": direction.info,
+            "d_model": int(direction.vector.shape[0])}
+    (folder / f"{direction.name}.json").write_text(json.dumps(meta, indent=2))
+    return folder / f"{direction.name}.safetensors"
+
+
+def list_directions(folder: Path | None = None) -> list[str]:
+    folder = Path(folder or directions_dir())
+    return sorted(p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.safetensors").exists()) if folder.exists() else []
+
+
+def load_direction(name: str, folder: Path | None = None) -> Direction:
+    from safetensors.torch import load_file
+
+    folder = Path(folder or directions_dir())
+    try:
+        meta = json.loads((folder / f"{name}.json").read_text())
+        vector = load_file(str(folder / f"{name}.safetensors"))["vector"]
+    except Exception as err:
+        raise SteeringError(f"Could not read direction '{name}' (missing or corrupt file): {type(err).__name__}: {err}") from err
+    return Direction(meta["name"], meta["hook_name"], vector, meta.get("source", "file"), meta.get("info", {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steering
+# ---------------------------------------------------------------------------------------------
+
+
+def add_hook(direction: Direction, alpha: float, from_pos: int = 0):
+    """resid[:, from_pos:] += alpha · direction (the raw vector, not normalised)."""
+    vec = direction.vector
+
+    def hook(act, hook):
+        act = act.clone()
+        act[:, from_pos:] += alpha * vec.to(act.dtype)
+        return act
+
+    return hook
+
+
+def ablate_hook(direction: Direction, from_pos: int = 0):
+    """Project the direction out of resid[:, from_pos:]: x − (x · û) û."""
+    u = direction.unit
+
+    def hook(act, hook):
+        act = act.clone()
+        part = act[:, from_pos:]
+        act[:, from_pos:] = part - (part @ u.to(act.dtype))[..., None] * u.to(act.dtype)
+        return act
+
+    return hook
+
+
+def steering_hooks(model: HookedTransformer, direction: Direction, mode: str, alpha: float = 0.0, from_pos: int = 0):
+    """[(hook name, fn)] for mode "add" (alpha · direction) or "ablate" (project out)."""
+    check_direction(model, direction)
+    if mode == "add":
+        check_alpha(alpha)
+        return [(direction.hook_name, add_hook(direction, alpha, from_pos))]
+    if mode == "ablate":
+        return [(direction.hook_name, ablate_hook(direction, from_pos))]
+    raise SteeringError(f"Unknown steering mode {mode!r}: 'add' or 'ablate'.")
+
+
+@torch.inference_mode()
+def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, k: int = 8) -> dict:
+    """Next-token distribution after `tokens` [1, pos] without and with hooks: top tokens and KL."""
+    base = store.run(model, tokens)[0, -1].float()
+    steered = store.run_with_hooks(model, tokens, hooks)[0, -1].float()
+    p, q = base.log_softmax(-1), steered.log_softmax(-1)
+    kl = float((p.exp() * (p - q)).sum())
+    top = torch.unique(torch.cat([p.topk(k).indices, q.topk(k).indices]))
+    rows = sorted(({"token": int(t), "before": float(p[t].exp()), "after": float(q[t].exp()),
+                    "logit change": float(steered[t] - base[t])} for t in top.tolist()), key=lambda r: -r["after"])
+    return {"rows": rows, "kl": kl, "top_before": int(p.argmax()), "top_after": int(q.argmax())}
+
+
+@torch.inference_mode()
+def generate(model: HookedTransformer, tokens: torch.Tensor, n_new: int, hooks=(), seed: int = 0,
+             temperature: float = 1.0) -> torch.Tensor:
+    """Sample `n_new` tokens after `tokens` [1, pos] (greedy at temperature 0), hooks on every step.
+
+    The same seed gives the same random numbers with and without hooks, so two runs differ only
+    where the hooks change the distribution.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seq = tokens.clone()
+    for _ in range(n_new):
+        if seq.shape[1] >= model.cfg.n_ctx:
+            break
+        logits = (store.run_with_hooks(model, seq, list(hooks)) if hooks else store.run(model, seq))[0, -1].float()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            nxt = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen))
+        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    return seq
+
+
+# ---------------------------------------------------------------------------------------------
+# Glass-box monitor
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Watch:
+    direction: Direction
+    threshold: float  # on the projection x · û
+    action: str = "ablate"  # "ablate" (project out), "subtract" (add −alpha · û) or "none" (only mark)
+    alpha: float = 0.0
+
+
+@dataclass
+class MonitorResult:
+    tokens: torch.Tensor  # [1, pos] prompt + generated
+    prompt_len: int
+    projections: list[list[float]]  # [watch][every position], before any intervention at that position
+    tripped_at: list[int | None]  # position where each watch first crossed its threshold
+
+
+@torch.inference_mode()
+def monitored_generate(model: HookedTransformer, tokens: torch.Tensor, n_new: int, watches: list[Watch], seed: int = 0,
+                       temperature: float = 0.0, on_step=None) -> MonitorResult:
+    """Generate while watching directions; from the first position where a watch's projection
+    exceeds its threshold, apply its action at that position and every later one.
+
+    The projection at a position is measured on the residual stream at the watch's hook before
+    the watch's own intervention (earlier layers' interventions included). `on_step(result)` is
+    called after each token, for a live chart.
+    """
+    for w in watches:
+        check_direction(model, w.direction)
+        if w.action not in ("ablate", "subtract", "none"):
+            raise SteeringError(f"Unknown monitor action {w.action!r}.")
+        if w.action == "subtract":
+            check_alpha(w.alpha)
+    gen = torch.Generator().manual_seed(seed)
+    seq = tokens.clone()
+    prompt_len = tokens.shape[1]
+    tripped: list[int | None] = [None] * len(watches)
+    projections: list[list[float]] = [[] for _ in watches]
+
+    def make_hook(i: int, w: Watch):
+        u = w.direction.unit
+
+        def hook(act, hook):
+            proj = act[0] @ u.to(act.dtype)  # [pos]
+            record[i] = proj
+            if tripped[i] is None:
+                over = (proj > w.threshold).nonzero()
+                if len(over):
+                    tripped[i] = int(over[0])
+            start = tripped[i]
+            if start is None or w.action == "none":
+                return act
+            act = act.clone()
+            part = act[:, start:]
+            if w.action == "ablate":
+                act[:, start:] = part - (part @ u)[..., None] * u
+            else:
+                act[:, start:] = part - w.alpha * u
+            return act
+
+        return hook
+
+    record: dict[int, torch.Tensor] = {}
+    hooks = [(w.direction.hook_name, make_hook(i, w)) for i, w in enumerate(watches)]
+    for step in range(n_new + 1):
+        record.clear()
+        logits = store.run_with_hooks(model, seq, hooks)[0, -1].float()
+        for i in range(len(watches)):
+            projections[i] = record[i].tolist()
+        result = MonitorResult(seq, prompt_len, [list(p) for p in projections], list(tripped))
+        if on_step is not None:
+            on_step(result)
+        if step == n_new or seq.shape[1] >= model.cfg.n_ctx:
+            break
+        nxt = int(logits.argmax()) if temperature <= 0 else int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen))
+        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeResult:
+    train_accuracy: list[float]  # per layer
+    test_accuracy: list[float]
+    weights: torch.Tensor  # [layer, d_model]
+    biases: torch.Tensor  # [layer]
+    n_train: int
+    n_test: int
+    layers: list[str]
+
+
+def probe_features(model: HookedTransformer, tokens: torch.Tensor, position: int | None = None) -> torch.Tensor:
+    """[layer + 1, batch, d_model]: resid_pre of every layer and the final resid_post, at a position
+    (None = last token) of equal-length prompts."""
+    names = [resid_hook(l) for l in range(model.cfg.n_layers)] + [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    _, cache = store.run_with_cache(model, tokens, names_filter=lambda n: n in names)
+    pos = tokens.shape[1] - 1 if position is None else position
+    return torch.stack([cache[n][:, pos] for n in names]).float()
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [d], b) of an L2-regularised logistic regression on standardised-by-scale features (LBFGS)."""
+    scale = x.std().clamp_min(1e-6)
+    xs = x / scale
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    yf = y.float()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, yf) + l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (w.detach() / scale), b.detach()
+
+
+def train_probes(features: torch.Tensor, labels: torch.Tensor, test_share: float = 0.3, seed: int = 0,
+                 layer_names: list[str] | None = None) -> ProbeResult:
+    """A logistic-regression probe per layer. features [layer, n, d_model], labels [n] in {0, 1}."""
+    labels = labels.long()
+    n = labels.shape[0]
+    counts = torch.bincount(labels, minlength=2)
+    if counts.numel() > 2 or (labels < 0).any():
+        raise SteeringError("Probe labels must be 0 or 1.")
+    if int(counts.min()) < MIN_PROBE_PROMPTS:
+        raise SteeringError(f"Too few labelled prompts: {int(counts[0])} of class 0 and {int(counts[1])} of class 1; "
+                            f"a probe needs at least {MIN_PROBE_PROMPTS} of each.")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    n_test = max(2, int(round(n * test_share)))
+    test, train = order[:n_test], order[n_test:]
+    tr_acc, te_acc, ws, bs = [], [], [], []
+    for layer in range(features.shape[0]):
+        x = features[layer]
+        w, b = fit_logistic(x[train], labels[train])
+        pred = (x @ w + b > 0).long()
+        tr_acc.append(float((pred[train] == labels[train]).float().mean()))
+        te_acc.append(float((pred[test] == labels[test]).float().mean()))
+        ws.append(w)
+        bs.append(b)
+    names = layer_names or [f"layer {l}" for l in range(features.shape[0])]
+    return ProbeResult(tr_acc, te_acc, torch.stack(ws), torch.stack(bs), len(train), len(test), names)
+
+
+def probe_direction(result: ProbeResult, layer: int, name: str = "probe") -> Direction:
+    if layer >= len(result.layers) - 1:
+        raise SteeringError("The final resid_post probe has no layer to steer at; pick an earlier layer.")
+    return Direction(name, resid_hook(layer), result.weights[layer].clone(), "probe",
+                     {"test_accuracy": result.test_accuracy[layer]})
+
+
+def prompt_probe_features(model: HookedTransformer, prompts: list[str], position: int | None = None) -> torch.Tensor:
+    """[layer + 1, n, d_model] like `probe_features`, for prompts of any lengths (one run each)."""
+    rows = [probe_features(model, tokens[None], position)[:, 0] for tokens in _prompt_tokens(model, prompts)]
+    if not rows:
+        return torch.zeros(model.cfg.n_layers + 1, 0, model.cfg.d_model)
+    return torch.stack(rows, dim=1)
+
+
+def probe_layer_names(model: HookedTransformer) -> list[str]:
+    return [f"L{l} resid_pre" for l in range(model.cfg.n_layers)] + [f"L{model.cfg.n_layers - 1} resid_post"]
+
+
+def task_probe_data(model: HookedTransformer, task: str, n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(features, labels, what the label means) from a built-in task's clean prompts.
+
+    sva: 1 = plural subject; ioi: 1 = the indirect object is the first name (ABBA). Read at the last token.
+    """
+    from core import tasks
+
+    if task == "sva":
+        t = tasks.sva(model, n=n, seed=seed, split="train")
+        labels = torch.tensor([1 if i % 2 == 0 else 0 for i in range(len(t))])
+        meaning = "1 = plural subject, 0 = singular"
+    elif task == "ioi":
+        t = tasks.ioi(model, n=n, seed=seed, split="train")
+        labels = torch.tensor([1 if order == "ABBA" else 0 for order in t.info["orders"]])
+        meaning = "1 = the indirect object is named first (ABBA), 0 = second (BABA)"
+    else:
+        raise SteeringError(f"No probe labels for task {task!r}: 'sva' or 'ioi'.")
+    return probe_features(model, t.clean_tokens), labels, meaning
