@@ -56,6 +56,10 @@ def resid_hook(layer: int) -> str:
 
 
 def check_direction(model: HookedTransformer, direction: Direction) -> None:
+    made_on = direction.info.get("model")
+    if made_on and made_on != model.cfg.model_name:
+        raise SteeringError(f"Direction '{direction.name}' was made on {made_on}, not on {model.cfg.model_name}: "
+                            "its numbers mean nothing here, even where the widths agree.")
     if direction.vector.ndim != 1 or direction.vector.shape[0] != model.cfg.d_model:
         raise SteeringError(
             f"Direction '{direction.name}' has {tuple(direction.vector.shape)} numbers; {model.cfg.model_name}'s "
@@ -109,14 +113,15 @@ def contrastive_direction(model: HookedTransformer, positive: list[str], negativ
     unit = vector / vector.norm().clamp_min(1e-12)
     hi, lo = float(pos.mean(0) @ unit), float(neg.mean(0) @ unit)
     return Direction(name, resid_hook(layer), vector.detach().clone(), "contrast",
-                     {"positive": len(pos), "negative": len(neg), "position": "last" if position is None else position,
+                     {"model": model.cfg.model_name, "positive": len(pos), "negative": len(neg),
+                      "position": "last" if position is None else position,
                       "positive_projection": hi, "negative_projection": lo,
                       # A monitor threshold three quarters of the way from the negative side's mean
                       # projection to the positive side's: other tokens rarely reach it.
                       "threshold": lo + 0.75 * (hi - lo)})
 
 
-def sae_direction(loaded, feature: int, name: str | None = None) -> Direction:
+def sae_direction(loaded, feature: int, name: str | None = None, model_name: str | None = None) -> Direction:
     """An SAE feature's decoder direction, for residual-stream SAEs (`blocks.L.hook_resid_pre`/`post`)."""
     hook = loaded.hook_name
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
@@ -124,7 +129,8 @@ def sae_direction(loaded, feature: int, name: str | None = None) -> Direction:
         raise SteeringError(f"Only residual-stream SAEs give a steering direction; this one reads '{hook}'.")
     layer = int(m.group(1)) + (1 if m.group(2) == "post" else 0)
     vector = loaded.sae.W_dec[int(feature)].detach().clone().float()
-    return Direction(name or f"sae-{feature}", resid_hook(layer), vector, "sae", {"sae": loaded.sae_id, "feature": int(feature)})
+    return Direction(name or f"sae-{feature}", resid_hook(layer), vector, "sae",
+                     {"model": model_name, "sae": loaded.sae_id, "feature": int(feature)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,10 +169,13 @@ def load_direction(name: str, folder: Path | None = None) -> Direction:
     folder = Path(folder or directions_dir())
     try:
         meta = json.loads((folder / f"{name}.json").read_text())
-        vector = load_file(str(folder / f"{name}.safetensors"))["vector"]
+        vector = load_file(str(folder / f"{name}.safetensors"))["vector"].float()
+        info = meta.get("info", {})
+        if not (isinstance(meta["name"], str) and isinstance(meta["hook_name"], str) and isinstance(info, dict)):
+            raise TypeError("name and hook_name must be strings, info an object")
+        return Direction(meta["name"], meta["hook_name"], vector, str(meta.get("source", "file")), info)
     except Exception as err:
         raise SteeringError(f"Could not read direction '{name}' (missing or corrupt file): {type(err).__name__}: {err}") from err
-    return Direction(meta["name"], meta["hook_name"], vector, meta.get("source", "file"), meta.get("info", {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +282,8 @@ def monitored_generate(model: HookedTransformer, tokens: torch.Tensor, n_new: in
     exceeds its threshold, apply its action at that position and every later one.
 
     The projection at a position is measured on the residual stream at the watch's hook before
-    the watch's own intervention (earlier layers' interventions included). `on_step(result)` is
+    the watch's own intervention (earlier layers' interventions included, and those of watches
+    listed before it on the same hook). BOS never trips a watch. `on_step(result)` is
     called after each token, for a live chart.
     """
     for w in watches:
@@ -292,21 +302,22 @@ def monitored_generate(model: HookedTransformer, tokens: torch.Tensor, n_new: in
         u = w.direction.unit
 
         def hook(act, hook):
-            proj = act[0] @ u.to(act.dtype)  # [pos]
+            uu = u.to(act.dtype)
+            proj = act[0] @ uu  # [pos]
             record[i] = proj
             if tripped[i] is None:
-                over = (proj > w.threshold).nonzero()
+                over = (proj[1:] > w.threshold).nonzero()  # BOS (position 0) never trips: its norm is an outlier
                 if len(over):
-                    tripped[i] = int(over[0])
+                    tripped[i] = int(over[0]) + 1
             start = tripped[i]
             if start is None or w.action == "none":
                 return act
             act = act.clone()
             part = act[:, start:]
             if w.action == "ablate":
-                act[:, start:] = part - (part @ u)[..., None] * u
+                act[:, start:] = part - (part @ uu)[..., None] * uu
             else:
-                act[:, start:] = part - w.alpha * u
+                act[:, start:] = part - w.alpha * uu
             return act
 
         return hook
@@ -342,6 +353,7 @@ class ProbeResult:
     n_train: int
     n_test: int
     layers: list[str]
+    gaps: list[float] = field(default_factory=list)  # class-mean difference along each probe's unit weight
 
 
 def probe_features(model: HookedTransformer, tokens: torch.Tensor, position: int | None = None) -> torch.Tensor:
@@ -385,27 +397,40 @@ def train_probes(features: torch.Tensor, labels: torch.Tensor, test_share: float
         raise SteeringError(f"Too few labelled prompts: {int(counts[0])} of class 0 and {int(counts[1])} of class 1; "
                             f"a probe needs at least {MIN_PROBE_PROMPTS} of each.")
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen)
-    n_test = max(2, int(round(n * test_share)))
-    test, train = order[:n_test], order[n_test:]
-    tr_acc, te_acc, ws, bs = [], [], [], []
+    test_parts, train_parts = [], []
+    for c in (0, 1):  # stratified: each class split in the same proportion
+        idx = (labels == c).nonzero()[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = max(1, int(round(len(idx) * test_share)))
+        test_parts.append(idx[:k])
+        train_parts.append(idx[k:])
+    test, train = torch.cat(test_parts), torch.cat(train_parts)
+    tr_acc, te_acc, ws, bs, gaps = [], [], [], [], []
     for layer in range(features.shape[0]):
         x = features[layer]
         w, b = fit_logistic(x[train], labels[train])
         pred = (x @ w + b > 0).long()
         tr_acc.append(float((pred[train] == labels[train]).float().mean()))
         te_acc.append(float((pred[test] == labels[test]).float().mean()))
+        u = w / w.norm().clamp_min(1e-12)
+        xt, yt = x[train], labels[train]
+        gaps.append(float(xt[yt == 1].mean(0) @ u - xt[yt == 0].mean(0) @ u))
         ws.append(w)
         bs.append(b)
     names = layer_names or [f"layer {l}" for l in range(features.shape[0])]
-    return ProbeResult(tr_acc, te_acc, torch.stack(ws), torch.stack(bs), len(train), len(test), names)
+    return ProbeResult(tr_acc, te_acc, torch.stack(ws), torch.stack(bs), len(train), len(test), names, gaps)
 
 
-def probe_direction(result: ProbeResult, layer: int, name: str = "probe") -> Direction:
+def probe_direction(result: ProbeResult, layer: int, name: str = "probe", model_name: str | None = None) -> Direction:
     if layer >= len(result.layers) - 1:
         raise SteeringError("The final resid_post probe has no layer to steer at; pick an earlier layer.")
-    return Direction(name, resid_hook(layer), result.weights[layer].clone(), "probe",
-                     {"test_accuracy": result.test_accuracy[layer]})
+    w, b = result.weights[layer], float(result.biases[layer])
+    u = w / w.norm().clamp_min(1e-12)
+    # Scaled like a contrast direction: the class-mean gap along the probe's unit weight, so α = 1
+    # moves a prompt by about the distance between the classes; its threshold is the decision boundary.
+    return Direction(name, resid_hook(layer), (u * result.gaps[layer]).clone(), "probe",
+                     {"model": model_name, "test_accuracy": result.test_accuracy[layer],
+                      "threshold": -b / float(w.norm().clamp_min(1e-12))})
 
 
 def prompt_probe_features(model: HookedTransformer, prompts: list[str], position: int | None = None) -> torch.Tensor:
@@ -428,9 +453,10 @@ def task_probe_data(model: HookedTransformer, task: str, n: int = 96, seed: int 
     from core import tasks
 
     if task == "sva":
-        t = tasks.sva(model, n=n, seed=seed, split="train")
+        # Attractors of random number: with "opposite" ones the last token (the attractor) would give the label away.
+        t = tasks.sva(model, n=n, seed=seed, split="train", attractor="random")
         labels = torch.tensor([1 if i % 2 == 0 else 0 for i in range(len(t))])
-        meaning = "1 = plural subject, 0 = singular"
+        meaning = "1 = plural subject, 0 = singular (attractors of random number)"
     elif task == "ioi":
         t = tasks.ioi(model, n=n, seed=seed, split="train")
         labels = torch.tensor([1 if order == "ABBA" else 0 for order in t.info["orders"]])

@@ -94,7 +94,7 @@ def build_view() -> None:
         feature = s2.number_input(f"Feature (0–{loaded.d_sae - 1})", 0, loaded.d_sae - 1, 0, key="st_feature")
         if s3.button("Use this feature", key="st_use_feature"):
             try:
-                d = steering.sae_direction(loaded, int(feature))
+                d = steering.sae_direction(loaded, int(feature), model_name=model.cfg.model_name)
                 directions[d.name] = d
                 st.success(session.md_escape(f"Added {describe(d)}."))
             except SteeringError as err:
@@ -218,13 +218,13 @@ def monitor_view() -> None:
             continue
         c1, c2, c3 = st.columns(3)
         default = float(d.info.get("threshold", float(d.vector.norm()) / 2))
-        threshold = c1.number_input(f"Threshold on {name} (x · û)", value=round(default, 3), key=f"st_thr_{name}",
+        threshold = c1.number_input(f"Threshold on {name} (x · û)", value=round(default, 3), key=f"st_thr_{model_id}_{name}",
                                     help="For a contrast direction the default is three quarters of the way from the right-hand prompts' "
                                     "mean projection to the left-hand prompts'.")
-        action = c2.selectbox(f"When crossed ({name})", ["ablate", "subtract", "none"], key=f"st_act_{name}",
+        action = c2.selectbox(f"When crossed ({name})", ["ablate", "subtract", "none"], key=f"st_act_{model_id}_{name}",
                               format_func={"ablate": "project it out from there on", "subtract": "subtract α · û from there on",
                                            "none": "only mark it"}.get)
-        alpha = c3.number_input(f"α ({name})", -1000.0, 1000.0, 10.0, key=f"st_ma_{name}", disabled=action != "subtract")
+        alpha = c3.number_input(f"α ({name})", -1000.0, 1000.0, 10.0, key=f"st_ma_{model_id}_{name}", disabled=action != "subtract")
         watches.append(steering.Watch(d, float(threshold), action, float(alpha)))
     prompt = st.text_input("Prompt", "The keys on the", key="st_mprompt", persist_state="session")
     n_new = st.slider("Tokens to generate", 0, 40, 8, key="st_mn")
@@ -255,25 +255,36 @@ def monitor_view() -> None:
     st.code(model.to_string(result.tokens[0, 1:]), language=None, wrap_lines=True)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def probes(_model, model_id: str, source: str, ones: tuple, zeros: tuple):
+    """(probes, shuffled-label control probes, label meaning), once per model and labelled prompts."""
+    if source == "typed":
+        x = steering.prompt_probe_features(_model, list(ones + zeros))
+        y = torch.tensor([1] * len(ones) + [0] * len(zeros))
+        meaning = "1 = the left list, 0 = the right list; read at each prompt's last token"
+    else:
+        x, y, meaning = steering.task_probe_data(_model, source)
+    names = steering.probe_layer_names(_model)
+    real = steering.train_probes(x, y, layer_names=names)
+    shuffled = steering.train_probes(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))], layer_names=names)
+    return real, shuffled, meaning
+
+
 def probe_view() -> None:
     source = st.segmented_control("Labelled prompts", ["sva", "ioi", "typed"], default="sva", key="st_psrc", required=True,
                                   format_func={"sva": "Agreement: plural or singular subject",
                                                "ioi": "IOI: indirect object named first or second",
                                                "typed": "Typed: two lists"}.get) or "sva"
+    ones = zeros = ()
+    if source == "typed":
+        c1, c2 = st.columns(2)
+        ones = c1.text_area("Label 1 (one prompt per line)", PLURAL, key="st_p1", height=180).splitlines()
+        zeros = c2.text_area("Label 0 (one prompt per line)", SINGULAR, key="st_p0", height=180).splitlines()
+        ones, zeros = tuple(p for p in ones if p.strip()), tuple(p for p in zeros if p.strip())
     try:
-        if source == "typed":
-            c1, c2 = st.columns(2)
-            ones = c1.text_area("Label 1 (one prompt per line)", PLURAL, key="st_p1", height=180).splitlines()
-            zeros = c2.text_area("Label 0 (one prompt per line)", SINGULAR, key="st_p0", height=180).splitlines()
-            ones, zeros = [p for p in ones if p.strip()], [p for p in zeros if p.strip()]
-            x = steering.prompt_probe_features(model, ones + zeros)
-            y = torch.tensor([1] * len(ones) + [0] * len(zeros))
-            meaning = "1 = the left list, 0 = the right list; read at each prompt's last token"
-        else:
-            x, y, meaning = steering.task_probe_data(model, source)
-        names = steering.probe_layer_names(model)
-        real = steering.train_probes(x, y, layer_names=names)
-        shuffled = steering.train_probes(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))], layer_names=names)
+        with st.spinner("Training a probe per layer…"):
+            real, shuffled, meaning = probes(model, model_id, source, ones, zeros)
+        names = real.layers
     except (SteeringError, ValueError) as err:
         st.warning(session.md_escape(str(err)))
         return
@@ -286,7 +297,7 @@ def probe_view() -> None:
     layer = st.selectbox("Use a probe as a direction", list(range(len(names) - 1)), format_func=lambda l: names[l],
                          key="st_probe_layer")
     if st.button("Add this probe's direction", key="st_probe_add"):
-        d = steering.probe_direction(real, int(layer), name=f"probe-{source}-L{layer}")
+        d = steering.probe_direction(real, int(layer), name=f"probe-{source}-L{layer}", model_name=model.cfg.model_name)
         directions[d.name] = d
         st.success(session.md_escape(f"Added {describe(d)} (held-out accuracy {real.test_accuracy[layer]:.0%})."))
 

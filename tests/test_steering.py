@@ -112,6 +112,9 @@ def test_probes_find_number_and_not_shuffled_labels(lm):
     assert "plural" in meaning
     real = steering.train_probes(x, y, layer_names=steering.probe_layer_names(lm))
     assert max(real.test_accuracy) >= 0.95
+    # Layer 0 sees only the last token (the attractor, of random number): the subject's number is not there yet.
+    assert real.test_accuracy[0] <= 0.75
+    assert real.n_test == 2 * round(48 * 0.3)  # stratified
     shuffled = steering.train_probes(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))])
     assert max(shuffled.test_accuracy) <= 0.75
     # A probe's prediction is its logistic regression: check one by hand.
@@ -120,6 +123,13 @@ def test_probes_find_number_and_not_shuffled_labels(lm):
     assert float((pred == y).float().mean()) >= 0.9
     with pytest.raises(steering.SteeringError, match="Too few labelled prompts"):
         steering.train_probes(x[:, :10], y[:10])
+    # As a direction: the unit weight times the class-mean gap; its threshold is the decision boundary.
+    d = steering.probe_direction(real, 1, model_name=lm.cfg.model_name)
+    w, b = real.weights[1], float(real.biases[1])
+    assert torch.allclose(d.unit, w / w.norm(), atol=1e-6)
+    assert float(d.vector.norm()) == pytest.approx(abs(real.gaps[1]), rel=1e-5) and real.gaps[1] > 0
+    boundary = d.info["threshold"] * d.unit
+    assert float(boundary @ w + b) == pytest.approx(0.0, abs=1e-4)
 
 
 def test_bad_input(lm, plural, tmp_path):
@@ -132,9 +142,17 @@ def test_bad_input(lm, plural, tmp_path):
     assert steering.list_directions(tmp_path) == ["plural"]
     again = steering.load_direction("plural", tmp_path)
     assert torch.equal(again.vector, plural.vector) and again.hook_name == plural.hook_name
+    for bad_json in ("{}", "[1]", '{"name": 3, "hook_name": "x"}'):
+        (tmp_path / "plural.json").write_text(bad_json)
+        with pytest.raises(steering.SteeringError, match="corrupt"):
+            steering.load_direction("plural", tmp_path)
+    steering.save_direction(plural, tmp_path)
     (tmp_path / "plural.safetensors").write_bytes(b"garbage")
     with pytest.raises(steering.SteeringError, match="corrupt"):
         steering.load_direction("plural", tmp_path)
+    other = steering.Direction("p", plural.hook_name, plural.vector, "contrast", {"model": "ce-circuits-3l-attn"})
+    with pytest.raises(steering.SteeringError, match="was made on ce-circuits-3l-attn"):
+        steering.steering_hooks(lm, other, "add", 1.0)
     with pytest.raises(steering.SteeringError, match="name"):
         steering.save_direction(steering.Direction("../evil", plural.hook_name, plural.vector, "contrast"), tmp_path)
 
@@ -143,3 +161,30 @@ def test_sae_feature_direction(lm):
     loaded = saes.load_embedded("ce-circuits-3l-mlp-res2-relu")
     d = steering.sae_direction(loaded, 7)
     assert d.hook_name == "blocks.2.hook_resid_pre" and torch.equal(d.vector, loaded.sae.W_dec[7].detach())
+
+
+@torch.no_grad()
+def test_monitor_trips_on_a_generated_token_and_subtracts(lm, plural):
+    """A watch that trips during generation: from that token on, alpha · û is subtracted."""
+    tokens = lm.to_tokens("It was a")
+    free = steering.generate(lm, tokens, 6, temperature=0)
+    _, cache = lm.run_with_cache(free, names_filter=plural.hook_name)
+    proj = cache[plural.hook_name][0] @ plural.unit
+    n = tokens.shape[1]
+    # The first generated token that projects more than every token before it (BOS aside).
+    later = next(p for p in range(n, free.shape[1]) if float(proj[p]) > float(proj[1:p].max()) + 1.0)
+    threshold = float(proj[1:later].max()) + 0.5
+    assert float(proj[later]) > threshold
+    res = steering.monitored_generate(lm, tokens, 6, [steering.Watch(plural, threshold, "subtract", 3.0)])
+    assert res.tripped_at == [later]
+    assert torch.equal(res.tokens[0, : later + 1], free[0, : later + 1])
+    seq = res.tokens[:, : later + 1]
+
+    def sub(x, hook):
+        x = x.clone()
+        x[:, later:] -= 3.0 * plural.unit
+        return x
+
+    while seq.shape[1] < res.tokens.shape[1]:
+        seq = torch.cat([seq, lm.run_with_hooks(seq, fwd_hooks=[(plural.hook_name, sub)])[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(res.tokens, seq)
