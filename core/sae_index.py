@@ -220,8 +220,8 @@ def index_key(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]]
                     sae_fingerprint(loaded.sae).encode(), corpus_fingerprint(docs).encode()])
 
 
-def index_path(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]], directory: Path | None = None) -> Path:
-    return Path(directory or data_dir()) / f"sae-index-{index_key(model, loaded, docs)}.sqlite"
+def index_path(key: str, directory: Path | None = None) -> Path:
+    return Path(directory or data_dir()) / f"sae-index-{key}.sqlite"
 
 
 def _valid(path: Path, key: str, d_sae: int) -> bool:
@@ -249,7 +249,7 @@ def open_index(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]
     if not docs:
         raise IndexError_("The corpus is empty: give at least one document with a token after BOS.")
     key = index_key(model, loaded, docs)
-    path = index_path(model, loaded, docs, directory)
+    path = index_path(key, directory)
     with _build_guard:
         lock = _build_locks.setdefault(str(path), threading.Lock())
     with lock:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -220,9 +220,14 @@ def steering_hooks(model: HookedTransformer, direction: Direction, mode: str, al
 
 
 @torch.inference_mode()
-def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, k: int = 8) -> dict:
-    """Next-token distribution after `tokens` [1, pos] without and with hooks: top tokens and KL."""
-    base = store.run(model, tokens)[0, -1].float()
+def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, k: int = 8,
+                     base_logits: torch.Tensor | None = None) -> dict:
+    """Next-token distribution after `tokens` [1, pos] without and with hooks: top tokens and KL.
+
+    `base_logits` [1, pos, d_vocab]: the unsteered run's logits when the caller has them (the
+    activation store's), so the plain forward pass is not run again.
+    """
+    base = (store.run(model, tokens) if base_logits is None else base_logits)[0, -1].float()
     steered = store.run_with_hooks(model, tokens, hooks)[0, -1].float()
     p, q = base.log_softmax(-1), steered.log_softmax(-1)
     kl = float((p.exp() * (p - q)).sum())
@@ -389,7 +394,6 @@ def train_probes(features: torch.Tensor, labels: torch.Tensor, test_share: float
                  layer_names: list[str] | None = None) -> ProbeResult:
     """A logistic-regression probe per layer. features [layer, n, d_model], labels [n] in {0, 1}."""
     labels = labels.long()
-    n = labels.shape[0]
     counts = torch.bincount(labels, minlength=2)
     if counts.numel() > 2 or (labels < 0).any():
         raise SteeringError("Probe labels must be 0 or 1.")

@@ -148,7 +148,7 @@ def agreement_check(hooks) -> str | None:
     is_, are = int(t.wrongs[0]), int(t.answers[0])
     from core import store
 
-    base = store.run(model, singular)[:, -1]
+    base = session.get_store().get(model, singular).logits[:, -1]  # the unsteered run, shared with other pages
     steered = store.run_with_hooks(model, singular, hooks)[:, -1]
     b = float((base[:, are] > base[:, is_]).float().mean())
     s = float((steered[:, are] > steered[:, is_]).float().mean())
@@ -177,7 +177,7 @@ def steer_view() -> None:
         st.warning(session.md_escape(str(err)))
         return
     tokens = model.to_tokens(prompt)[:, : model.cfg.n_ctx]
-    shift = steering.next_token_shift(model, tokens, hooks)
+    shift = steering.next_token_shift(model, tokens, hooks, base_logits=session.get_store().get(model, tokens).logits)
     rows = shift["rows"][:10]
     st.plotly_chart(plots.distribution_shift_bars([decode(r["token"]) for r in rows], [r["before"] for r in rows],
                                                   [r["after"] for r in rows], "Next token, unsteered and steered"),

@@ -70,6 +70,9 @@ def test_plural_direction_flips_is_to_are(lm, plural):
     assert float((steered[:, are] > steered[:, is_]).float().mean()) > 0.9
     shift = steering.next_token_shift(lm, singular[:1], steering.steering_hooks(lm, plural, "add", 1.0))
     assert shift["top_before"] == is_ and shift["top_after"] == are and shift["kl"] > 0.5
+    stored = steering.next_token_shift(lm, singular[:1], steering.steering_hooks(lm, plural, "add", 1.0),
+                                       base_logits=lm(singular[:1]))
+    assert stored["kl"] == pytest.approx(shift["kl"], abs=1e-6) and stored["rows"][0] == pytest.approx(shift["rows"][0])
 
 
 @torch.no_grad()
