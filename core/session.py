@@ -319,6 +319,15 @@ def open_clicked_head(chart_key: str, n_layers: int, n_heads: int) -> None:
         st.session_state["layer"], st.session_state["head"] = clicked
 
 
+def page_view() -> View:
+    """Every page's start: the sidebar, then its problems shown; the page stops there if any."""
+    view = sidebar()
+    if not show_problems(view):
+        sidebar_footer()
+        st.stop()
+    return view
+
+
 def show_problems(view: View) -> bool:
     """Show model/prompt errors in the page. Returns True when the page can go on."""
     if view.model_error:

@@ -8,10 +8,7 @@ st.title("Attention patterns")
 with st.spinner("Starting: loading TransformerLens…"):  # ~6 s on a cold start; show the page first
     from core import attention, plots, session
 
-view = session.sidebar()
-if not session.show_problems(view):
-    session.sidebar_footer()
-    st.stop()
+view = session.page_view()
 
 model, prompt = view.model, view.prompt
 store = session.get_store()

@@ -7,10 +7,7 @@ st.title("Logit attribution")
 with st.spinner("Starting: loading TransformerLens…"):
     from core import attribution, plots, session
 
-view = session.sidebar()
-if not session.show_problems(view):
-    session.sidebar_footer()
-    st.stop()
+view = session.page_view()
 
 model, prompt, task = view.model, view.prompt, view.task
 store = session.get_store()

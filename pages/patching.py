@@ -12,10 +12,7 @@ with st.spinner("Starting: loading TransformerLens…"):
     from core import patching, plots, session
     from core.patching import PatchingError
 
-view = session.sidebar()
-if not session.show_problems(view):
-    session.sidebar_footer()
-    st.stop()
+view = session.page_view()
 
 model = view.model
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads

@@ -11,10 +11,7 @@ with st.spinner("Starting: loading TransformerLens and sae_lens…"):
 
     from core import plots, sae_index, saes, session
 
-view = session.sidebar()
-if not session.show_problems(view):
-    session.sidebar_footer()
-    st.stop()
+view = session.page_view()
 model = view.model
 model_id = session.model_key(model)
 state = st.session_state

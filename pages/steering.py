@@ -11,10 +11,7 @@ with st.spinner("Starting: loading TransformerLens…"):
     from core import plots, saes, session, steering
     from core.steering import SteeringError
 
-view = session.sidebar()
-if not session.show_problems(view):
-    session.sidebar_footer()
-    st.stop()
+view = session.page_view()
 model = view.model
 model_id = session.model_key(model)
 state = st.session_state
