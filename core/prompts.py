@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
+from core import store
+
 
 class PromptError(ValueError):
     """The prompt cannot be run; the message is meant for the person who typed it."""
@@ -26,7 +28,7 @@ def prepare_prompt(model: HookedTransformer, text: str) -> Prompt:
     """
     if text is None or not text.strip():
         raise PromptError("The prompt is empty: type some text to analyse.")
-    tokens = model.to_tokens(text, prepend_bos=True, truncate=False)
+    tokens = store.to_tokens(model, text)
     if tokens.shape[1] < 2:
         raise PromptError("The prompt produced no tokens after the BOS token.")
     truncated_from = None
@@ -40,5 +42,5 @@ def prepare_prompt(model: HookedTransformer, text: str) -> Prompt:
 def prompt_from_tokens(model: HookedTransformer, tokens: torch.Tensor, truncated_from: int | None = None) -> Prompt:
     """A Prompt for tokens that are already made (a task's example): [pos] or [1, pos], BOS first."""
     tokens = tokens.reshape(1, -1)
-    str_tokens = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
+    str_tokens = store.str_tokens(model, tokens[0])
     return Prompt(tokens=tokens, str_tokens=str_tokens, truncated_from=truncated_from)

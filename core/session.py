@@ -15,7 +15,7 @@ import streamlit as st
 import torch
 from transformer_lens import HookedTransformer
 
-from core import attention, tasks
+from core import attention, store, tasks
 from core.models import DEFAULT_MODEL, ModelLoadError, load_model, zoo_models
 from core.prompts import Prompt, PromptError, prepare_prompt, prompt_from_tokens
 from core.store import ActivationStore, model_key
@@ -350,7 +350,17 @@ def show_problems(view: View) -> bool:
 
 
 def decode_token(model: HookedTransformer, token: int) -> str:
-    return model.tokenizer.decode([int(token)])
+    return store.decode(model, int(token))
+
+
+def decode_text(model: HookedTransformer, tokens) -> str:
+    """The text of a sequence of token ids (tokenizer use goes through the store's lock)."""
+    return store.decode(model, tokens)
+
+
+def to_tokens(model: HookedTransformer, text: str, prepend_bos: bool = True) -> torch.Tensor:
+    """[1, pos] tokens of `text`, cut to the model's context (tokenised under the store's lock)."""
+    return store.to_tokens(model, text, prepend_bos=prepend_bos)[:, : model.cfg.n_ctx]
 
 
 @dataclass
@@ -636,7 +646,8 @@ def zoo_documents(_model: HookedTransformer, model_id: str, spec_json: str) -> l
 
     from core.zoo import sae_data
 
-    return sae_data.documents(json.loads(spec_json), _model.tokenizer)
+    with store.shared_state(_model):  # the corpus generator encodes with the model's tokenizer
+        return sae_data.documents(json.loads(spec_json), _model.tokenizer)
 
 
 def feature_index(model: HookedTransformer, loaded, docs: list[list[int]], what: str):

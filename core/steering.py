@@ -85,7 +85,7 @@ def _prompt_tokens(model: HookedTransformer, prompts: list[str]) -> list[torch.T
     out = []
     for p in prompts:
         if p.strip():
-            out.append(model.to_tokens(p, prepend_bos=True)[0, : model.cfg.n_ctx])
+            out.append(store.to_tokens(model, p)[0, : model.cfg.n_ctx])
     return out
 
 
@@ -97,7 +97,7 @@ def residuals(model: HookedTransformer, prompts: list[str], layer: int, position
         pos = len(tokens) - 1 if position is None else position
         if not 0 <= pos < len(tokens):
             raise SteeringError(f"Position {position} does not exist in a prompt of {len(tokens)} tokens "
-                                f"(BOS is position 0): {model.to_string(tokens[1:])!r}.")
+                                f"(BOS is position 0): {store.decode(model, tokens[1:])!r}.")
         _, cache = store.run_with_cache(model, tokens[None], names_filter=name)
         out.append(cache[name][0, pos])
     return torch.stack(out) if out else torch.zeros(0, model.cfg.d_model)

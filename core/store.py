@@ -5,6 +5,12 @@ from its own thread against the same cached model. So every forward pass on a mo
 cached or hooked) runs here, under that model's lock, and hooks are always removed afterwards,
 on error too. Concurrent callers get exactly the results they would get alone.
 
+The same lock covers every other use of state that TransformerLens keeps on the model:
+`to_tokens` rewrites `model.cfg.default_prepend_bos` and the tokenizer's `padding_side` while it
+runs, and a Hugging Face fast tokenizer is not safe to encode from two threads at once. So text
+goes in and out through `to_tokens`, `decode` and `str_tokens` here, never through the model's
+own methods.
+
 `ActivationStore` keeps one `run_with_cache` per (model, tokens), shared by every page and
 every session, bounded in bytes (least recently used entries are evicted first).
 """
@@ -82,6 +88,42 @@ def locked(model: HookedTransformer, use_split_qkv_input: bool = False) -> Itera
             held.discard(id(model))
 
 
+@contextmanager
+def shared_state(model: HookedTransformer) -> Iterator[None]:
+    """Hold `model`'s lock for a use of its shared state that is not a forward pass.
+
+    Re-entrant within one thread (a hook or a page already inside `locked` may tokenise), unlike
+    `locked`, which refuses a nested forward pass.
+    """
+    held = getattr(_held, "models", None)
+    if held is not None and id(model) in held:
+        yield
+        return
+    with locked(model):
+        yield
+
+
+def to_tokens(model: HookedTransformer, text: str | list[str], prepend_bos: bool = True,
+              truncate: bool = False, padding_side: str | None = None) -> torch.Tensor:
+    """`model.to_tokens` under the model's lock: [batch, pos] token ids on the CPU."""
+    kwargs = {} if padding_side is None else {"padding_side": padding_side}
+    with shared_state(model):
+        return model.to_tokens(text, prepend_bos=prepend_bos, truncate=truncate, move_to_device=False, **kwargs)
+
+
+def decode(model: HookedTransformer, tokens) -> str:
+    """The text of token ids (an int, a list or a tensor), under the model's lock."""
+    ids = [int(tokens)] if isinstance(tokens, int) or getattr(tokens, "ndim", 1) == 0 else [int(t) for t in tokens]
+    with shared_state(model):
+        return model.tokenizer.decode(ids)
+
+
+def str_tokens(model: HookedTransformer, tokens) -> list[str]:
+    """The text of each token id of `tokens` ([pos] or a list), under the model's lock."""
+    with shared_state(model):
+        return [model.tokenizer.decode([int(t)]) for t in tokens]
+
+
 @torch.inference_mode()
 def run(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """Plain forward pass. tokens: [batch, pos] -> logits [batch, pos, d_vocab]."""
@@ -130,7 +172,20 @@ class StoreEntry:
 
 
 def _cache_nbytes(logits: torch.Tensor, cache: ActivationCache) -> int:
-    return logits.nbytes + sum(t.nbytes for t in cache.cache_dict.values())
+    """Bytes held by the logits and the cache, each storage counted once.
+
+    Cached tensors share storage (`blocks.L.hook_resid_post` is `blocks.L+1.hook_resid_pre`),
+    so summing `t.nbytes` over the cache would count some memory twice.
+    """
+    seen: set[tuple] = set()
+    total = 0
+    for t in (logits, *cache.cache_dict.values()):
+        storage = t.untyped_storage()
+        key = (storage.device, storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
 
 
 class ActivationStore:
@@ -206,8 +261,9 @@ class ActivationStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of activations held now (logits and every cached tensor)."""
-        return self._nbytes
+        """Bytes of activations held now (logits and every cached tensor's storage, once each)."""
+        with self._lock:
+            return self._nbytes
 
     def entries(self) -> list[StoreEntry]:
         """What the store holds, least recently used first."""

@@ -34,6 +34,7 @@ from typing import Callable, Literal
 import torch
 from transformer_lens import HookedTransformer
 
+from core import store
 from core.store import run
 from core.zoo import corpus
 
@@ -131,7 +132,7 @@ def baselines(model: HookedTransformer, task: Task) -> Baselines:
 
 def single_token(model: HookedTransformer, text: str) -> int | None:
     """The id of `text` if it is exactly one token (without BOS), else None."""
-    toks = model.to_tokens(text, prepend_bos=False)[0]
+    toks = store.to_tokens(model, text, prepend_bos=False)[0]
     if toks.numel() != 1 or _is_unknown(model, int(toks[0])):
         return None
     return int(toks[0])
@@ -153,7 +154,7 @@ def _single_words(model: HookedTransformer, words: list[str], capital: bool = Fa
 
 
 def _tokens(model: HookedTransformer, prompts: list[str]) -> torch.Tensor:
-    toks = [model.to_tokens(p, prepend_bos=True, truncate=False)[0] for p in prompts]
+    toks = [store.to_tokens(model, p, prepend_bos=True)[0] for p in prompts]
     lengths = {t.numel() for t in toks}
     if len(lengths) != 1:
         raise TaskError(f"The generated prompts tokenize to different lengths ({sorted(lengths)}).")
@@ -330,7 +331,7 @@ def induction(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, s
         answers.append(x[k])
         wrongs.append(w)
     clean_tokens, corrupted_tokens = torch.tensor(clean_rows), torch.tensor(corrupted_rows)
-    decode = lambda rows: [model.tokenizer.decode(r[1:]) for r in rows]  # noqa: E731
+    decode = lambda rows: [store.decode(model, r[1:]) for r in rows]  # noqa: E731
     return Task("induction", "Induction: repeat what followed last time", "logit_diff", clean_tokens, corrupted_tokens,
                 torch.tensor(answers), torch.tensor(wrongs), decode(clean_rows), decode(corrupted_rows),
                 template=f"random-{length}", info={"length": length})
@@ -367,8 +368,8 @@ def templates(name: str) -> list[corpus.Template]:
 
 def continuation_token(model: HookedTransformer, prompt: str, continuation: str) -> int | None:
     """The one token `continuation` adds after `prompt`, or None if it adds several or changes the prompt's tokens."""
-    base = model.to_tokens(prompt, prepend_bos=True, truncate=False)[0]
-    full = model.to_tokens(prompt + continuation, prepend_bos=True, truncate=False)[0]
+    base = store.to_tokens(model, prompt)[0]
+    full = store.to_tokens(model, prompt + continuation)[0]
     if full.numel() != base.numel() + 1 or not torch.equal(full[:-1], base) or _is_unknown(model, int(full[-1])):
         return None
     return int(full[-1])
@@ -400,9 +401,9 @@ def answer_token(model: HookedTransformer, text: str, which: str = "answer", pre
     if not text or not text.strip():
         raise TaskError(f"The {which} is empty: type the token the model should predict.")
     shown = " " + text if prepend_space and not text[0].isspace() else text
-    toks = model.to_tokens(shown, prepend_bos=False)[0]
+    toks = store.to_tokens(model, shown, prepend_bos=False)[0]
     if toks.numel() != 1:
-        pieces = [model.tokenizer.decode([int(t)]) for t in toks]
+        pieces = store.str_tokens(model, toks)
         first = pieces[0] if pieces else ""
         raise TaskError(
             f"The {which} {shown!r} is {len(pieces)} tokens ({', '.join(repr(p) for p in pieces)}); it must be "
@@ -428,8 +429,8 @@ def custom_task(model: HookedTransformer, clean: str, corrupted: str, answer: st
     wrong_id = answer_token(model, wrong, "wrong answer", prepend_space)
     if answer_id == wrong_id:
         raise TaskError("The answer and the wrong answer are the same token; the metric would always be 0.")
-    clean_tokens = model.to_tokens(clean, prepend_bos=True, truncate=False)
-    corrupted_tokens = model.to_tokens(corrupted, prepend_bos=True, truncate=False)
+    clean_tokens = store.to_tokens(model, clean)
+    corrupted_tokens = store.to_tokens(model, corrupted)
     if clean_tokens.shape != corrupted_tokens.shape:
         raise TaskError(
             f"The clean prompt is {clean_tokens.shape[1] - 1} tokens and the corrupted prompt "

@@ -173,7 +173,7 @@ def steer_view() -> None:
     except SteeringError as err:
         st.warning(session.md_escape(str(err)))
         return
-    tokens = model.to_tokens(prompt)[:, : model.cfg.n_ctx]
+    tokens = session.to_tokens(model, prompt)
     shift = steering.next_token_shift(model, tokens, hooks, base_logits=session.get_store().get(model, tokens).logits)
     rows = shift["rows"][:10]
     st.plotly_chart(plots.distribution_shift_bars([decode(r["token"]) for r in rows], [r["before"] for r in rows],
@@ -194,9 +194,9 @@ def steer_view() -> None:
         steered = steering.generate(model, tokens, n_new, hooks, int(seed), temperature)
     a, b = st.columns(2)
     a.markdown("**Unsteered**")
-    a.code(model.to_string(plain[0, tokens.shape[1]:]), language=None, wrap_lines=True)
+    a.code(session.decode_text(model, plain[0, tokens.shape[1]:]), language=None, wrap_lines=True)
     b.markdown("**Steered**")
-    b.code(model.to_string(steered[0, tokens.shape[1]:]), language=None, wrap_lines=True)
+    b.code(session.decode_text(model, steered[0, tokens.shape[1]:]), language=None, wrap_lines=True)
     st.caption(f"Both from seed {int(seed)}: they differ only where the steering changes the distribution.")
 
 
@@ -228,7 +228,7 @@ def monitor_view() -> None:
     if not watches or not prompt.strip():
         st.info("Pick a direction to watch and type a prompt.")
         return
-    tokens = model.to_tokens(prompt)[:, : model.cfg.n_ctx]
+    tokens = session.to_tokens(model, prompt)
     chart = st.empty()
 
     def draw(result) -> None:
@@ -249,7 +249,7 @@ def monitor_view() -> None:
         else:
             st.caption(session.md_escape(f"{w.direction.name}: crossed {w.threshold:.3f} at position {at} ({labels[at]!r}); "
                                          f"'{w.action}' applied from there on."))
-    st.code(model.to_string(result.tokens[0, 1:]), language=None, wrap_lines=True)
+    st.code(session.decode_text(model, result.tokens[0, 1:]), language=None, wrap_lines=True)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

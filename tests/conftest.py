@@ -12,6 +12,15 @@ torch.set_num_threads(int(os.environ.get("CE_TEST_THREADS", "2")))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The training scripts set torch's thread count for themselves; later tests keep ours."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def zoo_model():
     from core.models import DEFAULT_MODEL, load_model
@@ -30,19 +39,64 @@ def offline_hub():
     constants.ENDPOINT = old
 
 
-@pytest.fixture()
-def tiny_gpt2_dir(tmp_path):
-    """A tiny random GPT-2 saved as a Hugging Face checkpoint folder, with the zoo tokenizer."""
+def make_gpt2_dir(folder, tied: bool = True, seed: int = 0):
+    """A tiny random GPT-2 saved as a Hugging Face checkpoint folder, with the zoo tokenizer.
+
+    Its LayerNorms (the final one too) have weights away from 1 and non-zero biases, and every
+    other bias is non-zero, as in a trained GPT-2: a fresh init (weight 1, bias 0) would hide a
+    fold that goes wrong. `tied`: W_U is W_E (GPT-2's default) or a separate random matrix.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from core.zoo.vocab import build_tokenizer
 
-    tok = build_tokenizer(tmp_path)
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tok))
+    tok = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tok), tie_word_embeddings=tied)
     hf = GPT2LMHeadModel(cfg).eval()
-    hf.save_pretrained(tmp_path)
-    return tmp_path, hf
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+        if not tied:
+            hf.lm_head.weight.copy_(0.05 * torch.randn_like(hf.lm_head.weight))
+    assert (hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()) == tied
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+@pytest.fixture()
+def tiny_gpt2_dir(tmp_path):
+    """A tiny random GPT-2 checkpoint folder (tied embeddings, non-trivial LayerNorms): (path, HF model)."""
+    return make_gpt2_dir(tmp_path)
+
+
+def hub_cache_from_folder(folder, cache_root, repo_id: str = "gpt2"):
+    """Lay `folder` out as a Hugging Face hub download leaves it in `cache_root`: blobs named by
+    their hash, a snapshot of symlinks into them, refs/main naming the snapshot. Hub GPT-2
+    configs carry `n_ctx`, which TransformerLens reads, so it is added as the hub has it."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    repo = Path(cache_root) / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in Path(folder).iterdir():
+        data = f.read_bytes()
+        if f.name == "config.json":
+            cfg = json.loads(data)
+            cfg.setdefault("n_ctx", cfg["n_positions"])
+            data = json.dumps(cfg).encode()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    return repo
 
 
 MARKUP_TOKENS = ["<script>alert(1)</script>", "<b>bold</b>", "<img src=x onerror=alert(2)>"]

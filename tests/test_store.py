@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 import torch
@@ -21,8 +22,12 @@ def _tokens(seed, n=12):
 def _run_in_threads(fn, jobs, n_threads):
     """{job: fn(job)} with the jobs dealt round-robin to n_threads threads started together."""
     results, errors = {}, []
+    n_torch_threads = torch.get_num_threads()
 
     def worker(ids):
+        # A new thread's OpenMP team has the default size, not the caller's set_num_threads: with
+        # another size a matmul sums in another order (1e-5 apart), so set the same one.
+        torch.set_num_threads(n_torch_threads)
         try:
             for i in ids:
                 results[i] = fn(i)
@@ -199,3 +204,89 @@ def test_concurrent_store_gets_hooked_runs_and_split_qkv_ablations_match_sequent
                 assert a == b, i
     assert shared.nbytes <= shared.max_bytes and len(shared.entries()) <= 2
     assert zoo_model.cfg.use_split_qkv_input is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting: each storage counted once, totals read under the lock
+# ---------------------------------------------------------------------------------------------
+
+
+def test_entry_size_counts_shared_storage_once(small_model):
+    run = ActivationStore(max_bytes=10**9).get(small_model, _tokens(0))
+    cache = run.cache.cache_dict
+    # TransformerLens caches resid_post of layer 0 and resid_pre of layer 1 as one tensor.
+    assert cache["blocks.0.hook_resid_post"].untyped_storage().data_ptr() == \
+        cache["blocks.1.hook_resid_pre"].untyped_storage().data_ptr()
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [run.logits, *cache.values()]}
+    assert run.nbytes == sum(unique.values())
+    assert run.nbytes < run.logits.nbytes + sum(t.nbytes for t in cache.values())  # the old double count
+
+
+def test_store_total_is_never_seen_above_the_cap_while_threads_insert(small_model):
+    one = ActivationStore(max_bytes=10**9).get(small_model, _tokens(0)).nbytes
+    s = ActivationStore(max_bytes=int(1.5 * one))
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            seen.append(s.nbytes)
+            time.sleep(1e-4)
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    try:
+        _run_in_threads(lambda i: s.get(small_model, _tokens(i)).nbytes, list(range(40)), n_threads=4)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen and max(seen) <= s.max_bytes
+    assert s.nbytes == sum(e.nbytes for e in s.entries())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared model state beyond hooks: tokenisation and task building under the same lock
+# ---------------------------------------------------------------------------------------------
+
+
+def test_concurrent_tokenisation_and_task_building_match_sequential():
+    """TransformerLens's to_tokens flips model.cfg.default_prepend_bos (and the tokenizer's
+    padding side) while it runs. Threads that tokenise with and without BOS, build tasks (hundreds
+    of tokenisations each), prepare prompts and run the model must all get the sequential results."""
+    from core import prompts, tasks
+    from core.models import load_model
+
+    model = load_model("ce-circuits-3l-attn")
+    texts = ["When Mary and John went to the store, John gave a drink to", "the cat sat on the mat",
+             "The keys on the cabinet"]
+
+    def job(i):
+        kind = i % 5
+        text = texts[i % 3]
+        if kind == 0:
+            t = tasks.make_task(["ioi", "sva"][(i // 5) % 2], model, n=4, seed=i % 3)
+            return ("task", t.clean_tokens, t.corrupted_tokens, t.answers, t.wrongs)
+        if kind == 1:
+            p = prompts.prepare_prompt(model, text)
+            return ("prompt", p.tokens, tuple(p.str_tokens))
+        if kind == 2:  # flips default_prepend_bos to False for the call
+            return ("no-bos", store.to_tokens(model, text, prepend_bos=False))
+        if kind == 3:  # padding side flipped for the call
+            return ("left", store.to_tokens(model, texts, padding_side="left"))
+        return ("run", store.run(model, prompts.prepare_prompt(model, text).tokens))
+
+    jobs = list(range(60))
+    expected = {i: job(i) for i in jobs}
+    results = _run_in_threads(job, jobs, n_threads=4)
+    for i in jobs:
+        assert results[i][0] == expected[i][0]
+        for got, exp in zip(results[i][1:], expected[i][1:]):
+            assert (torch.equal(got, exp) if isinstance(got, torch.Tensor) else got == exp), (i, results[i][0])
+    assert model.cfg.default_prepend_bos is True and model.tokenizer.padding_side == "right"
+
+
+def test_tokenising_inside_a_locked_section_does_not_deadlock(zoo_model):
+    model = zoo_model
+    with store.locked(model):
+        tokens = store.to_tokens(model, "the cat sat")  # re-entrant for the thread that holds the lock
+        assert store.decode(model, tokens[0, 1:]) == "the cat sat"
+    assert store.str_tokens(model, tokens[0]) == ["<|bos|>", "the", "cat", "sat"]
