@@ -2,7 +2,8 @@
 
 Pure functions of (model, tokens or cache); usable from a notebook. Shapes in brackets.
 Head-type scores use TransformerLens's own detection patterns (`transformer_lens.head_detector`)
-and its "mul" measure, averaged over the query rows that have a target (see `head_scores`).
+and its "mul" measure, averaged over the query rows that have a target (TransformerLens divides
+by every row; `convention="all_rows"` gives its number; see `head_scores_from_patterns`).
 """
 from __future__ import annotations
 
@@ -58,26 +59,35 @@ def detection_pattern(tokens: torch.Tensor, head_type: HeadType) -> torch.Tensor
     return _DETECTORS[head_type](tokens.cpu().unsqueeze(0)).float()
 
 
+Convention = Literal["rows_with_target", "all_rows"]
+
+
 def head_scores_from_patterns(
-    patterns: torch.Tensor, tokens: torch.Tensor, head_type: HeadType
-) -> torch.Tensor:
-    """Score of every head from its attention patterns.
+    patterns: torch.Tensor, tokens: torch.Tensor, head_type: HeadType, convention: Convention = "rows_with_target"
+) -> torch.Tensor | None:
+    """Score of every head from its attention patterns, or None when no query row has a target.
 
     patterns: [batch, layer, head, q_pos, k_pos]; tokens: [batch, pos]. Returns [layer, head].
-    For each sequence: the attention mass on the pattern's targets, summed over the query rows
-    that have a target and divided by their number (so a perfect head scores 1); then the mean
-    over the batch. TransformerLens's `detect_head(..., error_measure="mul")` divides by all
-    rows instead: ours equals its score times n_rows / n_rows_with_target.
+    `convention="rows_with_target"` (ours, the default): for each sequence, the attention mass on
+    the pattern's targets summed over the query rows that have a target and divided by their
+    number (so a perfect head scores 1); then the mean over the sequences that have any target.
+    A prompt with no repeated token has no induction or duplicate-token target: those types are
+    None, and the previous-token score is still given.
+    `convention="all_rows"`: TransformerLens's `detect_head(..., error_measure="mul")`, which
+    divides by every query row and averages over every sequence (0 where there is no target).
     """
     scores = []
     for b in range(tokens.shape[0]):
         det = detection_pattern(tokens[b], head_type)  # [q, k]
         rows = int((det.sum(-1) > 0).sum())
-        if rows == 0:
-            raise ValueError(f"no query position has a {head_type} target in this sequence")
         mass = (patterns[b].float().cpu() * det).sum(dim=(-1, -2))  # [layer, head]
-        scores.append(mass / rows)
-    return torch.stack(scores).mean(0)
+        if convention == "all_rows":
+            scores.append(mass / det.shape[0])
+        elif rows > 0:
+            scores.append(mass / rows)
+    if convention == "all_rows":
+        return torch.stack(scores).mean(0)
+    return torch.stack(scores).mean(0) if scores else None
 
 
 def stacked_patterns(cache: ActivationCache, n_layers: int) -> torch.Tensor:
@@ -86,15 +96,17 @@ def stacked_patterns(cache: ActivationCache, n_layers: int) -> torch.Tensor:
 
 
 def head_scores(
-    model: HookedTransformer, tokens: torch.Tensor, activation_store: store.ActivationStore | None = None
-) -> dict[str, torch.Tensor]:
-    """{head type: [layer, head] scores} for `tokens` [batch, pos] (all HEAD_TYPES)."""
+    model: HookedTransformer, tokens: torch.Tensor, activation_store: store.ActivationStore | None = None,
+    convention: Convention = "rows_with_target",
+) -> dict[str, torch.Tensor | None]:
+    """{head type: [layer, head] scores, or None where no query row has that type's target} for
+    `tokens` [batch, pos] (all HEAD_TYPES; see `head_scores_from_patterns` for the convention)."""
     if activation_store is not None:
         cache = activation_store.get(model, tokens).cache
     else:
         _, cache = store.run_with_cache(model, tokens, names_filter=lambda n: n.endswith("hook_pattern"))
     patterns = stacked_patterns(cache, model.cfg.n_layers)
-    return {t: head_scores_from_patterns(patterns, tokens, t) for t in HEAD_TYPES}
+    return {t: head_scores_from_patterns(patterns, tokens, t, convention) for t in HEAD_TYPES}
 
 
 def strongest_head(scores: torch.Tensor) -> tuple[int, int]:
@@ -202,7 +214,10 @@ def ablate_composition(
     hooks.append((pattern_name, save_pattern))
     logits = store.run_with_hooks(model, tokens, hooks, use_split_qkv_input=True)
     pat = patterns["p"][:, t_head]  # [batch, q, k]
-    score = head_scores_from_patterns(pat[:, None, None], tokens, "induction")[0, 0]
+    scores = head_scores_from_patterns(pat[:, None, None], tokens, "induction")
+    if scores is None:
+        raise ValueError("the tokens repeat nothing, so there is no induction score to measure")
+    score = scores[0, 0]
     return CompositionAblation(on, float(score), float(repeated_half_loss(logits, tokens, seq_len)))
 
 

@@ -16,6 +16,15 @@ final LayerNorm weight, and `bias` is what no component writes (the final LayerN
 the unembedding bias). `Attribution.total()` returns the left-hand side; the tests check both
 sides against the model's own logits.
 
+Two kinds of model need a word:
+- **Shortformer, rotary and ALiBi positions** never add a position embedding to the residual
+  stream, so there is no "pos_embed" component (TransformerLens's `decompose_resid` lists one
+  whenever the cache has `hook_pos_embed`, which shortformer models have).
+- **Logit soft-capping** (`output_logits_soft_cap`, Gemma 2): the model's logit is
+  `cap * tanh(pre-cap logit / cap)`, which is not linear in the residual stream. Attributions
+  explain the **pre-cap** logit (`Attribution.softcap` says so; `precap_target` reads it from the
+  run); `target` reads the model's capped logits. The logit lens applies the cap, as the model does.
+
 Notebook use:
 
     from core import attribution, store
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens.utilities.activation_functions import apply_softcap
 
 Tokens = torch.Tensor | int
 
@@ -48,6 +58,7 @@ class Attribution:
     labels: list[str]
     values: torch.Tensor
     bias: torch.Tensor
+    softcap: float | None = None  # set when the model soft-caps its logits: the target is the pre-cap logit
 
     def mean(self) -> torch.Tensor:
         """[component] mean contribution over the batch."""
@@ -58,9 +69,55 @@ class Attribution:
         return self.values.sum(0) + self.bias
 
 
-def _ids(tokens: Tokens, batch: int) -> torch.Tensor:
-    t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-    return t.expand(batch) if t.numel() == 1 else t
+def _ids(tokens: Tokens, batch: int, what: str = "answer") -> torch.Tensor:
+    """[batch] token ids from one id (an int or a 0-d / one-element tensor) or one id per prompt ([batch]).
+
+    Anything else is refused rather than reshaped: [n, 1] ids against [n] answers would silently
+    pair each prompt with the wrong token in TransformerLens's own helpers' convention.
+    """
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    if t.ndim > 1:
+        raise ValueError(f"{what} ids must be one id or one per prompt (shape [batch]); got shape {tuple(t.shape)}.")
+    t = t.reshape(-1)
+    if t.numel() == 1:
+        return t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"{t.numel()} {what} ids for {batch} prompts: give one id, or one per prompt.")
+    return t
+
+
+def _pair(answers: Tokens, wrongs: Tokens | None, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([batch] answers, [batch] wrong tokens or None), validated against each other and the batch."""
+    a = _ids(answers, batch)
+    return a, (None if wrongs is None else _ids(wrongs, batch, "counterfactual"))
+
+
+def _softcap(model: HookedTransformer) -> float | None:
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
+    return float(cap) if cap is not None and cap > 0 else None
+
+
+def _adds_pos_embed(model: HookedTransformer) -> bool:
+    """Whether positions are added to the residual stream (only "standard" learned positions are)."""
+    return model.cfg.positional_embedding_type == "standard"
+
+
+def _decomposed(model: HookedTransformer, cache: ActivationCache, pos: int, mode: str = "all"):
+    """`cache.decompose_resid` at `pos`, without a "pos_embed" row where positions never enter the
+    residual stream (shortformer: TL caches hook_pos_embed, but adds it to queries and keys only)."""
+    stack, labels = cache.decompose_resid(layer=None, mode=mode, pos_slice=pos, return_labels=True)
+    if "pos_embed" in labels and not _adds_pos_embed(model):
+        keep = [i for i, label in enumerate(labels) if label != "pos_embed"]
+        stack, labels = stack[keep], [labels[i] for i in keep]
+    return stack, labels
+
+
+def final_logits(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """Logits [..., d_vocab] of a final residual stream [batch, pos, d_model], as the model makes them:
+    final normalisation (when the model has one), unembedding, soft cap (when it has one)."""
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 
 def _has_ln_weight(model: HookedTransformer) -> bool:
@@ -86,10 +143,10 @@ def unembed_direction(model: HookedTransformer, answers: Tokens, wrongs: Tokens 
     W_U[:, answer] (- W_U[:, wrong]), times the final LayerNorm weight when the model has one
     (TransformerLens folds it into W_U for pretrained models; the zoo models keep it).
     """
-    a = _ids(answers, batch)
+    a, w = _pair(answers, wrongs, batch)
     d = model.W_U[:, a].T
-    if wrongs is not None:
-        d = d - model.W_U[:, _ids(wrongs, a.shape[0])].T
+    if w is not None:
+        d = d - model.W_U[:, w].T
     if _has_ln_weight(model):
         d = d * model.ln_final.w
     return d
@@ -99,8 +156,7 @@ def unembed_direction(model: HookedTransformer, answers: Tokens, wrongs: Tokens 
 def target_bias(model: HookedTransformer, answers: Tokens, wrongs: Tokens | None = None,
                 batch: int = 1) -> torch.Tensor:
     """[batch] the constant part of the target: final LayerNorm bias and unembedding bias."""
-    a = _ids(answers, batch)
-    w = None if wrongs is None else _ids(wrongs, a.shape[0])
+    a, w = _pair(answers, wrongs, batch)
     out = model.b_U[a] - (model.b_U[w] if w is not None else 0.0)
     if hasattr(getattr(model, "ln_final", None), "b"):
         u = model.W_U[:, a].T - (model.W_U[:, w].T if w is not None else 0.0)
@@ -111,13 +167,27 @@ def target_bias(model: HookedTransformer, answers: Tokens, wrongs: Tokens | None
 @torch.no_grad()
 def target(model: HookedTransformer, logits: torch.Tensor, answers: Tokens, wrongs: Tokens | None = None,
            pos: int = -1) -> torch.Tensor:
-    """[batch] the target read straight from logits [batch, pos, d_vocab]: the reference value."""
+    """[batch] the target read straight from logits [batch, pos, d_vocab]: the reference value
+    (the model's own logits, so soft-capped on a model that caps them)."""
     last = logits[:, pos, :]
     idx = torch.arange(last.shape[0])
-    out = last[idx, _ids(answers, last.shape[0])]
-    if wrongs is not None:
-        out = out - last[idx, _ids(wrongs, last.shape[0])]
+    a, w = _pair(answers, wrongs, last.shape[0])
+    out = last[idx, a]
+    if w is not None:
+        out = out - last[idx, w]
     return out
+
+
+@torch.no_grad()
+def precap_target(model: HookedTransformer, cache: ActivationCache, answers: Tokens, wrongs: Tokens | None = None,
+                  pos: int = -1) -> torch.Tensor:
+    """[batch] the target before any logit soft cap, from the run's final residual stream: what the
+    attributions add up to. Equals `target` on a model without a soft cap."""
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, pos]  # [batch, d_model]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid[:, None])[:, 0]
+    logits = model.unembed(resid[:, None])  # [batch, 1, d_vocab], no cap
+    return target(model, logits, answers, wrongs)
 
 
 def _project(model: HookedTransformer, cache: ActivationCache, stack: torch.Tensor, answers, wrongs,
@@ -131,10 +201,13 @@ def _project(model: HookedTransformer, cache: ActivationCache, stack: torch.Tens
 @torch.no_grad()
 def by_component(model: HookedTransformer, cache: ActivationCache, answers: Tokens,
                  wrongs: Tokens | None = None, pos: int = -1) -> Attribution:
-    """Embeddings, then each layer's attention and MLP output ("embed", "0_attn_out", ...)."""
-    stack, labels = cache.decompose_resid(layer=None, pos_slice=pos, return_labels=True)
+    """Embeddings, then each layer's attention and MLP output ("embed", "0_attn_out", ...).
+
+    "pos_embed" is listed only for models that add positions to the residual stream.
+    """
+    stack, labels = _decomposed(model, cache, pos)
     values = _project(model, cache, stack, answers, wrongs, pos)
-    return Attribution(labels, values, target_bias(model, answers, wrongs, batch=stack.shape[1]))
+    return Attribution(labels, values, target_bias(model, answers, wrongs, batch=stack.shape[1]), _softcap(model))
 
 
 @torch.no_grad()
@@ -158,13 +231,13 @@ def by_head(model: HookedTransformer, cache: ActivationCache, answers: Tokens,
     attention output bias b_O of each layer is not a head's, and is listed as "attn bias".
     """
     heads, head_labels = head_results(model, cache, pos)
-    rest, rest_labels = cache.decompose_resid(layer=None, mode="mlp", pos_slice=pos, return_labels=True)
+    rest, rest_labels = _decomposed(model, cache, pos, mode="mlp")
     b_o = model.b_O.sum(0)  # [d_model], every layer's attention bias
     b_o_stack = b_o.expand(1, heads.shape[1], -1)
     stack = torch.cat([heads, rest, b_o_stack], 0)
     values = _project(model, cache, stack, answers, wrongs, pos)
     labels = head_labels + rest_labels + ["attn bias"]
-    return Attribution(labels, values, target_bias(model, answers, wrongs, batch=heads.shape[1]))
+    return Attribution(labels, values, target_bias(model, answers, wrongs, batch=heads.shape[1]), _softcap(model))
 
 
 def head_grid(model: HookedTransformer, att: Attribution) -> torch.Tensor:
@@ -190,7 +263,7 @@ def accumulated(model: HookedTransformer, cache: ActivationCache, answers: Token
     """
     stack, labels = cache.accumulated_resid(layer=None, pos_slice=pos, return_labels=True)
     values = _project(model, cache, stack, answers, wrongs, pos)
-    return Attribution(labels, values, target_bias(model, answers, wrongs, batch=stack.shape[1]))
+    return Attribution(labels, values, target_bias(model, answers, wrongs, batch=stack.shape[1]), _softcap(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +279,8 @@ class LogitLens:
     top_ids, top_probs: [layer, pos, k] the k most likely next tokens at each layer and position.
     answer_prob, answer_rank: [layer, pos] of the answer token (rank 0 = the top token).
     The final LayerNorm is recomputed on each layer's residual stream (the logit lens reads each
-    layer as if it were the last), so the last layer equals the model's own prediction.
+    layer as if it were the last), and the model's logit soft cap applied, so the last layer equals
+    the model's own prediction.
     """
 
     labels: list[str]
@@ -226,7 +300,7 @@ def logit_lens(model: HookedTransformer, cache: ActivationCache, answer: int | N
     resid, labels = cache.accumulated_resid(layer=None, return_labels=True)  # [layer, batch, pos, d_model]
     top_ids, top_probs, answer_prob, answer_rank = [], [], [], []
     for layer_resid in resid[:, batch_index]:
-        logits = model.unembed(model.ln_final(layer_resid[None]))[0].float()  # [pos, d_vocab]
+        logits = final_logits(model, layer_resid[None])[0].float()  # [pos, d_vocab]
         probs = logits.softmax(-1)
         top = probs.topk(k, dim=-1)
         top_ids.append(top.indices)
@@ -266,15 +340,28 @@ def neuron_attribution(model: HookedTransformer, cache: ActivationCache, layer: 
 
 
 @torch.no_grad()
-def neuron_top_tokens(model: HookedTransformer, layer: int, neuron: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [k], logit weights [k]) of the tokens neuron's output row promotes most (W_out @ W_U)."""
-    row = model.W_out[layer, neuron]
+def direct_logit_weights(model: HookedTransformer, vectors: torch.Tensor) -> torch.Tensor:
+    """[..., d_vocab] the logits a direction [..., d_model] written into the residual stream adds
+    directly, per unit of the final normalisation's scale.
+
+    Centred first when the final normalisation is a LayerNorm (it subtracts the mean of what
+    reaches the unembedding), times the final LayerNorm's weight when the model keeps one
+    unfolded (every zoo model), then W_U. On a model whose LayerNorms TransformerLens folded
+    (pretrained models) both are already in W_U, so the same direction gives the same numbers up
+    to a constant per direction (TransformerLens also centres W_U over the vocabulary).
+    """
+    v = vectors.to(model.W_U.dtype)
     if _centres(model):
-        row = row - row.mean()  # the final LayerNorm centres what reaches the unembedding
+        v = v - v.mean(-1, keepdim=True)
     if _has_ln_weight(model):
-        row = row * model.ln_final.w
-    weights = row @ model.W_U
-    top = weights.topk(k)
+        v = v * model.ln_final.w
+    return v @ model.W_U
+
+
+@torch.no_grad()
+def neuron_top_tokens(model: HookedTransformer, layer: int, neuron: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [k], logit weights [k]) of the tokens neuron's output row promotes most (see `direct_logit_weights`)."""
+    top = direct_logit_weights(model, model.W_out[layer, neuron]).topk(k)
     return top.indices, top.values
 
 

@@ -38,8 +38,8 @@ from typing import Callable, Literal, Mapping
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, utils
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.utilities.activation_functions import apply_softcap
 
+from core.attribution import final_logits
 from core.store import locked
 
 LAYER_ACTS = ("resid_pre", "attn_out", "mlp_out")
@@ -105,7 +105,7 @@ def _set(act: torch.Tensor, rows: slice, c: Component, src: torch.Tensor, start:
 
 def _check(model: HookedTransformer, components: list[Component], n_pos: int) -> None:
     cfg = model.cfg
-    if cfg.positional_embedding_type in ("alibi", "relative_positional_bias"):
+    if cfg.positional_embedding_type == "relative_positional_bias":
         raise PatchingError(f"Batched patching does not support {cfg.positional_embedding_type} positions.")
     kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     for c in components:
@@ -138,13 +138,15 @@ def reuses_prefix(model: HookedTransformer) -> bool:
     from the base run's `hook_k`/`hook_v`.
 
     Not when attention is not causal, when keys or values are changed after their hooks (QK
-    norm, clipping), or when the tokenizer pads on the left (TransformerLens then masks);
-    those models run every copy from position 0, still exact, just slower.
+    norm, clipping), with ALiBi (its bias is built for the positions in the pass), or when the
+    tokenizer pads on the left; those models run every copy from position 0, with the padding
+    mask and padding-shifted positions TransformerLens's own forward pass would use.
     """
     cfg = model.cfg
     tok = getattr(model, "tokenizer", None)
     return (
         cfg.attention_dir == "causal"
+        and cfg.positional_embedding_type != "alibi"
         and not getattr(cfg, "use_qk_norm", False)
         and getattr(cfg, "clip_qkv", None) is None
         and cfg.original_architecture not in OLMO
@@ -206,18 +208,19 @@ def patch_components(
     work = [len(idx) * (n_pos - start) for start, idx in chunks]
     done = 0.0
     with locked(model), torch.inference_mode():
+        mask = padding_mask(model, base_tokens)
         if unchanged:
             value = metric(_base_logits(model, base_cache, read)).detach().float().cpu()
             for i in unchanged:
                 out[i] = value
         for (start, idx), w in zip(chunks, work):
-            resid = _run_chunk(model, base_tokens, base_cache, src, [components[i] for i in idx], start, n_prompts)
+            resid = _run_chunk(model, base_tokens, base_cache, src, [components[i] for i in idx], start, n_prompts, mask)
             resid = resid[:, -1:] if read == "last" else resid
             # Unembed a few copies at a time: logits are [rows, read positions, d_vocab].
             per_unembed = max(1, MAX_LOGITS // (n_prompts * resid.shape[1] * model.cfg.d_vocab))
             for j0 in range(0, len(idx), per_unembed):
                 j1 = min(len(idx), j0 + per_unembed)
-                logits = _unembed(model, resid[j0 * n_prompts : j1 * n_prompts])
+                logits = final_logits(model, resid[j0 * n_prompts : j1 * n_prompts])
                 for j in range(j0, j1):
                     r = (j - j0) * n_prompts
                     out[idx[j]] = metric(logits[r : r + n_prompts]).detach().float().cpu()
@@ -254,20 +257,30 @@ def _first_change(c: Component, base_cache, src) -> int | None:
 def _base_logits(model, base_cache, read: str) -> torch.Tensor:
     """The unpatched run's logits at the read positions, from its cached final residual stream."""
     resid = base_cache[hook_name("resid_post", model.cfg.n_layers - 1)]
-    return _unembed(model, resid[:, -1:] if read == "last" else resid)
+    return final_logits(model, resid[:, -1:] if read == "last" else resid)
 
 
-def _unembed(model, resid: torch.Tensor) -> torch.Tensor:
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+def padding_mask(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor | None:
+    """[batch, pos] the padding mask TransformerLens's forward pass builds for `tokens` (1 = real
+    token), or None where it builds none (a tokenizer that pads on the right). Call under the lock:
+    it reads the tokenizer's padding side and `cfg.default_prepend_bos`."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or tok.padding_side != "left":
+        return None
+    return utils.get_attention_mask(tok, tokens, model.cfg.default_prepend_bos).to(model.cfg.device)
 
 
-def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], start: int, n_prompts: int):
-    """Final residual stream [len(comps) * n_prompts, positions start.., d_model] of the patched copies."""
+def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], start: int, n_prompts: int,
+               mask: torch.Tensor | None = None):
+    """Final residual stream [len(comps) * n_prompts, positions start.., d_model] of the patched copies.
+
+    mask: the base run's padding mask [n_prompts, pos] (left padding; then `start` is 0).
+    """
+    if mask is not None and start > 0:
+        raise AssertionError("a left-padded batch is recomputed from position 0")
     shortformer = None
     if model.cfg.positional_embedding_type == "shortformer":  # added to queries and keys in every block
-        shortformer = model.pos_embed(base_tokens[:, start:].to(model.cfg.device), start)
+        shortformer = model.pos_embed(base_tokens[:, start:].to(model.cfg.device), start, mask)
     by_layer: dict[int, list[int]] = {}
     for j, c in enumerate(comps):
         by_layer.setdefault(c.layer, []).append(j)
@@ -301,8 +314,10 @@ def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], s
 
             hooks.append((name, hook))
         pos = None if shortformer is None else shortformer.repeat(copies, 1, 1)
+        copy_mask = None if mask is None else mask.repeat(copies, 1)
         with model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
-            resid = model.blocks[layer](resid, shortformer_pos_embed=pos, past_kv_cache_entry=entry)
+            resid = model.blocks[layer](resid, shortformer_pos_embed=pos, past_kv_cache_entry=entry,
+                                        attention_mask=copy_mask)
     # Copies were appended in layer order; put them back in `comps` order.
     order = torch.cat([torch.arange(row_of[j], row_of[j] + n_prompts) for j in range(len(comps))])
     return resid[order]
@@ -467,10 +482,11 @@ def ablation_source(cache: ActivationCache | Mapping[str, torch.Tensor], kind: A
     raise PatchingError(f"Unknown ablation {kind!r}: zero, mean or resample.")
 
 
-def loss_metric(tokens: torch.Tensor) -> Metric:
-    """Mean next-token cross-entropy over `tokens` [batch, pos] (logits of every position)."""
+def loss_metric(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Metric:
+    """Mean next-token cross-entropy over `tokens` [batch, pos] (logits of every position); padding
+    left out where `attention_mask` [batch, pos] is 0, as TransformerLens's loss does."""
     def metric(logits: torch.Tensor) -> torch.Tensor:
-        return utils.lm_cross_entropy_loss(logits, tokens)
+        return utils.lm_cross_entropy_loss(logits, tokens, attention_mask)
     return metric
 
 
@@ -503,7 +519,9 @@ def ablate(
     if any(c.pos is not None for c in components):
         raise PatchingError("Ablation is over every position.")
     src = ablation_source(cache, kind, tokens.shape[0], seed)
-    lm = loss_metric(tokens.to(model.cfg.device))
+    with locked(model):
+        mask = padding_mask(model, tokens.to(model.cfg.device))
+    lm = loss_metric(tokens.to(model.cfg.device), mask)
 
     def both(logits):  # one pass gives both numbers
         return torch.stack([metric(logits).float(), lm(logits).float()])

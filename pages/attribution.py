@@ -38,15 +38,25 @@ if target.error:
     session.sidebar_footer()
     st.stop()
 answers, wrongs, label = target.answers, target.wrongs, target.label
+model_value = float(attribution.target(model, run.logits, answers, wrongs).mean())
+cap = model.cfg.output_logits_soft_cap if model.cfg.output_logits_soft_cap > 0 else None
 st.caption(
     session.md_escape(
         f"Target: {label}"
         + (f", per prompt of the task (answer {decode(model, int(answers[0]))!r} vs "
            f"{decode(model, int(wrongs[0]))!r} in the first)" if whole_task else "")
-        + f" at the last position; the model's value: {float(attribution.target(model, run.logits, answers, wrongs).mean()):+.4f}"
+        + f" at the last position; the model's value: {model_value:+.4f}"
         + (" (mean)." if whole_task else ".")
     )
 )
+if cap is not None:
+    precap_value = float(attribution.precap_target(model, run.cache, answers, wrongs).mean())
+    st.info(
+        f"This model soft-caps its logits ({cap:g} · tanh(logit / {cap:g})), which is not linear in the residual "
+        f"stream. The attributions below explain the **pre-cap** value, {precap_value:+.4f}; the model's capped "
+        f"value is {model_value:+.4f}. The logit lens applies the cap."
+    )
+value_name = "pre-cap value above" if cap is not None else "model's value above"
 
 tab_comp, tab_heads, tab_acc, tab_lens, tab_neurons = st.tabs(
     ["By component", "By head", "Accumulated residual", "Logit lens", "Neurons"]
@@ -61,7 +71,7 @@ with tab_comp:
     st.caption(
         f"Each bar is the component's output at the last position, divided by the final LayerNorm scale "
         f"of this run and read through the unembedding. Bars plus the constant {float(comp.bias.mean()):+.4f} "
-        "(final LayerNorm bias and unembedding bias) add up to the model's value above."
+        f"(final LayerNorm bias and unembedding bias) add up to the {value_name}."
     )
 
 with tab_heads:
@@ -91,7 +101,7 @@ with tab_acc:
     st.caption(
         "The residual stream before each layer and after the last, read like the final logits with this "
         "run's final LayerNorm scale (TransformerLens's `accumulated_resid` + `apply_ln_to_stack`). The last "
-        "point is the model's value."
+        f"point is the {value_name.removesuffix(' above')}."
     )
 
 with tab_lens:

@@ -246,3 +246,30 @@ def test_subword_and_year_answers_open_without_a_message():
     assert not at.exception and not at.warning
     top = model(model.to_tokens(prompt))[0, -1].argmax()
     assert model.tokenizer.convert_ids_to_tokens(int(top)).startswith("##")
+
+
+def test_soft_capped_model_says_the_bars_explain_the_pre_cap_logit(tmp_path):
+    """Gemma 2's logit soft cap: the page states the pre-cap value the bars add up to and the
+    model's capped value, both checked against a hand computation."""
+    from random_models import save_zoo_folder
+
+    folder, model = save_zoo_folder(tmp_path / "capped", seed=2, output_logits_soft_cap=2.0)
+    prompt = "the king saw a green bird near the"
+    at = _app(page="attribution", model=folder, prompt=prompt)
+    assert not at.exception and not at.error
+    answer, wrong = (at.text_input(key=k).value for k in ("attr_answer", "attr_wrong"))
+    tokens = model.to_tokens(prompt)
+    a, w = (int(model.to_single_token(t)) for t in (answer, wrong))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        resid = model.ln_final(cache["resid_post", model.cfg.n_layers - 1])[0, -1]
+        raw = resid @ model.W_U + model.b_U
+    precap = float(raw[a] - raw[w])
+    capped = float(2.0 * (torch.tanh(raw[a] / 2.0) - torch.tanh(raw[w] / 2.0)))
+    info = _plain(at.info[0].value)
+    assert "soft-caps its logits" in info and f"{precap:+.4f}" in info and f"{capped:+.4f}" in info
+    assert abs(precap - capped) > 1e-2  # the cap matters on this prompt
+    bar = _bar(at, "Direct effect of each component")
+    caption = next(_plain(c.value) for c in at.caption if "add up to the pre-cap value" in _plain(c.value))
+    bias = float(re.search(r"constant ([+-][0-9.]+)", caption).group(1))
+    assert sum(bar["y"]) + bias == pytest.approx(precap, abs=1e-3)
