@@ -23,6 +23,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from core import store
+from core.attribution import direct_logit_weights
 
 SAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "saes"
 METRICS_FILE = "metrics.json"
@@ -265,22 +266,36 @@ def decoder_to_residual(model: HookedTransformer, sae) -> torch.Tensor | None:
 
 
 def logit_effects(model: HookedTransformer, sae, feature: int) -> torch.Tensor | None:
-    """[d_vocab]: the feature's decoder direction through the unembedding (W_dec[f] @ W_U).
+    """[d_vocab]: the feature's decoder direction through the final LayerNorm and the unembedding.
 
-    The direct path only, without the final LayerNorm's scale, as SAE dashboards show it.
+    The direct path only: `attribution.direct_logit_weights(W_dec[f])`, the convention of the
+    neuron view (centred and times the final LayerNorm's weight on an unfolded model, which
+    SAE dashboards get by reading folded pretrained models: there W_U carries both).
     """
     W = decoder_to_residual(model, sae)
     if W is None:
         return None
-    return W[feature] @ model.W_U.detach()
+    return direct_logit_weights(model, W[feature])
 
 
 def features_promoting(model: HookedTransformer, sae, token: int) -> torch.Tensor | None:
-    """[d_sae]: every feature's direct logit effect on one token."""
+    """[d_sae]: every feature's direct logit effect on one token (as `logit_effects`)."""
     W = decoder_to_residual(model, sae)
     if W is None:
         return None
-    return W @ model.W_U.detach()[:, token]
+    return _unembed_column(model, W, token)
+
+
+def _unembed_column(model: HookedTransformer, W: torch.Tensor, token: int) -> torch.Tensor:
+    """[n] `direct_logit_weights(W)[:, token]` for directions W [n, d_model], without the [n, d_vocab] product."""
+    from core.attribution import _centres, _has_ln_weight
+
+    column = model.W_U.detach()[:, token]
+    if _has_ln_weight(model):
+        column = column * model.ln_final.w
+    if _centres(model):
+        column = column - column.mean()  # centring the directions == centring this column
+    return W.to(column.dtype) @ column
 
 
 def check_feature(loaded: LoadedSAE, feature: int) -> None:
@@ -399,7 +414,7 @@ def documents_from_text(model: HookedTransformer, text: str, max_docs: int = 200
     lines = [line for line in lines if line][:max_docs]  # the caller says how many documents it got
     docs = []
     for line in lines:
-        tokens = model.to_tokens(line, prepend_bos=True, truncate=False)[0, : model.cfg.n_ctx].tolist()
+        tokens = store.to_tokens(model, line)[0, : model.cfg.n_ctx].tolist()
         if len(tokens) > 1:
             docs.append(tokens)
     if not docs:

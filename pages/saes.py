@@ -219,7 +219,7 @@ def feature_view() -> None:
             n = min(10, effects.numel())
             up, down = effects.topk(n), (-effects).topk(n)
             st.plotly_chart(plots.logit_effect_bars([decode(t) for t in up.indices.tolist()], up.values.tolist(),
-                                                    "Promoted tokens (W_dec · W_U)", "#2ca02c"), width="stretch", key="sae_up")
+                                                    "Promoted tokens (W_dec through ln_final.w and W_U)", "#2ca02c"), width="stretch", key="sae_up")
             st.plotly_chart(plots.logit_effect_bars([decode(t) for t in down.indices.tolist()], (-down.values).tolist(),
                                                     "Suppressed tokens", "#d62728"), width="stretch", key="sae_down")
     with right:
@@ -241,7 +241,7 @@ def feature_view() -> None:
         text = st.text_input("Text", key="sae_test_text", persist_state="session",
                              placeholder="Type text to see this feature's activation on each token")
         if text.strip():
-            tokens = model.to_tokens(text, prepend_bos=True)[:, : model.cfg.n_ctx]
+            tokens = session.to_tokens(model, text)
             own = saes.prompt_features(model, loaded, session.get_store().get(model, tokens).cache)[:, f]
             own[0] = 0.0
             labels = [decode(t) for t in tokens[0].tolist()]
@@ -265,7 +265,7 @@ def feature_view() -> None:
 
 
 def single_token(text: str) -> int | None:
-    tokens = model.to_tokens(text, prepend_bos=False)[0]
+    tokens = session.to_tokens(model, text, prepend_bos=False)[0]
     if text.strip() == "" or len(tokens) != 1:
         st.warning(session.md_escape(f"'{text}' is {len(tokens)} tokens for this model; type one token."))
         return None

@@ -67,9 +67,15 @@ def test_embedded_sae_reproduces_its_card(name):
     docs = sae_data.documents(card["eval"], model.tokenizer)
     q = saes.quality(model, loaded.sae, docs)
     assert q["tokens"] == card["tokens"]
-    for key in ("l0", "explained_variance", "ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablated", "loss_recovered"):
+    # The card rounds to 4 decimals (up to 5e-5 off). Another CPU sums in another order, so an
+    # activation within float32 rounding of the firing threshold may land on the other side:
+    # L0 and the dead-feature count move by whole activations (seen: 4 of 425,000 on one
+    # machine). Allow 10 such flips; the continuous numbers move by far less than 2e-4.
+    flips = 10
+    assert q["l0"] == pytest.approx(card["l0"], abs=5e-5 + flips / card["tokens"]), "l0"
+    for key in ("explained_variance", "ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablated", "loss_recovered"):
         assert q[key] == pytest.approx(card[key], abs=2e-4), key
-    assert q["dead_features"] == card["dead_features"]
+    assert abs(q["dead_features"] - card["dead_features"]) <= 1  # a feature that fires once, near 0
     # A useful SAE: sparse, faithful, and the model still works with it spliced in.
     assert q["l0"] < 40 and q["explained_variance"] > 0.7 and q["loss_recovered"] > 0.6
     assert q["dead_features"] < 0.5 * card["d_sae"]
@@ -319,21 +325,57 @@ def test_registry_lists_only_the_saes_made_for_the_model(mlp_lm):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_logit_effects_are_the_decoder_through_the_unembedding(mlp_lm, loaded, tmp_path):
+def _folded(model_name: str):
+    """The same zoo model with its LayerNorms folded and weights centred, as TL loads pretrained models."""
+    folded = models.load_model(model_name)
+    folded.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    return folded
+
+
+def _same_up_to_a_constant(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
+    """Equal after removing each row's mean over the vocabulary (TL centres W_U when it folds)."""
+    torch.testing.assert_close(a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True), atol=atol, rtol=0)
+
+
+def test_logit_effects_read_through_the_final_layernorm_like_a_folded_model(mlp_lm, loaded, tmp_path):
+    """The zoo models keep ln_final.w unfolded; the effect of a feature must equal the plain
+    W_dec @ W_U of the folded copy of the same model (where TL has put ln_final.w into W_U), as
+    the neuron view does, and not the raw product."""
+    folded = _folded("ce-circuits-3l-mlp")
     W = loaded.sae.W_dec.detach()
-    for f in (0, 17):
-        assert torch.allclose(saes.logit_effects(mlp_lm, loaded.sae, f), W[f] @ mlp_lm.W_U, atol=1e-5)
-    token = 5
-    assert torch.allclose(saes.features_promoting(mlp_lm, loaded.sae, token), W @ mlp_lm.W_U[:, token], atol=1e-5)
-    # An MLP-neuron SAE writes through W_out; a hook_z SAE through W_O, head by head.
+    for f in (0, 17, 300):
+        ours = saes.logit_effects(mlp_lm, loaded.sae, f)
+        _same_up_to_a_constant(ours[None], (W[f] @ folded.W_U)[None])
+        _same_up_to_a_constant(ours[None], saes.logit_effects(folded, loaded.sae, f)[None])
+        raw = W[f] @ mlp_lm.W_U  # the old number: ignores the final LayerNorm's weight
+        assert not torch.allclose(ours - ours.mean(), raw - raw.mean(), atol=1e-2)
+    for token in (5, 77):
+        ours = saes.features_promoting(mlp_lm, loaded.sae, token)
+        ref = torch.stack([saes.logit_effects(mlp_lm, loaded.sae, f) for f in range(loaded.d_sae)])[:, token]
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    # An MLP-neuron SAE writes through W_out; a hook_z SAE through W_O, head by head (centred W_out
+    # and W_O in the folded copy: the final LayerNorm removes the mean either way).
     mlp = _save_sae(tmp_path / "mlp", mlp_lm.cfg.d_mlp, "blocks.1.mlp.hook_post")
-    expected = mlp.W_dec[3].detach() @ mlp_lm.blocks[1].mlp.W_out @ mlp_lm.W_U
-    assert torch.allclose(saes.logit_effects(mlp_lm, mlp, 3), expected, atol=1e-4)
+    expected = mlp.W_dec[3].detach() @ folded.blocks[1].mlp.W_out @ folded.W_U
+    _same_up_to_a_constant(saes.logit_effects(mlp_lm, mlp, 3)[None], expected[None])
     n_heads, d_head = mlp_lm.cfg.n_heads, mlp_lm.cfg.d_head
     z_sae = _save_sae(tmp_path / "z", n_heads * d_head, "blocks.2.attn.hook_z")
-    W_O = mlp_lm.blocks[2].attn.W_O
+    W_O = folded.blocks[2].attn.W_O
     direction = sum(z_sae.W_dec[3, h * d_head:(h + 1) * d_head].detach() @ W_O[h] for h in range(n_heads))
-    assert torch.allclose(saes.logit_effects(mlp_lm, z_sae, 3), direction @ mlp_lm.W_U, atol=1e-4)
+    _same_up_to_a_constant(saes.logit_effects(mlp_lm, z_sae, 3)[None], (direction @ folded.W_U)[None])
+
+
+def test_sae_and_neuron_logit_views_share_one_convention(mlp_lm, tmp_path):
+    """A feature whose decoder row is neuron n's output row promotes the same tokens as neuron n."""
+    from core import attribution
+
+    sae = _save_sae(tmp_path / "rows", mlp_lm.cfg.d_model, "blocks.2.hook_resid_post", d_sae=4)
+    with torch.no_grad():
+        sae.W_dec[1] = mlp_lm.W_out[2, 9]
+    ids, weights = attribution.neuron_top_tokens(mlp_lm, 2, 9, k=10)
+    top = saes.logit_effects(mlp_lm, sae, 1).topk(10)
+    assert torch.equal(top.indices, ids)
+    torch.testing.assert_close(top.values, weights, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

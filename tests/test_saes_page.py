@@ -82,7 +82,9 @@ def test_feature_dashboard_numbers_match_direct_encode_calls(mlp_lm, relu_sae):
     assert _metric(at, "Mean when firing") == f"{float(col[fired].mean()):.3f}"
     hist = _figure(at, f"Feature {f}: activation histogram")
     assert sum(_z({"z": hist["data"][0]["y"]}) if isinstance(hist["data"][0]["y"], dict) else hist["data"][0]["y"]) == int(fired.sum())
-    effects = (relu_sae.sae.W_dec[f] @ mlp_lm.W_U).detach()
+    # Through the final LayerNorm by hand: centre the decoder row, scale by ln_final.w, unembed.
+    row = relu_sae.sae.W_dec[f].detach()
+    effects = ((row - row.mean()) * mlp_lm.ln_final.w.detach()) @ mlp_lm.W_U.detach()
     up = _figure(at, "Promoted tokens")
     x = _z({"z": up["data"][0]["x"]}) if isinstance(up["data"][0]["x"], dict) else np.array(up["data"][0]["x"])
     assert np.allclose(x, effects.topk(10).values.numpy(), atol=1e-4)
