@@ -159,9 +159,22 @@ def _load_pretrained(name: str, device: str) -> HookedTransformer:
         # Offline with a cached copy: load it without the hub's retries (minutes otherwise).
         with _hub_offline(cached and not reachable), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return HookedTransformer.from_pretrained(name, device=device)
+            model = HookedTransformer.from_pretrained_no_processing(name, device=device)
     except Exception as err:
         raise ModelLoadError(f"Could not load '{name}' ({official}): {err}") from err
+    return _process(model)
+
+
+def _process(model: HookedTransformer) -> HookedTransformer:
+    """Fold LayerNorms, centre writing weights and the unembedding, fold value biases: what
+    `HookedTransformer.from_pretrained` does, but on the loaded model's own parameters.
+
+    Processing the converted state dict instead (as `from_pretrained` does) is unsafe for models
+    with tied embeddings: there W_U and W_E can be views of one tensor, and a fold that writes
+    into one writes into the other. A loaded HookedTransformer keeps them as separate parameters.
+    """
+    model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    return model
 
 
 _hub_mode_lock = threading.Lock()
@@ -221,7 +234,7 @@ def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         with _config_dir_with_n_ctx(path) as config_dir:
-            cfg = loading.get_pretrained_model_config(str(config_dir), fold_ln=True, device=device)
+            cfg = loading.get_pretrained_model_config(str(config_dir), fold_ln=False, device=device)
         cfg.model_name = path.name
         state = loading.get_pretrained_state_dict(str(path), cfg, hf_model)
     except Exception as err:
@@ -230,7 +243,8 @@ def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
     if (path / "tokenizer.json").exists() or (path / "vocab.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    # Load as converted, then process the model's own (untied) parameters: see `_process`.
     model.load_and_process_state_dict(
-        state, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
     )
-    return model.to(device)
+    return _process(model).to(device)

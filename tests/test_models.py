@@ -37,16 +37,29 @@ def test_zoo_model_weights_equal_the_safetensors_file(zoo_model):
         assert torch.equal(tensor, state[name]), name
 
 
-def test_local_hf_gpt2_folder_matches_hugging_face_logits(tiny_gpt2_dir):
-    path, hf = tiny_gpt2_dir
-    model = load_model(str(path))
-    tokens = model.to_tokens("the king saw a green bird near the river")
+def _assert_same_log_probs(model, hf, text="the king saw a green bird near the river"):
+    """TL centres the unembedding, so logits agree up to a constant per position: compare
+    log-probabilities, which are exact."""
+    tokens = model.to_tokens(text)
     with torch.no_grad():
-        ours = model(tokens)
-        theirs = hf(tokens).logits
-    # TL centres the unembedding, so logits agree up to a constant per position:
-    # compare log-probabilities, which are exact.
-    torch.testing.assert_close(ours.log_softmax(-1), theirs.log_softmax(-1), atol=1e-4, rtol=1e-4)
+        ours = model(tokens).log_softmax(-1)
+        theirs = hf(tokens).logits.log_softmax(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_local_hf_gpt2_folder_matches_hugging_face_logits(tmp_path, tied):
+    """Non-trivial LayerNorms (the final one too), tied and untied embeddings: the folded model
+    gives Hugging Face's log-probs, and its embedding was not changed by the unembedding's fold."""
+    from conftest import make_gpt2_dir
+
+    path, hf = make_gpt2_dir(tmp_path / "gpt2", tied=tied)
+    model = load_model(str(path))
+    assert model.cfg.normalization_type == "LNPre"  # processed like a pretrained model
+    _assert_same_log_probs(model, hf)
+    wte = hf.transformer.wte.weight.detach()
+    torch.testing.assert_close(model.W_E, wte - wte.mean(-1, keepdim=True), atol=1e-6, rtol=0)
+    assert model.W_U.data_ptr() != model.W_E.data_ptr()
 
 
 def test_unknown_name_is_a_clear_error():
@@ -108,21 +121,16 @@ def test_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_cached_pretrained_model_loads_offline_without_retries(offline_hub, tiny_gpt2_dir, tmp_path, monkeypatch):
-    """A model already in the Hugging Face cache loads offline, fast, via TL's from_pretrained."""
-    import json
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_cached_pretrained_model_loads_offline_without_retries(offline_hub, tmp_path, monkeypatch, tied):
+    """gpt2-small by its TL name from a Hugging Face cache laid out as a download leaves it (blobs,
+    symlinked snapshot, refs/main): offline, fast, and with Hugging Face's log-probs."""
     from huggingface_hub import constants
 
-    src, hf = tiny_gpt2_dir
-    commit = "0" * 40
-    repo = tmp_path / "hub" / "models--gpt2"
-    snap = repo / "snapshots" / commit
-    shutil.copytree(src, snap)
-    cfg = json.loads((snap / "config.json").read_text())
-    cfg["n_ctx"] = cfg["n_positions"]  # hub GPT-2 configs carry n_ctx, which TL reads
-    (snap / "config.json").write_text(json.dumps(cfg))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
+    from conftest import hub_cache_from_folder, make_gpt2_dir
+
+    src, hf = make_gpt2_dir(tmp_path / "gpt2", tied=tied)
+    hub_cache_from_folder(src, tmp_path / "hub", "gpt2")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
     offline_before = constants.HF_HUB_OFFLINE
@@ -130,8 +138,5 @@ def test_cached_pretrained_model_loads_offline_without_retries(offline_hub, tiny
     model = load_model("gpt2-small")
     assert time.monotonic() - start < 30  # the hub's retries alone would take minutes
     assert constants.HF_HUB_OFFLINE == offline_before  # the offline switch was undone
-    tokens = model.to_tokens("the king saw a bird")
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(tokens).log_softmax(-1), hf(tokens).logits.log_softmax(-1), atol=1e-4, rtol=1e-4
-        )
+    assert model.cfg.normalization_type == "LNPre"
+    _assert_same_log_probs(model, hf)
