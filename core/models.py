@@ -24,14 +24,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and TransformerLens load in seconds: only when a model is loaded
+    from transformer_lens import HookedTransformer
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
 DEFAULT_MODEL = "ce-induction-2l"
 CONFIG_FILE = "hooked_config.json"  # not config.json: that name confuses AutoTokenizer
 WEIGHTS_FILE = "model.safetensors"
 HUB_PROBE_SECONDS = 1.0
+MAX_NAME_CHARS = 1024  # longer than any path this machine accepts; a name beyond it is a mistake
 
 
 class ModelLoadError(Exception):
@@ -57,10 +60,16 @@ def load_model(name_or_path: str, device: str = "cpu") -> HookedTransformer:
     name = (name_or_path or "").strip()
     if not name:
         raise ModelLoadError("No model name given. " + _zoo_hint())
-    if "/" not in name and (ZOO_DIR / name).is_dir():
+    if "\0" in name or len(name) > MAX_NAME_CHARS:
+        shown = name.replace("\0", "\\0")
+        raise ModelLoadError(
+            f"'{shown[:60]}{'…' if len(shown) > 60 else ''}' is not a model name or a folder path "
+            f"({len(name)} characters{', with a NUL byte' if chr(0) in name else ''}). {_zoo_hint()}"
+        )
+    if "/" not in name and _is_dir(ZOO_DIR / name):
         model = _load_zoo(ZOO_DIR / name, device)
         key = f"zoo:{name}"
-    elif Path(name).expanduser().is_dir():
+    elif _is_dir(Path(name).expanduser()):
         path = Path(name).expanduser().resolve()
         model = _load_zoo(path, device) if (path / CONFIG_FILE).exists() else _load_hf_dir(path, device)
         key = f"path:{path}"
@@ -74,9 +83,18 @@ def load_model(name_or_path: str, device: str = "cpu") -> HookedTransformer:
     return model
 
 
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, False where the OS refuses the name (too long for a file name, say)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _load_zoo(model_dir: Path, device: str) -> HookedTransformer:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
 
     name = model_dir.name
@@ -139,6 +157,7 @@ def _is_cached(official_name: str) -> bool:
 
 
 def _load_pretrained(name: str, device: str) -> HookedTransformer:
+    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
     try:
@@ -220,6 +239,8 @@ def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
     `HookedTransformer.from_pretrained` only accepts official names, so we do its steps here:
     TL config from the folder's config.json, weights converted by TL, the usual processing.
     """
+    import torch
+    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

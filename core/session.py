@@ -16,29 +16,13 @@ import torch
 from transformer_lens import HookedTransformer
 
 from core import attention, store, tasks
-from core.models import DEFAULT_MODEL, ModelLoadError, load_model, zoo_models
+from core.models import ModelLoadError, load_model
 from core.prompts import Prompt, PromptError, prepare_prompt, prompt_from_tokens
 from core.store import ActivationStore, model_key
+from core.ui import frame
 
-OTHER = "Other (TransformerLens name or local folder)…"
-PRETRAINED_SUGGESTIONS = ["gpt2-small"]
-DEFAULT_PROMPTS = {
-    # A repeated sequence of unrelated words: the second copy can only be predicted by
-    # induction, so the induction head lights up at first load.
-    "ce-induction-2l": "the green king saw seven cold fish near a dark hill . "
-    "the green king saw seven cold fish near a dark hill .",
-}
-FALLBACK_PROMPT = "When Mary and John went to the store, John gave a drink to"
-TEXT_SOURCE = "text"
-PROMPT_SOURCES = {TEXT_SOURCE: "Typed text", **tasks.LABELS}
-TASK_BATCH = tasks.DEFAULT_BATCH
-PAGE_LINKS = [
-    ("pages/attention.py", "Attention", "👀"),
-    ("pages/attribution.py", "Logit attribution", "🎯"),
-    ("pages/patching.py", "Head importance", "🧪"),
-    ("pages/saes.py", "SAE features", "🧩"),
-    ("pages/steering.py", "Steering", "🧭"),
-]
+TEXT_SOURCE, PROMPT_SOURCES, TASK_BATCH = frame.TEXT_SOURCE, frame.PROMPT_SOURCES, frame.TASK_BATCH
+url_int, set_url, default_prompt = frame.url_int, frame.set_url, frame.default_prompt
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -111,27 +95,6 @@ def task_batch(_model: HookedTransformer, model_id: str, name: str, n: int, seed
     return tasks.make_task(name, _model, n=n, seed=seed, split="held_out", **extra)
 
 
-def default_prompt(model_name: str) -> str:
-    return DEFAULT_PROMPTS.get(model_name, FALLBACK_PROMPT)
-
-
-def url_int(key: str) -> int | None:
-    """An integer query parameter, or None when absent or not an integer."""
-    try:
-        return int(st.query_params[key])
-    except (KeyError, ValueError):
-        return None
-
-
-def set_url(**values) -> None:
-    """Write view values into the URL (None removes a key)."""
-    for key, value in values.items():
-        if value is None:
-            st.query_params.pop(key, None)
-        elif st.query_params.get(key) != str(value):
-            st.query_params[key] = str(value)
-
-
 @dataclass
 class View:
     """What the sidebar decided: the model (or why there is none) and the prompt."""
@@ -144,73 +107,44 @@ class View:
     task: tasks.Task | None = None  # when the prompt is a task example: the task's whole batch
 
 
-def _init_state() -> None:
-    """On a session's first run, seed the widgets from the URL."""
-    if st.session_state.get("_url_loaded"):
+_current = threading.local()  # the view of the page this thread is running (set by run_page)
+
+
+def run_page(page, choices: frame.Choices) -> None:
+    """Load what the sidebar asks for, say what is wrong if anything, else run `page` with the view.
+
+    Called by the frame (app.py) on every run; the page reads the view with `page_view()`.
+    """
+    view = build_view(choices)
+    if not show_problems(view):
+        sidebar_footer()
         return
-    st.session_state["_url_loaded"] = True
-    zoo = zoo_models()
-    requested = st.query_params.get("model", zoo[0] if zoo else DEFAULT_MODEL)
-    options = zoo + PRETRAINED_SUGGESTIONS
-    if requested in options:
-        st.session_state["model_choice"] = requested
-    else:
-        st.session_state["model_choice"] = OTHER
-        st.session_state["model_other"] = requested
-    st.session_state["prompt"] = st.query_params.get("prompt", default_prompt(requested))
-    source = st.query_params.get("source", TEXT_SOURCE)
-    st.session_state["source"] = source if source in PROMPT_SOURCES else TEXT_SOURCE
-    example = url_int("example")
-    st.session_state["example"] = example if example is not None and 0 <= example < TASK_BATCH else 0
-    if st.query_params.get("template"):
-        st.session_state["template"] = st.query_params["template"]
+    _current.view = view
+    try:
+        page.run()
+    finally:
+        _current.view = None
 
 
-def sidebar() -> View:
-    """The sidebar shared by every page: model picker and prompt. Returns the resulting view."""
-    _init_state()
-    zoo = zoo_models()
-    with st.sidebar:
-        # Drawn by each page, not by app.py: a first request for a page URL on a fresh server
-        # runs the page script directly (Streamlit routes by the pages/ folder until app.py has
-        # called st.navigation once), and the links must be there too.
-        for path, label, icon in PAGE_LINKS:
-            st.page_link(path, label=label, icon=icon)
-        st.header("Model and prompt")
-        choice = st.selectbox(
-            "Model",
-            zoo + PRETRAINED_SUGGESTIONS + [OTHER],
-            key="model_choice",
-            persist_state="session",
-            help="Embedded models work offline. Pretrained TransformerLens models are downloaded "
-            "from the Hugging Face hub (needs a network).",
-            on_change=_model_changed,
-        )
-        name = choice
-        if choice == OTHER:
-            name = st.text_input(
-                "Model name or folder", key="model_other", placeholder="pythia-70m-deduped or /path/to/gpt2-checkpoint",
-                persist_state="session",
-                on_change=_model_changed,
-            ).strip()
-        source = st.selectbox(
-            "Prompt from", list(PROMPT_SOURCES), format_func=PROMPT_SOURCES.get, key="source", persist_state="session",
-            help="Type a prompt, or take one from a task: clean and corrupted prompts with the answer and "
-            "the wrong token, generated for this model's vocabulary (held-out names and templates on the "
-            "embedded models).",
-        )
-        text, example, template = "", 0, None
-        if source == TEXT_SOURCE:
-            # Streamlit forgets the state of a widget that was not drawn in a run, so the typed
-            # prompt is kept under a second key while a task is the source, and comes back.
-            if "prompt" not in st.session_state:
-                st.session_state["prompt"] = st.session_state.get("_typed_prompt", default_prompt(choice))
-            text = st.text_area("Prompt", key="prompt", height=140, persist_state="session")
-            st.session_state["_typed_prompt"] = text
-        else:
-            template = _template_picker(source)
-            example = int(st.number_input(f"Example (0–{TASK_BATCH - 1})", 0, TASK_BATCH - 1, key="example", step=1,
-                                         persist_state="session"))
+def page_view() -> View:
+    """The view the frame built for this run (model, prompt, task).
+
+    A page that runs without the frame (Streamlit's pages/-folder mode serves the first request for
+    a page URL on a fresh server straight from pages/) hands over to the frame: it switches that
+    legacy mode off, as app.py's st.navigation does, and reruns the app, which draws the frame.
+    """
+    view = getattr(_current, "view", None)
+    if view is None:
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+    return view
+
+
+def build_view(choices: frame.Choices) -> View:
+    """The model (or why there is none) and the prompt or task example the sidebar asks for."""
+    name, source = choices.model_name, choices.source
     model, model_error = None, None
     if not name:
         model_error = "Type a TransformerLens model name or the path of a local checkpoint folder."
@@ -222,22 +156,18 @@ def sidebar() -> View:
     prompt, prompt_error, task = None, None, None
     if model is not None and source == TEXT_SOURCE:
         try:
-            prompt = prepare_prompt(model, text)
+            prompt = prepare_prompt(model, choices.text)
         except PromptError as err:
             prompt_error = str(err)
     elif model is not None:
         try:
-            task = task_batch(model, model_key(model), source, TASK_BATCH, 0, template)
-            prompt = prompt_from_tokens(model, task.clean_tokens[example])
+            task = task_batch(model, model_key(model), source, TASK_BATCH, 0, choices.template)
+            prompt = prompt_from_tokens(model, task.clean_tokens[choices.example])
         except tasks.TaskError as err:
             prompt_error = f"{PROMPT_SOURCES[source]} cannot be built for this model: {err}"
-    if source == TEXT_SOURCE:
-        set_url(model=name or None, prompt=text if text else None, source=None, example=None, template=None)
-    else:
-        set_url(model=name or None, source=source, example=example, template=template)
     with st.sidebar:
         if task is not None:
-            _task_caption(model, task, example)
+            _task_caption(model, task, choices.example)
         if model is not None:
             cfg = model.cfg
             st.caption(
@@ -246,22 +176,6 @@ def sidebar() -> View:
                 + (", attention only" if cfg.attn_only else "")
             )
     return View(name, model, model_error, prompt, prompt_error, task)
-
-
-def _template_picker(source: str) -> str | None:
-    """The template of a text task (held-out one by default), or None for tasks without templates."""
-    tpls = tasks.templates(source)
-    if not tpls:
-        return None
-    held = {t.name: t.held_out for t in tpls}
-    if st.session_state.get("template") not in held:
-        st.session_state["template"] = next(t.name for t in tpls if t.held_out)
-    return st.selectbox(
-        "Template", list(held), format_func=lambda n: n + (" (held out)" if held[n] else " (trained)"),
-        key="template", persist_state="session",
-        help="The sentence shape of the task's prompts. Names are always held out; a held-out template was "
-        "never seen in training either.",
-    )
 
 
 def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
@@ -277,19 +191,6 @@ def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
 def sidebar_footer() -> None:
     """What the shared activation store holds; pages call this last, after their runs."""
     st.sidebar.caption(f"Activation store: {get_store().describe()}")
-
-
-def _model_changed() -> None:
-    """A new model resets the selection and, if the prompt was the old default, the prompt."""
-    st.session_state["_reset_selection"] = True
-    for key in ("layer", "head"):
-        st.query_params.pop(key, None)
-    choice = st.session_state.get("model_choice")
-    name = st.session_state.get("model_other", "") if choice == OTHER else choice
-    defaults = set(DEFAULT_PROMPTS.values()) | {FALLBACK_PROMPT}
-    for key in ("prompt", "_typed_prompt"):
-        if st.session_state.get(key) in defaults:
-            st.session_state[key] = default_prompt(name)
 
 
 def select_head(n_layers: int, n_heads: int, default: tuple[int, int]) -> None:
@@ -317,15 +218,6 @@ def open_clicked_head(chart_key: str, n_layers: int, n_heads: int) -> None:
     clicked = clicked_head(st.session_state.get(chart_key), n_layers, n_heads)
     if clicked is not None:
         st.session_state["layer"], st.session_state["head"] = clicked
-
-
-def page_view() -> View:
-    """Every page's start: the sidebar, then its problems shown; the page stops there if any."""
-    view = sidebar()
-    if not show_problems(view):
-        sidebar_footer()
-        st.stop()
-    return view
 
 
 def show_problems(view: View) -> bool:
@@ -440,12 +332,7 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     return AttributionTarget(torch.tensor([answer]), torch.tensor([wrong]), label)
 
 
-LINK_KEYS = ("model", "prompt", "source", "example", "template")  # the sidebar's view, kept by page links
-
-
-def _view_params(page: str) -> dict:
-    """The current URL's sidebar view (model, prompt or task), pointed at `page`."""
-    return {**{k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}, "page": page}
+_view_params = frame.view_params
 
 
 def attention_link_params(layer: int, head: int) -> dict:
@@ -469,7 +356,7 @@ def open_head_on_attention_page(layer: int, head: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # The typed pair's defaults when the prompt is the IOI example: the IOI paper's ABC corruption.
-DEFAULT_PAIR = {FALLBACK_PROMPT: ("When Mary and John went to the store, Paul gave a drink to", "Mary", "John")}
+DEFAULT_PAIR = {frame.FALLBACK_PROMPT: ("When Mary and John went to the store, Paul gave a drink to", "Mary", "John")}
 PAIR_KEYS = ("pair_corrupted", "pair_answer", "pair_wrong")
 
 

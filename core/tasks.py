@@ -36,11 +36,12 @@ from transformer_lens import HookedTransformer
 
 from core import store
 from core.store import run
+from core.task_catalog import BATCH, LABELS, templates  # noqa: F401  (re-exported: tasks.LABELS)
 from core.zoo import corpus
 
 Split = Literal["held_out", "train"]
 MetricKind = Literal["logit_diff", "prob_diff"]
-DEFAULT_BATCH = 32
+DEFAULT_BATCH = BATCH
 INDUCTION_LEN = 20
 
 
@@ -338,14 +339,6 @@ def induction(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, s
 
 
 BUILTIN: dict[str, Callable[..., Task]] = {"ioi": ioi, "greater_than": greater_than, "sva": sva, "induction": induction}
-LABELS = {
-    "ioi": "IOI (indirect object)",
-    "greater_than": "Greater-than (years)",
-    "sva": "Subject-verb agreement",
-    "induction": "Induction (repeated tokens)",
-}
-
-
 def make_task(name: str, model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0,
               split: Split = "held_out", **kwargs) -> Task:
     """A built-in task by name."""
@@ -354,11 +347,6 @@ def make_task(name: str, model: HookedTransformer, n: int = DEFAULT_BATCH, seed:
     if not 1 <= n <= 1024:
         raise TaskError(f"Batch size {n} is out of range (1–1024).")
     return BUILTIN[name](model, n=n, seed=seed, split=split, **kwargs)
-
-
-def templates(name: str) -> list[corpus.Template]:
-    """The corpus templates of a built-in text task (IOI, greater-than, agreement)."""
-    return {"ioi": corpus.IOI_TEMPLATES, "greater_than": corpus.GT_TEMPLATES, "sva": corpus.SVA_TEMPLATES}.get(name, [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,7 @@
 """Attention page: one head's pattern, all heads, CircuitsVis, head-type scores, residual norms."""
 import streamlit as st
 
-# app.py's set_page_config(layout="wide") is not applied to a page when the app has a pages/
-# folder (Streamlit 1.67 keeps its old multipage handling for it): every page sets it first.
-st.set_page_config(layout="wide")
-st.title("Attention patterns")
-with st.spinner("Starting: loading TransformerLens…"):  # ~6 s on a cold start; show the page first
-    from core import attention, plots, session
+from core import attention, plots, session
 
 view = session.page_view()
 

@@ -1,11 +1,7 @@
 """Logit attribution page: which components write the answer, the logit lens, neurons."""
 import streamlit as st
 
-# See pages/attention.py: every page sets the wide layout itself.
-st.set_page_config(layout="wide")
-st.title("Logit attribution")
-with st.spinner("Starting: loading TransformerLens…"):
-    from core import attribution, plots, session
+from core import attribution, plots, session
 
 view = session.page_view()
 

@@ -2,15 +2,10 @@
 import time
 
 import streamlit as st
+import torch
 
-# See pages/attention.py: every page sets the wide layout itself.
-st.set_page_config(layout="wide")
-st.title("Head importance")
-with st.spinner("Starting: loading TransformerLens…"):
-    import torch
-
-    from core import patching, plots, session
-    from core.patching import PatchingError
+from core import patching, plots, session
+from core.patching import PatchingError
 
 view = session.page_view()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core import models, tasks
+from core.task_catalog import default_template
 from tests.test_pages import _figure, _plain, _z, _app
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -114,7 +115,7 @@ def test_task_batch_mean_equals_the_mean_of_independent_effects(attn_lm):
     at.segmented_control(key="attr_scope").set_value("Mean over the task's 32 prompts").run()
     assert not at.exception and not at.warning
     assert "answer" not in at.query_params and "wrong" not in at.query_params
-    task = tasks.make_task("ioi", attn_lm, n=32, seed=0, split="held_out")
+    task = tasks.make_task("ioi", attn_lm, n=32, seed=0, split="held_out", template=default_template("ioi"))
     comps, heads, _ = _manual_direct_effects(attn_lm, task.clean_tokens, task.answers, task.wrongs)
     np.testing.assert_allclose(_bar(at, "Direct effect of each component")["y"], comps.mean(-1).numpy(), atol=1e-4)
     np.testing.assert_allclose(_z(_figure(at, "Direct effect of each head")["data"][0]), heads.mean(-1).numpy(), atol=1e-4)
@@ -233,7 +234,7 @@ def test_subword_and_year_answers_open_without_a_message():
     model = models.load_model("ce-circuits-3l-mlp")
     at = _app(page="attribution", model="ce-circuits-3l-mlp", source="greater_than", example="2")
     assert not at.exception and not at.warning
-    task = tasks.make_task("greater_than", model, n=32, seed=0, split="held_out")
+    task = tasks.make_task("greater_than", model, n=32, seed=0, split="held_out", template=default_template("greater_than"))
     assert at.text_input(key="attr_answer").value == model.tokenizer.decode([int(task.answers[2])])
     _, cache = model.run_with_cache(task.clean_tokens[2:3])
     comps, _, diff = _manual_direct_effects(model, task.clean_tokens[2:3], task.answers[2:3], task.wrongs[2:3])

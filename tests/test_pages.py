@@ -10,6 +10,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import models
+from core.task_catalog import default_template
 
 APP = str(models.ZOO_DIR.parent.parent / "app.py")
 
@@ -260,7 +261,7 @@ def test_markdown_in_a_model_name_is_shown_as_text():
 
 
 def test_default_prompts_are_in_vocabulary(zoo_model):
-    from core.session import DEFAULT_PROMPTS
+    from core.ui.frame import DEFAULT_PROMPTS
 
     str_tokens = zoo_model.to_str_tokens(DEFAULT_PROMPTS[models.DEFAULT_MODEL])
     assert "<unk>" not in str_tokens
@@ -281,7 +282,7 @@ def test_switching_model_in_the_sidebar_resets_the_view(tiny_gpt2_dir):
 
 
 def session_other():
-    from core.session import OTHER
+    from core.ui.frame import OTHER
 
     return OTHER
 
@@ -298,7 +299,7 @@ def test_a_task_example_is_the_prompt_and_the_link_keeps_it():
     at = _app(model="ce-circuits-3l-attn", source="ioi", example="3")
     assert not at.exception and not at.error and not at.warning
     model = models.load_model("ce-circuits-3l-attn")
-    task = tasks.make_task("ioi", model, n=32, seed=0, split="held_out")
+    task = tasks.make_task("ioi", model, n=32, seed=0, split="held_out", template=default_template("ioi"))
     shown = at.sidebar.text[0].value
     assert shown == f"Clean: {task.clean_prompts[3]}\nCorrupted: {task.corrupted_prompts[3]}"
     caption = _plain(at.sidebar.caption[0].value)

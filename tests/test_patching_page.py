@@ -7,6 +7,7 @@ import torch
 from transformer_lens import patching as tlp
 
 from core import models, patching, tasks
+from core.task_catalog import default_template
 from core.models import ZOO_DIR
 from tests.test_pages import _app, _figure, _plain, _z
 
@@ -66,8 +67,10 @@ def test_ioi_task_noising_finds_the_model_cards_heads(attn_lm):
     """On the IOI task (32 prompts, held-out names, the card's template) noising one head at a
     time finds the card's IOI heads."""
     at = _app(page="patching", model="ce-circuits-3l-attn", source="ioi")
-    assert at.selectbox(key="template").value == "friends_found"  # the held-out template by default
-    at.selectbox(key="template").set_value("when_went").run()
+    # A trained template by default, where the model does IOI; held-out ones stay selectable, labelled.
+    picker = at.selectbox(key="template")
+    assert picker.value == "when_went"
+    assert "friends_found (held out)" in picker.options and "when_went (trained)" in picker.options
     at.segmented_control(key="hi_direction").set_value("noise").run()
     assert not at.exception and not at.error
     assert at.query_params["template"] == "when_went"
@@ -147,7 +150,7 @@ def test_head_ablation_view_matches_a_hand_hook(attn_lm, kind):
     assert not at.exception
     metric_grid = _z(_figure(at, "Task metric change")["data"][0])
     loss_grid = _z(_figure(at, "Loss change")["data"][0])
-    task = tasks.make_task("ioi", attn_lm, n=32, seed=0)
+    task = tasks.make_task("ioi", attn_lm, n=32, seed=0, template=default_template("ioi"))
     base = tasks.baselines(attn_lm, task)
     layer, head = 1, 1
 
@@ -171,7 +174,7 @@ def test_mlp_model_ablation_of_layers_and_neurons():
     at.selectbox(key="hi_target").set_value("mlps").run()
     assert not at.exception and not at.error
     bars = _figure(at, "MLP layers ablated")["data"][0]
-    task = tasks.make_task("greater_than", model, n=32, seed=0)
+    task = tasks.make_task("greater_than", model, n=32, seed=0, template=default_template("greater_than"))
     base = tasks.baselines(model, task)
     with torch.no_grad():
         logits = model.run_with_hooks(task.clean_tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda a, hook: torch.zeros_like(a))])

@@ -1,0 +1,254 @@
+"""The app frame, run by app.py around every page: navigation, the shared sidebar, the URL.
+
+Why here and not in each page: Streamlit ties a widget's state to the script that draws it. The
+entrypoint (app.py) runs on every page, so the sidebar's widgets drawn from it keep their values
+when the user switches pages (drawn by each page, they were page widgets, and a first click on
+another page reset the model and emptied the prompt).
+
+Light on purpose: the frame draws the navigation, the sidebar and the page title before torch and
+TransformerLens have loaded (seconds on a cold start); the model loads behind a spinner.
+
+The view lives in the URL (`?model=…&prompt=…` or `?source=ioi&template=…&example=3`), so a
+copied link reopens it; `?page=…` on the root URL opens that page.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from core import task_catalog
+from core.models import DEFAULT_MODEL, zoo_models
+
+OTHER = "Other (TransformerLens name or local folder)…"
+PRETRAINED_SUGGESTIONS = ["gpt2-small"]
+DEFAULT_PROMPTS = {
+    # A repeated sequence of unrelated words: the second copy can only be predicted by
+    # induction, so the induction head lights up at first load.
+    "ce-induction-2l": "the green king saw seven cold fish near a dark hill . "
+    "the green king saw seven cold fish near a dark hill .",
+}
+FALLBACK_PROMPT = "When Mary and John went to the store, John gave a drink to"
+TEXT_SOURCE = "text"
+PROMPT_SOURCES = {TEXT_SOURCE: "Typed text", **task_catalog.LABELS}
+TASK_BATCH = task_catalog.BATCH
+MAX_URL_PROMPT = 2000  # characters of a typed prompt kept in the link (a longer URL may be refused)
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    key: str  # URL path and `?page=` value
+    script: str
+    label: str  # in the navigation
+    icon: str
+    title: str  # at the top of the page
+
+
+PAGES = [
+    PageSpec("attention", "pages/attention.py", "Attention", "👀", "Attention patterns"),
+    PageSpec("attribution", "pages/attribution.py", "Logit attribution", "🎯", "Logit attribution"),
+    PageSpec("patching", "pages/patching.py", "Head importance", "🧪", "Head importance"),
+    PageSpec("saes", "pages/saes.py", "SAE features", "🧩", "SAE features"),
+    PageSpec("steering", "pages/steering.py", "Steering", "🧭", "Steering and monitoring"),
+]
+BY_KEY = {p.key: p for p in PAGES}
+LINK_KEYS = ("model", "prompt", "source", "example", "template")  # the sidebar's view, kept by page links
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What the sidebar's widgets say, before anything is loaded."""
+
+    model_name: str
+    source: str
+    text: str
+    template: str | None
+    example: int
+
+
+def default_prompt(model_name: str) -> str:
+    return DEFAULT_PROMPTS.get(model_name, FALLBACK_PROMPT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Navigation
+# ---------------------------------------------------------------------------------------------
+
+
+def _home() -> None:
+    """The root URL: open the page named by `?page=` (default: Attention), keeping the view."""
+    params = st.query_params.to_dict()
+    target = BY_KEY.get(params.pop("page", ""), PAGES[0])
+    st.switch_page(target.script, query_params=params)
+
+
+def navigation():
+    """st.navigation over the pages; the root URL is a hidden page that opens one of them, so every
+    page, Attention included, has its own URL (`/attention` works on a running server)."""
+    pages = [st.Page(p.script, title=p.label, icon=p.icon, url_path=p.key) for p in PAGES]
+    home = st.Page(_home, title="Circuit Explorer", url_path="home", default=True, visibility="hidden")
+    return st.navigation([home, *pages], position="hidden")
+
+
+def page_spec(page) -> PageSpec | None:
+    return next((p for p in PAGES if p.key == page.url_path), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sidebar's widgets and the URL
+# ---------------------------------------------------------------------------------------------
+
+
+def url_int(key: str) -> int | None:
+    """An integer query parameter, or None when absent or not an integer."""
+    try:
+        return int(st.query_params[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def set_url(**values) -> None:
+    """Write view values into the URL (None removes a key)."""
+    for key, value in values.items():
+        if value is None:
+            st.query_params.pop(key, None)
+        elif st.query_params.get(key) != str(value):
+            st.query_params[key] = str(value)
+
+
+def view_params(page: str) -> dict:
+    """The current URL's sidebar view (model, prompt or task), pointed at `page`."""
+    return {**{k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}, "page": page}
+
+
+def _init_state() -> None:
+    """On a session's first run, seed the widgets from the URL."""
+    state = st.session_state
+    if state.get("_url_loaded"):
+        return
+    state["_url_loaded"] = True
+    zoo = zoo_models()
+    requested = st.query_params.get("model", zoo[0] if zoo else DEFAULT_MODEL)
+    if requested in zoo + PRETRAINED_SUGGESTIONS:
+        state["model_choice"] = requested
+    else:
+        state["model_choice"] = OTHER
+        state["model_other"] = requested
+    state["prompt"] = st.query_params.get("prompt", default_prompt(requested))
+    source = st.query_params.get("source", TEXT_SOURCE)
+    state["source"] = source if source in PROMPT_SOURCES else TEXT_SOURCE
+    example = url_int("example")
+    state["example"] = example if example is not None and 0 <= example < TASK_BATCH else 0
+    template = st.query_params.get("template")
+    if template and any(t.name == template for t in task_catalog.templates(state["source"])):
+        state["template"] = template
+
+
+def _model_changed() -> None:
+    """A new model resets the selection and, if the prompt was the old default, the prompt."""
+    state = st.session_state
+    state["_reset_selection"] = True
+    for key in ("layer", "head"):
+        st.query_params.pop(key, None)
+    choice = state.get("model_choice")
+    name = state.get("model_other", "") if choice == OTHER else choice
+    defaults = set(DEFAULT_PROMPTS.values()) | {FALLBACK_PROMPT}
+    if state.get("prompt") in defaults:
+        state["prompt"] = default_prompt(name)
+
+
+def switch_model(name: str) -> None:
+    """Button callback: load another model in the sidebar (e.g. the one a page's demo needs)."""
+    state = st.session_state
+    if name in zoo_models() + PRETRAINED_SUGGESTIONS:
+        state["model_choice"] = name
+    else:
+        state["model_choice"], state["model_other"] = OTHER, name
+    _model_changed()
+
+
+def switch_source(source: str, template: str | None = None) -> None:
+    """Button callback: take the prompt from a built-in task (e.g. the one a page's demo needs)."""
+    st.session_state["source"] = source
+    st.session_state["template"] = template or task_catalog.default_template(source)
+
+
+def _template_picker(source: str) -> str | None:
+    """The template of a text task (a trained one by default), or None for tasks without templates."""
+    tpls = task_catalog.templates(source)
+    if not tpls:
+        return None
+    held = {t.name: t.held_out for t in tpls}
+    if st.session_state.get("template") not in held:
+        st.session_state["template"] = task_catalog.default_template(source)
+    return st.selectbox(
+        "Template", list(held), format_func=lambda n: n + (" (held out)" if held[n] else " (trained)"),
+        key="template", persist_state="session",
+        help="The sentence shape of the task's prompts. Names are always held out (never seen in training); "
+        "a held-out template was never seen in training either, and a small model may fail there.",
+    )
+
+
+def sidebar() -> Choices:
+    """Draw the sidebar's links and widgets; return what they say and keep it in the URL."""
+    _init_state()
+    zoo = zoo_models()
+    with st.sidebar:
+        params = {k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}
+        for p in PAGES:
+            st.page_link(p.script, label=p.label, icon=p.icon, query_params=params)
+        st.header("Model and prompt")
+        choice = st.selectbox(
+            "Model", zoo + PRETRAINED_SUGGESTIONS + [OTHER], key="model_choice", persist_state="session",
+            help="Embedded models are trained by this project and work offline. Pretrained TransformerLens models "
+            "are downloaded from the Hugging Face hub (needs a network).",
+            on_change=_model_changed,
+        )
+        name = choice
+        if choice == OTHER:
+            name = st.text_input(
+                "Model name or folder", key="model_other", placeholder="pythia-70m-deduped or /path/to/gpt2-checkpoint",
+                persist_state="session", on_change=_model_changed,
+            ).strip()
+        source = st.selectbox(
+            "Prompt from", list(PROMPT_SOURCES), format_func=PROMPT_SOURCES.get, key="source", persist_state="session",
+            help="Type a prompt, or take one from a task: clean and corrupted prompts with the answer and the wrong "
+            "token, generated for this model's vocabulary (held-out names on the embedded models).",
+        )
+        text, example, template = "", 0, None
+        if source == TEXT_SOURCE:
+            if "prompt" not in st.session_state:
+                st.session_state["prompt"] = default_prompt(name)
+            text = st.text_area("Prompt", key="prompt", height=140, persist_state="session")
+        else:
+            template = _template_picker(source)
+            example = int(st.number_input(f"Example (0–{TASK_BATCH - 1})", 0, TASK_BATCH - 1, key="example", step=1,
+                                          persist_state="session"))
+    if source == TEXT_SOURCE:
+        long_prompt = len(text) > MAX_URL_PROMPT
+        set_url(model=name or None, prompt=None if long_prompt or not text else text, source=None, example=None,
+                template=None)
+        if long_prompt:
+            st.sidebar.caption(f"This prompt ({len(text):,} characters) is too long to keep in the page's link "
+                               f"(up to {MAX_URL_PROMPT:,}): a copied link opens the default prompt.")
+    else:
+        set_url(model=name or None, prompt=None, source=source, example=example, template=template)
+    return Choices(name, source, text, template, example)
+
+
+# ---------------------------------------------------------------------------------------------
+# The frame around a page
+# ---------------------------------------------------------------------------------------------
+
+
+def run(page) -> None:
+    """Draw the sidebar and the page's title at once, load the model and the prompt behind a
+    spinner, then run the page with that view (see `core.session.page_view`)."""
+    choices = sidebar()
+    spec = page_spec(page)
+    if spec is not None:
+        st.title(spec.title)
+        set_url(page=spec.key)
+    with st.spinner("Starting: loading TransformerLens…"):  # seconds on a cold start, once per server
+        from core import session
+    session.run_page(page, choices)
