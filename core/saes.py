@@ -13,6 +13,7 @@ for hook_z SAEs); feature activations are `[batch, pos, d_sae]`.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import threading
@@ -97,18 +98,31 @@ def load_local(path: str | Path) -> LoadedSAE:
     text = str(path).strip()
     if not text:
         raise SAELoadError("Type the path of a folder that holds an SAE in sae_lens's format (cfg.json, sae_weights.safetensors).")
-    p = Path(text).expanduser()
-    if not p.exists():
-        raise SAELoadError(f"There is no folder '{text}' on this machine.")
-    if not p.is_dir():
-        raise SAELoadError(f"'{text}' is a file; give the folder that holds cfg.json and sae_weights.safetensors.")
-    missing = [f for f in (CFG_FILE, WEIGHTS_FILE) if not (p / f).exists()]
+    shown = text if len(text) <= 120 else text[:100] + f"… ({len(text):,} characters)"
+    if "\x00" in text:
+        raise SAELoadError(f"The folder path '{shown.replace(chr(0), '␀')}' contains a NUL character (\\x00), which no "
+                           "file or folder name can hold. Type the path again.")
+    try:
+        p = Path(text).expanduser()
+        exists = p.exists()
+        is_dir = exists and p.is_dir()
+        missing = [f for f in (CFG_FILE, WEIGHTS_FILE) if not (p / f).exists()] if is_dir else []
+    except (OSError, ValueError) as err:  # a name over 255 bytes, a path over 4,096, a folder we may not read
+        if getattr(err, "errno", None) == errno.ENAMETOOLONG:
+            reason = "it is too long for this machine's file system (at most 255 characters per name, 4,096 in all)"
+        else:
+            reason = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+        raise SAELoadError(f"Cannot use the folder path '{shown}': {reason}.") from err
+    if not exists:
+        raise SAELoadError(f"There is no folder '{shown}' on this machine.")
+    if not is_dir:
+        raise SAELoadError(f"'{shown}' is a file; give the folder that holds cfg.json and sae_weights.safetensors.")
     if missing:
-        raise SAELoadError(f"'{text}' is not an SAE in sae_lens's disk format: {' and '.join(missing)} missing.")
+        raise SAELoadError(f"'{shown}' is not an SAE in sae_lens's disk format: {' and '.join(missing)} missing.")
     try:
         sae = _load_disk(p)
     except Exception as err:  # a corrupt or foreign file: say what sae_lens said
-        raise SAELoadError(f"Could not read the SAE in '{text}' (corrupt or not sae_lens's format): {_short(err)}") from err
+        raise SAELoadError(f"Could not read the SAE in '{shown}' (corrupt or not sae_lens's format): {_short(err)}") from err
     return LoadedSAE(sae.eval(), str(p), "local")
 
 

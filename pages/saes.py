@@ -2,14 +2,9 @@
 import json
 
 import streamlit as st
+import torch
 
-# See pages/attention.py: every page sets the wide layout itself.
-st.set_page_config(layout="wide")
-st.title("SAE features")
-with st.spinner("Starting: loading TransformerLens and sae_lens…"):
-    import torch
-
-    from core import plots, sae_index, saes, session
+from core import plots, sae_index, saes, session
 
 view = session.page_view()
 model = view.model
@@ -87,6 +82,47 @@ if problem:
     session.sidebar_footer()
     st.stop()
 
+
+def hook_words(name: str) -> str:
+    """What a TransformerLens hook name means, for a student."""
+    parts = name.split(".")
+    layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+    if layer is None:
+        return f"`{name}` is the activation TransformerLens names so."
+    # Only learned absolute positions are added to the residual stream (rotary, shortformer and ALiBi act in attention).
+    embeddings = ("token and position embeddings" if model.cfg.positional_embedding_type == "standard"
+                  else "token embedding")
+    earlier = "layer 0" if layer == 1 else f"layers 0–{layer - 1}"
+    what = {
+        "hook_resid_pre": f"the residual stream as it enters layer {layer}: the sum of the {embeddings} and "
+                          f"everything {earlier} wrote, which layer {layer} reads"
+                          if layer else f"the residual stream as it enters layer 0: the {embeddings}",
+        "hook_resid_mid": f"the residual stream in layer {layer}, after its attention and before its MLP",
+        "hook_resid_post": f"the residual stream after layer {layer}: what the next layer reads",
+        "hook_mlp_out": f"what the MLP of layer {layer} adds to the residual stream",
+        "hook_attn_out": f"what the attention of layer {layer} adds to the residual stream",
+        "hook_z": f"each attention head's output of layer {layer}, before `W_O` mixes the heads",
+        "hook_post": f"the MLP neurons of layer {layer}, after the non-linearity",
+    }.get(parts[-1], f"an activation of layer {layer}")
+    return f"`{name}` (TransformerLens's name) is {what}. The SAE reads this vector at every token and rebuilds it."
+
+
+def card_help(hook: str, with_card: bool = True) -> str:
+    """The tooltip of the SAE's card: the hook and every number of the card, in a line each."""
+    lines = [hook_words(hook)]
+    if with_card:
+        lines += [
+            "L0: how many features are non-zero at a token, on average. Lower is sparser, easier to read.",
+            "Explained variance: the share of the activations' variance that the SAE's rebuilt vector keeps "
+            "(1 = a perfect copy).",
+            "Dead features: features that never fire on the held-out tokens, so they explain nothing.",
+            "Next-token loss with the SAE spliced in: the model run with the SAE's rebuilt vector in place of the "
+            "real one. Loss recovered: how much of the gap to zeroing the activation the SAE closes (100% = as "
+            "good as the real activation).",
+        ]
+    return "\n\n".join(lines)
+
+
 sae = loaded.sae
 card = loaded.card
 if card:
@@ -95,10 +131,10 @@ if card:
         f"{card['tokens']:,} held-out tokens: L0 {card['l0']:.1f}, explained variance {card['explained_variance']:.3f}, "
         f"{card['dead_features']} dead features, next-token loss {card['ce_loss_clean']:.3f} → "
         f"{card['ce_loss_with_sae']:.3f} with the SAE spliced in ({card['loss_recovered']:.1%} of the loss recovered)."
-    ))
+    ), help=card_help(card["hook_name"]))
 else:
     st.caption(session.md_escape(f"{loaded.sae_id}: SAE on {loaded.hook_name}, {loaded.d_sae} features "
-                                 f"(d_in {sae.cfg.d_in})."))
+                                 f"(d_in {sae.cfg.d_in})."), help=card_help(loaded.hook_name, with_card=False))
 
 # ---------------------------------------------------------------------------------------------
 # The corpus and its index
@@ -116,16 +152,23 @@ else:
             docs = session.text_documents(model, model_id, upload.getvalue())
             corpus_label = f"{upload.name} ({len(docs):,} documents, one per non-empty line)"
         except saes.SAELoadError as err:
-            st.warning(str(err))
+            st.warning(session.md_escape(str(err)))
+corpus_md = session.md_escape(corpus_label or "")  # an uploaded file's name is the user's text: shown as typed
 index = None
 if docs is not None:
+    if state.pop("_sae_index_damaged", None):
+        st.info("The feature index file was damaged or removed while in use; it is being rebuilt.")
     try:
         index = session.feature_index(model, loaded, docs, corpus_label)
     except sae_index.IndexError_ as err:
-        st.warning(str(err))
+        st.warning(session.md_escape(str(err)))
+        if err.path is not None:
+            st.button("Try again", key="sae_index_retry", on_click=sae_index.forget_build, args=(err.path,))
     if index is not None:
-        st.caption(f"Feature index: {index.n_tokens:,} tokens of {corpus_label}, built once in {index.build_seconds:.1f} s "
+        st.caption(f"Feature index: {index.n_tokens:,} tokens of {corpus_md}, built once in {index.build_seconds:.1f} s "
                    f"({index.tokens_per_second:,.0f} tokens/s) and kept on disk (SQLite).")
+        if source == "embedded":
+            session.prefetch_embedded_indexes(model, model_id)  # this model's other SAEs, in the background
 else:
     st.info("Without a corpus the dashboards show logit effects and your own text only: upload a text file to see "
             "each feature's top activating contexts.")
@@ -152,6 +195,12 @@ if state.get("_sae_for") != loaded.sae_id:  # first run with this SAE: the URL's
 session.set_url(feature=int(state["sae_feature"]))
 
 VIEWS = {"prompt": "This prompt", "feature": "Feature dashboard", "search": "Search"}
+LOGIT_EFFECT_HELP = (
+    "`W_dec[f]` is the direction the feature adds to the residual stream (its row of the decoder). Multiplied "
+    "by the final LayerNorm's weight and the unembedding `W_U` it gives one number per token: how much one unit "
+    "of the feature raises (+) or lowers (−) that token's logit directly, not counting what later layers do with it.")
+KL_HELP = ("KL: the Kullback–Leibler divergence from the next-token distribution before to the one after, in nats. "
+           "0 means nothing changed; about 0.01 is a small change; above 1 the prediction changed a lot.")
 
 
 def open_feature(f: int) -> None:
@@ -212,11 +261,16 @@ def feature_view() -> None:
             if stats.n_fire:
                 st.plotly_chart(plots.activation_histogram(stats.hist_edges, stats.hist_counts, f, stats.density),
                                 width="stretch", key="sae_hist")
+        elif docs is not None:
+            st.info("Density, the activation histogram and the top contexts appear when the corpus index is built "
+                    "(progress above); the logit effects, your own text and the ablation work now.")
         effects = saes.logit_effects(model, sae, f)
         if effects is None:
             st.info(f"Logit effects need a decoder that writes to the residual stream; {loaded.hook_name} does not.")
         else:
             n = min(10, effects.numel())
+            st.caption("Logit effects (`W_dec · W_U`): how much one unit of this feature raises or lowers each token's "
+                       "logit directly.", help=LOGIT_EFFECT_HELP)
             up, down = effects.topk(n), (-effects).topk(n)
             st.plotly_chart(plots.logit_effect_bars([decode(t) for t in up.indices.tolist()], up.values.tolist(),
                                                     "Promoted tokens (W_dec through ln_final.w and W_U)", "#2ca02c"), width="stretch", key="sae_up")
@@ -226,9 +280,9 @@ def feature_view() -> None:
         if index is not None:
             stats = index.feature(f)
             if not stats.n_fire:
-                st.info(f"Feature {f} never fires on {corpus_label}: a dead feature there.")
+                st.info(f"Feature {f} never fires on {corpus_md}: a dead feature there.")
             else:
-                st.markdown(f"**Top activating contexts** in {corpus_label} (firing token outlined; hover a token for its value)")
+                st.markdown(f"**Top activating contexts** in {corpus_md} (firing token outlined; hover a token for its value)")
                 for ex in stats.top[:10]:
                     st.html(f"<div><b>{ex.act:.3f}</b> · document {ex.doc}, position {ex.pos}</div>"
                             + context_html(ex, f, stats.max_act))
@@ -259,9 +313,15 @@ def feature_view() -> None:
                       key=lambda r: -r["probability after"])
         st.dataframe(rows, hide_index=True, width="stretch")
         kl = float((p0 * (p0.clamp_min(1e-30).log() - p1.clamp_min(1e-30).log())).sum())
-        st.caption(f"Next token after the prompt, with feature {f} × {scale:g} at {loaded.hook_name} (the SAE's error "
-                   f"term kept): top is {decode(int(p0.argmax()))!r} → {decode(int(p1.argmax()))!r}; KL {kl:.4f} nats. "
-                   f"Feature {f} is {float(acts[-1, f]):.3f} at the last token.")
+        st.caption(session.md_escape(
+            f"Next token after the prompt, with feature {f} × {scale:g} at {loaded.hook_name} (the SAE's error "
+            f"term kept): top is {decode(int(p0.argmax()))!r} → {decode(int(p1.argmax()))!r}; KL {kl:.4f} nats. "
+            f"Feature {f} is {float(acts[-1, f]):.3f} at the last token."), help=KL_HELP)
+
+
+def search_label(f: int, *numbers: str) -> str:
+    """A result button's label, short enough for a third of a 1280-pixel-wide window."""
+    return " · ".join([f"Feature {f}", *numbers])
 
 
 def single_token(text: str) -> int | None:
@@ -280,15 +340,21 @@ def search_view() -> None:
         if word.strip():
             t = single_token(word)
             if t is not None and index is None:
-                st.info("Needs the corpus index (upload a corpus).")
+                st.info("Needs the corpus index: it is being built (progress above)." if docs is not None
+                        else "Needs the corpus index (upload a corpus).")
             elif t is not None:
                 rows = index.features_for_token(t)
                 if not rows:
-                    st.info(f"{decode(t)!r} does not occur in {corpus_label}.")
+                    st.info(session.md_escape(f"{decode(t)!r} does not occur in ") + f"{corpus_md}.")
+                else:
+                    st.caption(session.md_escape(
+                        f"Mean activation over the {rows[0]['occurrences']:,} occurrences of {decode(t)!r}; "
+                        "fires: at how many of them the feature is above 0."))
                 for r in rows:
-                    st.button(f"Feature {r['feature']}: mean {r['mean_act']:.3f} over {r['occurrences']} occurrences "
-                              f"(fires on {r['fires']})", key=f"sae_tok_{r['feature']}", on_click=open_feature,
-                              args=(r["feature"],))
+                    st.button(search_label(r["feature"], f"{r['mean_act']:.3f}", f"fires {r['fires']:,}"),
+                              key=f"sae_tok_{r['feature']}", on_click=open_feature, args=(r["feature"],),
+                              help=f"Mean {r['mean_act']:.4f} over {r['occurrences']:,} occurrences; fires on "
+                                   f"{r['fires']:,} of them, at most {r['max_act']:.3f}.")
     with c2:
         st.markdown("**Features that promote a token**")
         word = st.text_input("Token ", key="sae_search_logit", persist_state="session", placeholder="e.g. are")
@@ -300,8 +366,9 @@ def search_view() -> None:
                     st.info(f"{loaded.hook_name} does not write to the residual stream.")
                 else:
                     top = effects.topk(min(10, effects.numel()))
+                    st.caption("Logit effect (`W_dec · W_U`) of each feature on this token.", help=LOGIT_EFFECT_HELP)
                     for f, v in zip(top.indices.tolist(), top.values.tolist()):
-                        st.button(f"Feature {f}: logit effect {v:+.3f}", key=f"sae_logit_{f}", on_click=open_feature,
+                        st.button(search_label(f, f"{v:+.3f}"), key=f"sae_logit_{f}", on_click=open_feature,
                                   args=(f,))
     with c3:
         st.markdown("**Feature by id**")
@@ -309,5 +376,9 @@ def search_view() -> None:
         st.button("Open", key="sae_open_id", on_click=open_feature, args=(int(fid),))
 
 
-{"prompt": prompt_view, "feature": feature_view, "search": search_view}[view_choice]()
+try:
+    {"prompt": prompt_view, "feature": feature_view, "search": search_view}[view_choice]()
+except sae_index.IndexCorrupt:  # the file was overwritten or removed under us: rebuilt on the next run
+    state["_sae_index_damaged"] = True
+    st.rerun()
 session.sidebar_footer()

@@ -2,6 +2,7 @@
 sae_lens `encode` calls, index reuse and rebuilds, logit effects and feature interventions."""
 import json
 import os
+import re
 import sqlite3
 import time
 
@@ -58,6 +59,7 @@ def built(mlp_lm, loaded, small_docs, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", saes.embedded_saes())
 def test_embedded_sae_reproduces_its_card(name):
     loaded = saes.load_embedded(name)
@@ -424,6 +426,7 @@ def test_capture_plan_reads_the_same_tensor_with_fewer_layers(mlp_lm):
     assert sae_index.capture_plan("blocks.2.hook_resid_pre", 3) == ("blocks.1.hook_resid_post", 2)
 
 
+@pytest.mark.slow
 def test_training_script_runs_offline_and_is_seeded(tmp_path):
     """A short run of the embedded SAEs' training script (sae_lens's runner): it writes an SAE in
     sae_lens's format that loads and fits its model, and the same seed gives the same weights."""
@@ -484,3 +487,246 @@ def test_unknown_tokens_are_indexed_and_bos_pad_are_not(mlp_lm, loaded, tmp_path
     assert tok.unk_token_id in doc
     index = sae_index.open_index(mlp_lm, loaded, [doc + [tok.pad_token_id] * 3], directory=tmp_path)
     assert index.n_tokens == len(doc) - 1  # BOS and the padding are left out, <unk> is not
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: background builds, time left, full disk, damaged files, a bounded data folder, paths
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def held_collect(monkeypatch):
+    """`sae_index.collect` held at a gate until the test opens it: (gate, names of the threads that called it)."""
+    import threading
+
+    gate, calls = threading.Event(), []
+    original = sae_index.collect
+
+    def held(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        assert gate.wait(300), "the test never let the build go on"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sae_index, "collect", held)
+    yield gate, calls
+    gate.set()
+
+
+def _same_stats(a, b):
+    """Two builds' numbers for one feature (another thread count may change the last float bits)."""
+    assert a.n_fire == b.n_fire and a.n_tokens == b.n_tokens
+    assert a.max_act == pytest.approx(b.max_act, abs=1e-5) and a.mean_act == pytest.approx(b.mean_act, abs=1e-5)
+    assert np.allclose([e.act for e in a.top], [e.act for e in b.top], atol=1e-5)
+
+
+def test_background_build_runs_once_for_every_caller(mlp_lm, loaded, small_docs, tmp_path, held_collect):
+    import threading
+
+    gate, calls = held_collect
+    docs = small_docs[:40]
+    threads_before = torch.get_num_threads()
+    builds = []
+    callers = [threading.Thread(target=lambda: builds.append(sae_index.request_index(mlp_lm, loaded, docs,
+                                                                                     directory=tmp_path)))
+               for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()  # the callers are gone (as a Streamlit run that ends, or a session that leaves the page)
+    build = builds[0]
+    assert all(b is build for b in builds) and not build.done
+    assert sae_index.current_build(build.path) is build
+    deadline = time.monotonic() + 60
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert calls == [f"sae-index-{build.key[:8]}"]  # one build, in the registry's own thread
+    assert sae_index.request_index(mlp_lm, loaded, docs, directory=tmp_path) is build  # a later caller waits on it too
+    share, text = build.status()
+    assert share == 0.0 and text == "starting"
+    gate.set()
+    assert build.wait(300) and not build.failed
+    index = build.result()
+    assert len(calls) == 1 and sae_index.current_build(build.path) is None  # done: no longer running
+    again = sae_index.request_index(mlp_lm, loaded, docs, directory=tmp_path)
+    assert again.done and again.result().path == index.path and len(calls) == 1
+    # Its numbers are those of a build made here, in this thread, in another folder.
+    here = sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path / "here")
+    for f in (0, 3, 77):
+        _same_stats(index.feature(f), here.feature(f))
+    # The build's own torch thread count stayed in its thread.
+    assert torch.get_num_threads() == threads_before
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [threads_before]
+
+
+def test_time_left_comes_from_the_speed_after_the_warm_up(mlp_lm, loaded, small_docs, tmp_path, monkeypatch):
+    now = [0.0]
+    speed = sae_index.Throughput(1000, warmup=2, clock=lambda: now[0])
+    now[0] = 30.0
+    assert speed.update(10) is None  # the first batch: 30 s (loading, allocating)
+    now[0] = 31.0
+    assert speed.update(20) is None  # the end of the warm-up starts the clock
+    now[0] = 32.0
+    assert speed.update(120) == pytest.approx((1000 - 120) / 100)  # 100 units in the second since
+    # In a build: three slow batches (40 s each), then 0.5 s per batch. The time left must be the
+    # tokens left at the speed since the warm-up, not extrapolated from the first batches or the bar.
+    monkeypatch.setattr(sae_index, "_clock", lambda: now[0])
+    monkeypatch.setattr(sae_index, "_post_rate", [])  # no earlier build to time the summary by
+    monkeypatch.setattr(sae_index, "BATCH", 8)  # 19 batches of the 150 documents
+    now[0] = 0.0
+    seen = []
+
+    def progress(share, text):
+        if text.startswith("Encoding"):
+            seen.append(text)
+            now[0] += 40.0 if len(seen) < sae_index.WARMUP_UPDATES else 0.5
+
+    sae_index.open_index(mlp_lm, loaded, small_docs[:150], progress=progress, directory=tmp_path)
+    done = [int(re.search(r"Encoding the corpus: ([\d,]+) of ([\d,]+)", t).group(1).replace(",", "")) for t in seen]
+    total = int(re.search(r"of ([\d,]+) tokens", seen[0]).group(1).replace(",", ""))
+    assert len(seen) > sae_index.WARMUP_UPDATES + 1
+    w = sae_index.WARMUP_UPDATES - 1  # the update that ends the warm-up
+    for i, text in enumerate(seen):
+        if i <= w:
+            assert "measuring the speed" in text and "left" not in text
+            continue
+        rate = (done[i] - done[w]) / (0.5 * (i - w))
+        assert f"about {sae_index.duration((total - done[i]) / rate)} left to encode" in text, text
+        assert f"{rate:,.0f} tokens/s" in text
+
+
+def test_full_disk_is_a_message_and_leaves_no_temporary_files(mlp_lm, loaded, small_docs, tmp_path, monkeypatch):
+    kept = sae_index.open_index(mlp_lm, loaded, small_docs[:10], directory=tmp_path)  # built before: not lost
+    kept_bytes = kept.path.read_bytes()
+    stale = tmp_path / "sae-index-dead.sqlite.1234abcd.tmp-journal"  # left by a build that died long ago
+    stale.write_bytes(b"journal")
+    os.utime(stale, (time.time() - 2 * sae_index.TMP_MAX_AGE,) * 2)
+    real_connect = sqlite3.connect
+
+    class NoCleanUp:
+        """A connection whose close cannot roll back (the disk is full): its journal stays behind."""
+
+        def __init__(self, con):
+            self._con = con
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+        def close(self):
+            pass
+
+    def connect(database, *args, **kwargs):
+        con = real_connect(database, *args, **kwargs)
+        if str(database).endswith(".tmp"):
+            con.execute("PRAGMA max_page_count = 40")  # a tiny quota: SQLite's own 'database or disk is full'
+            return NoCleanUp(con)
+        return con
+
+    monkeypatch.setattr(sae_index.sqlite3, "connect", connect)
+    with pytest.raises(sae_index.IndexError_, match="disk is full") as caught:
+        sae_index.open_index(mlp_lm, loaded, small_docs[10:40], directory=tmp_path)
+    assert "Nothing was lost" in str(caught.value)
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    assert "full" in str(caught.value.__cause__)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.path.name]  # no .tmp, no -journal
+    assert kept.path.read_bytes() == kept_bytes and kept.feature(1).n_tokens == kept.n_tokens
+    # Through the background path: a failed build, with the same message, kept for the page to show.
+    build = sae_index.request_index(mlp_lm, loaded, small_docs[10:40], directory=tmp_path)
+    assert build.wait(300) and build.failed and "disk is full" in build.error
+    with pytest.raises(sae_index.IndexError_, match="disk is full"):
+        build.result()
+    assert sae_index.current_build(build.path) is build  # not retried on every rerun…
+    sae_index.forget_build(build.path)  # …until asked to ("Try again")
+    assert sae_index.current_build(build.path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.path.name]
+
+
+def test_overwritten_header_with_unchanged_size_and_time_is_rebuilt(mlp_lm, loaded, small_docs, tmp_path,
+                                                                    monkeypatch):
+    docs = small_docs[:20]
+    first = sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)
+    expected = first.feature(2)
+    sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)  # checked once: now known by size and time
+    calls = []
+    original = sae_index.collect
+    monkeypatch.setattr(sae_index, "collect", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def overwrite_header(path):
+        st = path.stat()
+        with open(path, "r+b") as fh:
+            fh.write(b"\0" * 100)  # SQLite's header: its magic string and page size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    overwrite_header(first.path)
+    with pytest.raises(sae_index.IndexCorrupt):  # an index already open says so, not sqlite3.DatabaseError
+        first.feature(2)
+    again = sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)
+    assert len(calls) == 1 and again.feature(2) == expected
+    # The background path (what the page uses) too, without having read the file in between.
+    sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)
+    overwrite_header(first.path)
+    build = sae_index.request_index(mlp_lm, loaded, docs, directory=tmp_path)
+    assert build.wait(300) and not build.failed and len(calls) == 2
+    _same_stats(build.result().feature(2), expected)
+
+
+def test_data_folder_is_bounded_least_recently_used_first(mlp_lm, loaded, small_docs, tmp_path, monkeypatch):
+    import gc
+
+    paths = [sae_index.open_index(mlp_lm, loaded, small_docs[5 * i:5 * i + 5], directory=tmp_path).path
+             for i in range(4)]
+    gc.collect()  # no index object left open
+    sizes = {p: p.stat().st_size for p in paths}
+    now = time.time()
+
+    def last_used(p, seconds_ago):
+        os.utime(p, ns=(int((now - seconds_ago) * 1e9), p.stat().st_mtime_ns))
+
+    for p, ago in zip(paths, (3000, 1000, 2000, 4000)):
+        last_used(p, ago)
+    # Reading an index marks it used, without changing its modification time (part of its check).
+    mtime = paths[3].stat().st_mtime_ns
+    sae_index.open_index(mlp_lm, loaded, small_docs[15:20], directory=tmp_path)
+    gc.collect()
+    assert paths[3].stat().st_mtime_ns == mtime and now - paths[3].stat().st_atime < 60
+    # Over the cap: the least recently used go first, until it fits.
+    cap = sum(sizes.values()) - sizes[paths[0]] // 2
+    assert sae_index.evict(tmp_path, cap) == [paths[0]]
+    assert sae_index.evict(tmp_path, cap) == []
+    # In use: open in this process, being built, or used in the last IN_USE_SECONDS: never evicted.
+    open_one = sae_index.FeatureIndex(paths[3])
+    last_used(paths[3], 5000)  # (a read may move the access time: set it after)
+    lock = sae_index._path_lock(paths[2])
+    lock.acquire()  # as while a build of it runs
+    try:
+        assert sae_index.evict(tmp_path, 1) == [paths[1]]
+    finally:
+        lock.release()
+    assert all(p.exists() for p in paths[2:]) and open_one.feature(0).n_tokens == open_one.n_tokens
+    del open_one
+    gc.collect()
+    last_used(paths[3], 5000)
+    assert sae_index.evict(tmp_path, 1) == [paths[3], paths[2]]  # closed, unlocked: least recently used first
+    # Just built (or read): in use for IN_USE_SECONDS, whatever the cap.
+    again = sae_index.open_index(mlp_lm, loaded, small_docs[0:5], directory=tmp_path).path
+    gc.collect()
+    assert again == paths[0] and sae_index.evict(tmp_path, 1) == []
+    # The cap comes from $CIRCUIT_EXPLORER_DATA_BYTES, and every new build applies it.
+    last_used(again, 1000)
+    monkeypatch.setenv(sae_index.DATA_BYTES_ENV, "1")
+    assert sae_index.data_cap() == 1
+    newest = sae_index.open_index(mlp_lm, loaded, small_docs[40:45], directory=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [newest.path.name]  # over the cap too, but in use: kept
+    monkeypatch.delenv(sae_index.DATA_BYTES_ENV)
+    assert sae_index.data_cap() == sae_index.DEFAULT_DATA_BYTES
+
+
+@pytest.mark.parametrize("text", ["/tmp/" + "a" * 300, "/tmp/sae\x00folder", "/" + "/".join(["b" * 200] * 25)],
+                         ids=["300-character-name", "nul-byte", "path-over-4096"])
+def test_impossible_folder_paths_are_messages(text):
+    with pytest.raises(saes.SAELoadError, match="NUL character|too long for this machine's file system"):
+        saes.load_local(text)

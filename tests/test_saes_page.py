@@ -1,6 +1,7 @@
 """The SAE features page (AppTest): dashboards against direct sae_lens encode calls, index reuse,
 search, feature ablation, and bad input."""
 import re
+import time
 
 import numpy as np
 import pytest
@@ -194,3 +195,242 @@ def test_default_model_opens_on_its_embedded_sae():
     at.segmented_control(key="sae_view").set_value("feature").run()
     assert not at.exception and not at.error
     assert "Top activating contexts" in " ".join(m.value for m in at.markdown)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: the index built in the background, bad folders, a full disk, a damaged file, file
+# names as text, jargon explained, search labels that fit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_indexes():
+    """The embedded SAEs' indexes of the tests above, built before them, as on a server that has run
+    before: their dashboards are there at once. A first visit, which builds in the background, is
+    tested below with a folder of its own."""
+    for name in ("ce-circuits-3l-mlp-res2-relu", "ce-circuits-3l-mlp-res2-topk", "ce-induction-2l-res1-topk"):
+        loaded = saes.load_embedded(name)
+        model = models.load_model(loaded.card["model"])
+        sae_index.open_index(model, loaded, sae_data.documents(loaded.card["corpus"], model.tokenizer))
+
+
+def _index_of(model, loaded, directory):
+    """The index file the page uses for an embedded SAE's corpus in `directory`."""
+    docs = [d for d in sae_data.documents(loaded.card["corpus"], model.tokenizer) if len(d) > 1]
+    return sae_index.index_path(sae_index.index_key(model, loaded, docs), directory)
+
+
+def _finish(at, path, timeout=300):
+    """Wait for the background build of `path` (if any), then rerun the page, as its poll does."""
+    build = sae_index.current_build(path)
+    if build is not None:
+        assert build.wait(timeout)
+    return at.run()
+
+
+def _infos(at) -> str:
+    return "\n".join(_plain(i.value) for i in at.info)
+
+
+@pytest.fixture()
+def held_collect(monkeypatch):
+    import threading
+
+    gate, calls = threading.Event(), []
+    original = sae_index.collect
+
+    def held(*args, **kwargs):
+        calls.append(1)
+        assert gate.wait(300), "the test never let the build go on"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sae_index, "collect", held)
+    yield gate, calls
+    gate.set()
+
+
+@pytest.mark.slow  # builds feature indexes
+def test_first_visit_builds_the_index_in_the_background(mlp_lm, relu_sae, tmp_path, monkeypatch, held_collect):
+    gate, calls = held_collect
+    monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
+    path = _index_of(mlp_lm, relu_sae, tmp_path)
+    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    assert not at.exception and not at.error and not at.warning
+    bars = at.get("progress")
+    assert len(bars) == 1 and "Building the feature index over the zoo corpus" in _plain(bars[0].proto.text)
+    _figure(at, "Strongest SAE features")  # the prompt's features meanwhile
+    at.segmented_control(key="sae_view").set_value("feature").run()
+    assert not at.exception and "appear when the corpus index is built" in _infos(at)
+    _figure(at, "Promoted tokens")  # logit effects need no index
+    assert not [m for m in at.metric if m.label == "Density"]
+    # Another tab asks for the same index: it waits on the same build. Leaving the page and coming
+    # back, or a rerun, does not start another one either.
+    other = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    assert other.get("progress") and not other.exception
+    at.switch_page("pages/attention.py").run()
+    at.switch_page("pages/saes.py").run()
+    assert at.get("progress") and sae_index.current_build(path) is not None
+    assert len(calls) == 1
+    gate.set()
+    at = _finish(at, path)
+    assert not at.get("progress") and len(calls) == 1
+    at.segmented_control(key="sae_view").set_value("feature").run()
+    f = int(at.number_input(key="sae_feature_input").value)
+    acts, _ = _corpus_acts(mlp_lm, relu_sae)
+    assert _metric(at, "Max activation") == f"{float(acts[:, f].max()):.3f}"
+    other = other.run()
+    assert not other.get("progress") and len(calls) == 1
+
+
+@pytest.mark.parametrize("folder", ["/tmp/" + "s" * 300, "/tmp/sae\x00folder", "/" + "/".join(["d" * 200] * 25)],
+                         ids=["300-character-name", "nul-byte", "path-over-4096"])
+def test_impossible_sae_folders_are_messages(folder):
+    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at.selectbox(key="sae_source").set_value("local").run()
+    at.text_input(key="sae_folder").set_value(folder).run()
+    assert not at.exception
+    assert any("NUL character" in _plain(w.value) or "too long for this machine's file system" in _plain(w.value)
+               for w in at.warning)
+
+
+@pytest.mark.slow  # builds feature indexes
+def test_full_disk_is_a_message_in_the_page(mlp_lm, relu_sae, tmp_path, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
+    path = _index_of(mlp_lm, relu_sae, tmp_path)
+    real_connect = sqlite3.connect
+
+    def connect(database, *args, **kwargs):
+        con = real_connect(database, *args, **kwargs)
+        if str(database).endswith(".tmp"):
+            con.execute("PRAGMA max_page_count = 40")  # a tiny quota: SQLite's own 'database or disk is full'
+        return con
+
+    monkeypatch.setattr(sae_index.sqlite3, "connect", connect)
+    at = _finish(_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT), path)
+    assert not at.exception and not at.error
+    message = "\n".join(_plain(w.value) for w in at.warning)
+    assert "The disk is full" in message and "Nothing was lost" in message
+    assert list(tmp_path.iterdir()) == []  # no temporary file, no journal
+    _figure(at, "Strongest SAE features")  # the page goes on without the index
+    # Space freed: "Try again" builds it.
+    monkeypatch.setattr(sae_index.sqlite3, "connect", real_connect)
+    at.button(key="sae_index_retry").click().run()
+    at = _finish(at, path)
+    assert not at.warning and not at.exception and path.exists()
+    assert any("Feature index:" in c.value for c in at.caption)
+
+
+@pytest.mark.slow  # builds feature indexes
+def test_damaged_index_file_is_rebuilt_not_a_traceback(mlp_lm, relu_sae, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
+    path = _index_of(mlp_lm, relu_sae, tmp_path)
+    at = _finish(_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT), path)
+    at.segmented_control(key="sae_view").set_value("feature").run()
+    before = _metric(at, "Max activation")
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.write(b"\0" * 100)  # the header overwritten; size and modification time unchanged
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    at.run()
+    assert not at.exception and not at.error
+    assert at.get("progress") or _metric(at, "Max activation") == before  # rebuilding, or rebuilt already
+    at = _finish(at, path)
+    assert not at.exception and _metric(at, "Max activation") == before
+    with open(path, "rb") as fh:
+        assert fh.read(16) == b"SQLite format 3\0"
+
+
+@pytest.mark.slow  # builds feature indexes
+def test_uploaded_corpus_file_name_is_shown_as_text(tmp_path, monkeypatch):
+    from tests.test_saes import _save_sae
+
+    monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path / "data"))
+    _save_sae(tmp_path / "sae", 128, "blocks.1.hook_resid_post")
+    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at.selectbox(key="sae_source").set_value("local").run()
+    at.text_input(key="sae_folder").set_value(str(tmp_path / "sae")).run()
+    name = "[x](javascript:alert(1)) **bold** $x^2$ <b>b</b>.txt"
+    at.file_uploader(key="sae_corpus_file").set_value((name, b"the keys are old\nmary went home\n", "text/plain")).run()
+    for _ in range(60):  # a two-line corpus: built within a second or two
+        if not at.get("progress"):
+            break
+        time.sleep(1)
+        at.run()
+    at.segmented_control(key="sae_view").set_value("feature").run()
+    assert not at.exception
+    shown = [el.value for el in list(at.caption) + list(at.markdown) + list(at.info) if "bold" in el.value]
+    assert any("Feature index:" in s for s in shown) and any("Top activating contexts" in s or "never fires" in s
+                                                              for s in shown)
+    for s in shown:
+        assert "**bold**" not in s and "](javascript" not in s and "$x^2$" not in s and "<b>" not in s
+        assert name in _plain(s)  # shown, as typed
+
+
+def test_jargon_on_the_page_has_a_one_line_explanation(mlp_lm):
+    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    card = next(c for c in at.caption if "explained variance" in c.value)
+    for word in ("hook_resid_pre", "L0", "Explained variance", "Dead features"):
+        assert word in card.proto.help, word
+    assert "residual stream as it enters layer 2" in card.proto.help
+    # Rotary positions act inside attention: this model's residual stream holds no position embedding.
+    assert mlp_lm.cfg.positional_embedding_type == "rotary" and "position embedding" not in card.proto.help
+    at.segmented_control(key="sae_view").set_value("feature").run()
+    logit = next(c for c in at.caption if "W_dec · W_U" in c.value)
+    assert "W_dec[f]" in logit.proto.help and "unembedding" in logit.proto.help
+    kl = next(c for c in at.caption if "KL" in c.value)
+    assert "Kullback–Leibler" in kl.proto.help and "nats" in kl.proto.help
+
+
+@pytest.mark.slow  # builds feature indexes
+def test_search_results_fit_their_column(mlp_lm, relu_sae):
+    """Issue 16 (9): at 1280×720 a search column is 263 px wide, about 40 characters of a button's
+    label (measured in Chromium, tests/test_saes_browser.py); the old labels (57+ characters) lost
+    their "(fires on N)". The count is in a short label now, the occurrences in a caption above."""
+    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at.segmented_control(key="sae_view").set_value("search").run()
+    at.text_input(key="sae_search_token").set_value("keys").run()
+    at.text_input(key="sae_search_logit").set_value("are").run()
+    acts, toks = _corpus_acts(mlp_lm, relu_sae)
+    token = int(mlp_lm.to_tokens("keys", prepend_bos=False)[0, 0])
+    on_token = acts[toks == token]
+    buttons = [b for b in at.button if b.key and b.key.startswith("sae_tok_")]
+    assert buttons
+    for b in buttons:
+        f = int(b.key.removeprefix("sae_tok_"))
+        assert len(b.label) <= 36, b.label
+        assert b.label.endswith(f"fires {int((on_token[:, f] > 0).sum()):,}"), b.label
+        assert f"{float(on_token[:, f].mean()):.3f}" in b.label
+    assert any(f"over the {int((toks == token).sum()):,} occurrences" in c.value for c in at.caption)
+    logit = [b for b in at.button if b.key and b.key.startswith("sae_logit_")]
+    assert logit and all(len(b.label) <= 36 for b in logit)
+
+
+@pytest.mark.slow  # builds feature indexes
+def test_loading_a_model_builds_its_embedded_sae_indexes_in_the_background(monkeypatch, tmp_path):
+    """Issue 16: the embedded SAEs' indexes should not make the SAE page's first visitor wait. When
+    the app first loads a model, the indexes of that model's embedded SAEs start building in the
+    background; the SAE page then opens them without building again."""
+    from core import session
+
+    monkeypatch.setenv(session.PREFETCH_ENV, "1")
+    monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
+    monkeypatch.setattr(session, "_prefetched", set())
+    at = _app(model="ce-circuits-3l-attn")  # the Attention page: no SAE asked for
+    assert not at.exception
+    model = models.load_model("ce-circuits-3l-attn")
+    names = saes.embedded_saes("ce-circuits-3l-attn")
+    assert names
+    deadline = 120
+    for name in names:
+        loaded = saes.load_embedded(name)
+        docs = sae_data.documents(loaded.corpus_spec, model.tokenizer)
+        path = sae_index.index_path(sae_index.index_key(model, loaded, sae_index._clean_docs(docs)))
+        build = sae_index.current_build(path)
+        assert build is not None, name  # requested by the model's first load
+        assert build.wait(deadline) and not build.failed, name
+        assert path.exists() and str(path).startswith(str(tmp_path))
+        assert sae_index.request_index(model, loaded, docs).done  # a visit now finds it ready
