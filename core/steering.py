@@ -15,8 +15,11 @@ Directions are saved as safetensors (the vector) plus a small JSON (where it cam
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,13 @@ from core import store
 
 MAX_ALPHA = 100.0  # |alpha| above this many direction norms is refused
 MIN_PROBE_PROMPTS = 8  # per class
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_NAME_CHARS = 64
+# A direction's name is also its file name: letters, digits, spaces, '-', '_' and '.', starting with a
+# letter, digit, '_' or '-' (no leading dot: '..' or '.x' would be a hidden file or a path step) and not
+# ending in a space.
+NAME_RE = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9 _.-]{0,%d}[A-Za-z0-9_.-])?\Z" % (MAX_NAME_CHARS - 2))
+NAME_RULE = (f"A direction's name is 1–{MAX_NAME_CHARS} characters: letters (A–Z, a–z), digits, spaces, '-', '_' "
+             "and '.'; it starts with a letter, a digit, '_' or '-' (not a dot or a space) and does not end in a space.")
 
 
 class SteeringError(ValueError):
@@ -69,6 +78,13 @@ def check_direction(model: HookedTransformer, direction: Direction) -> None:
         raise SteeringError(f"Direction '{direction.name}' reads '{direction.hook_name}', which this model does not have.")
     if not torch.isfinite(direction.vector).all() or float(direction.vector.norm()) == 0.0:
         raise SteeringError(f"Direction '{direction.name}' is zero or not finite.")
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a safe direction name (it becomes a file name), else a SteeringError saying why."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise SteeringError(f"{name!r} cannot be a direction's name. {NAME_RULE}")
+    return name
 
 
 def check_alpha(alpha: float) -> None:
@@ -134,6 +150,107 @@ def sae_direction(loaded, feature: int, name: str | None = None, model_name: str
 
 
 # ---------------------------------------------------------------------------------------------
+# The default demonstration: a plural direction flips " is" to " are"
+# ---------------------------------------------------------------------------------------------
+
+# The default contrast: plural against singular subjects, read at the subject (position 2: BOS,
+# "The", the noun) one layer in.
+PLURAL_PROMPTS = ["The keys on the table", "The books near the door", "The dogs behind the house", "The cars by the road",
+                  "The cups on the chair", "The boxes near the window", "The trees by the river", "The cats under the table"]
+SINGULAR_PROMPTS = ["The key on the table", "The book near the door", "The dog behind the house", "The car by the road",
+                    "The cup on the chair", "The box near the window", "The tree by the river", "The cat under the table"]
+DEFAULT_POSITION = 2
+# The embedded model the README's demonstrations are measured on (tests check that it passes
+# `default_demo_check`); the page offers to switch to it where the check fails.
+DEMO_MODEL = "ce-circuits-3l-mlp"
+DEMO_ALPHA = 1.0
+DEMO_MIN_FLIP = 0.5  # steering must raise the share of prompts where " are" beats " is" by this much
+
+
+def demo_model_available() -> bool:
+    """Whether `DEMO_MODEL` is among the embedded models (a trimmed install may lack it)."""
+    from core.models import zoo_models
+
+    return DEMO_MODEL in zoo_models()
+
+
+def default_layer(model: HookedTransformer) -> int:
+    return min(1, model.cfg.n_layers - 1)
+
+
+def default_direction(model: HookedTransformer, name: str = "plural") -> Direction:
+    """The default contrast direction: plural minus singular subjects at the noun, `default_layer` in."""
+    return contrastive_direction(model, PLURAL_PROMPTS, SINGULAR_PROMPTS, default_layer(model), DEFAULT_POSITION, name=name)
+
+
+@dataclass
+class AgreementPrompts:
+    tokens: torch.Tensor  # [n, pos] held-out agreement prompts whose subject is singular
+    is_: int  # token ids of " is" and " are" (the task's own)
+    are: int
+    template: str
+
+
+@dataclass
+class AgreementFlip:
+    n: int  # prompts
+    unsteered: float  # share of them where " are" beats " is" without the hooks
+    steered: float  # and with them
+    template: str
+
+
+def agreement_prompts(model: HookedTransformer, n: int = 64, seed: int = 5) -> AgreementPrompts:
+    """The held-out agreement prompts with a singular subject (half of `tasks.sva`'s n)."""
+    from core import tasks
+
+    try:
+        t = tasks.sva(model, n=n, seed=seed, split="held_out")
+    except tasks.TaskError as err:
+        raise SteeringError(f"The agreement prompts cannot be built for this model: {err}") from err
+    return AgreementPrompts(t.clean_tokens[1::2], int(t.wrongs[0]), int(t.answers[0]), t.template)
+
+
+@torch.inference_mode()
+def agreement_flip(model: HookedTransformer, hooks, prompts: AgreementPrompts | None = None,
+                   base_logits: torch.Tensor | None = None) -> AgreementFlip:
+    """How often " are" beats " is" on singular-subject agreement prompts, without and with `hooks`.
+
+    `base_logits` [n, pos, d_vocab]: the unsteered run's logits when the caller has them.
+    """
+    prompts = prompts or agreement_prompts(model)
+    base = (store.run(model, prompts.tokens) if base_logits is None else base_logits)[:, -1]
+    steered = store.run_with_hooks(model, prompts.tokens, hooks)[:, -1]
+    share = lambda lg: float((lg[:, prompts.are] > lg[:, prompts.is_]).float().mean())  # noqa: E731
+    return AgreementFlip(len(prompts.tokens), share(base), share(steered), prompts.template)
+
+
+@dataclass
+class DemoCheck:
+    works: bool
+    reason: str  # for the person: what was measured
+    flip: AgreementFlip | None = None
+
+
+def default_demo_check(model: HookedTransformer) -> DemoCheck:
+    """Does the page's default demonstration work on this model? Measured, not looked up by name:
+    add `DEMO_ALPHA` × the default plural direction and count the held-out singular-subject agreement
+    prompts on which " are" beats " is". It works when steering raises that share by `DEMO_MIN_FLIP`."""
+    name = model.cfg.model_name
+    try:
+        direction = default_direction(model)
+        hooks = steering_hooks(model, direction, "add", DEMO_ALPHA)
+        flip = agreement_flip(model, hooks)
+    except SteeringError as err:
+        return DemoCheck(False, f"{err} So the default plural direction has nothing to act on in {name}.")
+    gain = flip.steered - flip.unsteered
+    said = (f"adding the default plural direction (α = {DEMO_ALPHA:g}) makes ' are' beat ' is' on {flip.steered:.0%} of "
+            f"{flip.n} held-out agreement prompts with a singular subject, against {flip.unsteered:.0%} without")
+    if gain >= DEMO_MIN_FLIP:
+        return DemoCheck(True, f"On {name}, {said}.", flip)
+    return DemoCheck(False, f"On {name}, {said}: this model does not use that direction for agreement.", flip)
+
+
+# ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
 
@@ -145,27 +262,57 @@ def directions_dir() -> Path:
 
 
 def save_direction(direction: Direction, folder: Path | None = None) -> Path:
+    """Write `<name>.safetensors` (the vector) and `<name>.json` (where it came from) into `folder`.
+
+    Each file is written to a temporary file in the same folder and renamed over the real name
+    only when both are complete, so a failed save (a full disk) leaves no half-written file and
+    keeps an earlier direction of the same name as it was; the temporary files are removed.
+    """
     from safetensors.torch import save_file
 
-    if not NAME_RE.match(direction.name):
-        raise SteeringError("A direction's name is 1–64 letters, digits, '.', '_' or '-'.")
+    check_name(direction.name)
     folder = Path(folder or directions_dir())
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"vector": direction.vector.contiguous()}, str(folder / f"{direction.name}.safetensors"))
     meta = {"name": direction.name, "hook_name": direction.hook_name, "source": direction.source, "info": direction.info,
             "d_model": int(direction.vector.shape[0])}
-    (folder / f"{direction.name}.json").write_text(json.dumps(meta, indent=2))
-    return folder / f"{direction.name}.safetensors"
+    targets = {"safetensors": folder / f"{direction.name}.safetensors", "json": folder / f"{direction.name}.json"}
+    temps: dict[str, Path] = {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind in targets:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{direction.name}.", suffix=".tmp")
+            os.close(fd)
+            temps[kind] = Path(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; saved directions are ordinary files
+        save_file({"vector": direction.vector.detach().contiguous()}, str(temps["safetensors"]))
+        temps["json"].write_text(json.dumps(meta, indent=2))
+        for kind, target in targets.items():
+            os.replace(temps.pop(kind), target)
+    except Exception as err:  # OSError, or safetensors' SafetensorError wrapping one
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        text = f"{type(err).__name__}: {err}"
+        full = getattr(err, "errno", None) == errno.ENOSPC or "no space left" in text.lower()
+        raise SteeringError(
+            (f"Could not save direction '{direction.name}': the disk is full (no space left in {folder}). "
+             "Nothing was written; free some space and save again."
+             if full else f"Could not save direction '{direction.name}' in {folder}: {text}. Nothing was written.")
+        ) from err
+    return targets["safetensors"]
 
 
 def list_directions(folder: Path | None = None) -> list[str]:
+    """Names of the saved directions in `folder` (both files there, and a valid name)."""
     folder = Path(folder or directions_dir())
-    return sorted(p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.safetensors").exists()) if folder.exists() else []
+    if not folder.exists():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json")
+                  if NAME_RE.fullmatch(p.stem) and (folder / f"{p.stem}.safetensors").exists())
 
 
 def load_direction(name: str, folder: Path | None = None) -> Direction:
     from safetensors.torch import load_file
 
+    check_name(name)
     folder = Path(folder or directions_dir())
     try:
         meta = json.loads((folder / f"{name}.json").read_text())
@@ -220,10 +367,12 @@ def steering_hooks(model: HookedTransformer, direction: Direction, mode: str, al
 
 
 @torch.inference_mode()
-def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, k: int = 8,
+def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, k: int = 10,
                      base_logits: torch.Tensor | None = None) -> dict:
     """Next-token distribution after `tokens` [1, pos] without and with hooks: top tokens and KL.
 
+    rows: the union of the k most likely tokens unsteered and the k most likely steered (up to 2k),
+    largest probability (of either run) first, so the prediction steering removed stays in view.
     `base_logits` [1, pos, d_vocab]: the unsteered run's logits when the caller has them (the
     activation store's), so the plain forward pass is not run again.
     """
@@ -233,7 +382,8 @@ def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, k: i
     kl = float((p.exp() * (p - q)).sum())
     top = torch.unique(torch.cat([p.topk(k).indices, q.topk(k).indices]))
     rows = sorted(({"token": int(t), "before": float(p[t].exp()), "after": float(q[t].exp()),
-                    "logit change": float(steered[t] - base[t])} for t in top.tolist()), key=lambda r: -r["after"])
+                    "logit change": float(steered[t] - base[t])} for t in top.tolist()),
+                  key=lambda r: (-max(r["before"], r["after"]), r["token"]))
     return {"rows": rows, "kl": kl, "top_before": int(p.argmax()), "top_after": int(q.argmax())}
 
 
@@ -257,6 +407,39 @@ def generate(model: HookedTransformer, tokens: torch.Tensor, n_new: int, hooks=(
             nxt = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen))
         seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
     return seq
+
+
+def sequence_text(model: HookedTransformer, tokens) -> str:
+    """The text of a generated sequence [pos] after BOS, decoded by the tokenizer as one sequence,
+    so word pieces join as its decoder joins them ('17' '##61' → '1761'), also across the prompt's end."""
+    ids = [int(t) for t in tokens]
+    return store.decode(model, ids[1:])
+
+
+def glued_positions(model: HookedTransformer, tokens) -> list[int]:
+    """Positions whose token the tokenizer's decoder writes onto the token before it with no space,
+    in a sequence [pos] where it puts spaces between other tokens (WordPiece's '##' pieces:
+    'jane' '##98' → 'jane98'). Empty for a decoder that never adds spaces (GPT-2's byte-level BPE,
+    whose tokens carry their own spaces)."""
+    ids = [int(t) for t in tokens]
+    single = store.str_tokens(model, ids)
+    glued, spaced = [], False
+    for i in range(1, len(ids)):
+        pair = store.decode(model, ids[i - 1: i + 1])
+        if single[i] and pair == single[i - 1] + single[i]:
+            glued.append(i)
+        elif pair == single[i - 1] + " " + single[i]:
+            spaced = True
+    return glued if spaced else []
+
+
+def token_labels(model: HookedTransformer, tokens) -> list[str]:
+    """Each token's text for a per-position label, with '##' before a piece that continues the token
+    before it (`glued_positions`), so 'jane' '##98' is not read as a word 'jane' and a number '98'."""
+    labels = store.str_tokens(model, [int(t) for t in tokens])
+    for i in glued_positions(model, tokens):
+        labels[i] = "##" + labels[i]
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,11 @@
 """Steering page: build directions, steer generation, run the glass-box monitor, train probes."""
 
 import streamlit as st
+import torch
 
-# See pages/attention.py: every page sets the wide layout itself.
-st.set_page_config(layout="wide")
-st.title("Steering and monitoring")
-with st.spinner("Starting: loading TransformerLens…"):
-    import torch
-
-    from core import plots, saes, session, steering
-    from core.steering import SteeringError
+from core import plots, saes, session, steering
+from core.ui import frame
+from core.steering import SteeringError
 
 view = session.page_view()
 model = view.model
@@ -17,21 +13,58 @@ model_id = session.model_key(model)
 state = st.session_state
 decode = lambda t: session.decode_token(model, t)  # noqa: E731
 
-# The default contrast: plural against singular subjects; the direction is read at the subject
-# (position 2: BOS, "The", the noun) one layer in.
-PLURAL = "The keys on the table\nThe books near the door\nThe dogs behind the house\nThe cars by the road\n" \
-         "The cups on the chair\nThe boxes near the window\nThe trees by the river\nThe cats under the table"
-SINGULAR = "The key on the table\nThe book near the door\nThe dog behind the house\nThe car by the road\n" \
-           "The cup on the chair\nThe box near the window\nThe tree by the river\nThe cat under the table"
-DEFAULT_LAYER = min(1, model.cfg.n_layers - 1)
+# The default contrast (core.steering): plural against singular subjects; the direction is read at
+# the subject (position 2: BOS, "The", the noun) one layer in.
+PLURAL = "\n".join(steering.PLURAL_PROMPTS)
+SINGULAR = "\n".join(steering.SINGULAR_PROMPTS)
+DEFAULT_LAYER = steering.default_layer(model)
+
+# One-line explanations for the words of the field, shown as tooltips where they appear.
+HELP = {
+    "resid_pre": "resid_pre of layer L (TransformerLens's `blocks.L.hook_resid_pre`) is the residual stream as it "
+                 "enters layer L: the running sum of the embeddings and every earlier layer's output, one vector per token.",
+    "alpha": "α (alpha) says how much of the direction to add: α = 1 adds the direction once, α = 2 twice, "
+             "a negative α pushes the other way.",
+    "ablate": "Directional ablation (projecting the direction out): remove from each token's residual stream its "
+              "component along the direction, x − (x · û) û, so the model can no longer read it there.",
+    "kl": "KL divergence: how different the steered next-token distribution is from the unsteered one, in nats "
+          "(natural-log units). "
+          "0 means identical; the larger, the more steering changed the prediction.",
+    "probe": "A probe is a small classifier (here logistic regression) trained to read a property, such as plural "
+             "or singular subject, from the residual stream. If it beats chance on held-out prompts, the "
+             "information is linearly readable there.",
+    "projection": "The projection x · û measures how far the residual stream x points along the direction "
+                  "(û is the direction scaled to length 1).",
+}
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def demo_check(_model, model_id: str):
+    """Whether the default plural direction flips agreement on this model (measured in core)."""
+    return steering.default_demo_check(_model)
+
+
+def demo_notice() -> None:
+    """Where the default demonstration does not work on this model, say so and offer the model it needs."""
+    check = demo_check(model, model_id)
+    if check.works:
+        return
+    with st.container(border=True):
+        st.info(session.md_escape(
+            f"The demonstrations on this page (the default plural direction turning ' is' into ' are', the monitor "
+            f"tripping at 'keys') need a model that learned subject–verb agreement. Measured here: {check.reason} "
+            f"You can still build your own directions below."))
+        if model.cfg.model_name != steering.DEMO_MODEL and steering.demo_model_available():
+            st.button(f"Switch to {steering.DEMO_MODEL}, where it works", key="st_switch_demo", type="primary",
+                      on_click=frame.switch_model, args=(steering.DEMO_MODEL,))
+
 
 # Directions live per session and model (built here) and on disk (saved).
 store_key = f"_directions::{model_id}"
 directions: dict = state.setdefault(store_key, {})
 if "plural" not in directions and not state.get(f"_no_default::{model_id}"):
     try:
-        directions["plural"] = steering.contrastive_direction(model, PLURAL.splitlines(), SINGULAR.splitlines(),
-                                                              DEFAULT_LAYER, 2, name="plural")
+        directions["plural"] = steering.default_direction(model)
     except SteeringError:
         state[f"_no_default::{model_id}"] = True
 
@@ -57,6 +90,7 @@ def describe(d) -> str:
     return f"{d.name}: {d.source} direction at {d.hook_name}, norm {float(d.vector.norm()):.2f}"
 
 
+demo_notice()
 VIEWS = {"build": "Directions", "steer": "Steer", "monitor": "Monitor", "probe": "Probes"}
 view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, default="steer", key="st_view",
                                    persist_state="session", label_visibility="collapsed", required=True) or "steer"
@@ -64,20 +98,21 @@ view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, d
 
 def build_view() -> None:
     st.markdown("**From contrasting prompts**: the mean difference of the residual stream (`resid_pre` of a layer) "
-                "at one position, prompts on the left minus prompts on the right. One prompt per line.")
+                "at one position, prompts on the left minus prompts on the right. One prompt per line.",
+                help=HELP["resid_pre"])
     c1, c2 = st.columns(2)
     pos_text = c1.text_area("Prompts with the property", PLURAL, key="st_pos", height=180, persist_state="session")
     neg_text = c2.text_area("Prompts without it", SINGULAR, key="st_neg", height=180, persist_state="session")
     d1, d2, d3 = st.columns(3)
-    layer = d1.number_input(f"Layer (0–{model.cfg.n_layers - 1})", 0, model.cfg.n_layers - 1, DEFAULT_LAYER, key="st_layer")
+    layer = d1.number_input(f"Layer (0–{model.cfg.n_layers - 1})", 0, model.cfg.n_layers - 1, DEFAULT_LAYER, key="st_layer",
+                            help="The direction is read at this layer's resid_pre. " + HELP["resid_pre"])
     position = d2.number_input("Position (0 = BOS; −1 = each prompt's last token)", -1, model.cfg.n_ctx - 1, 2, key="st_pos_i")
-    name = d3.text_input("Name", "plural", key="st_name")
+    name = d3.text_input("Name", "plural", key="st_name", max_chars=steering.MAX_NAME_CHARS, help=steering.NAME_RULE)
     if st.button("Build the direction", key="st_build"):
         try:
+            name = steering.check_name(name.strip() or "contrast")  # it becomes a file name when saved
             d = steering.contrastive_direction(model, pos_text.splitlines(), neg_text.splitlines(), int(layer),
-                                               None if position < 0 else int(position), name=name.strip() or "contrast")
-            if not steering.NAME_RE.match(d.name):
-                raise SteeringError("A direction's name is 1–64 letters, digits, '.', '_' or '-'.")
+                                               None if position < 0 else int(position), name=name)
             directions[d.name] = d
             st.success(session.md_escape(f"Built {describe(d)} from {d.info['positive']} and {d.info['negative']} prompts."))
         except SteeringError as err:
@@ -96,7 +131,8 @@ def build_view() -> None:
                 st.success(session.md_escape(f"Added {describe(d)}."))
             except SteeringError as err:
                 st.warning(session.md_escape(str(err)))
-    st.markdown("**Directions** (this session's, then saved ones). Probes add theirs from the Probes view.")
+    st.markdown("**Directions** (this session's, then saved ones). Probes add theirs from the Probes view.",
+                help=HELP["probe"])
     for name in available():
         try:
             d = get_direction(name)
@@ -109,8 +145,8 @@ def build_view() -> None:
             try:
                 steering.save_direction(d)
                 st.toast(f"Saved {name}")
-            except SteeringError as err:
-                st.warning(str(err))
+            except SteeringError as err:  # a bad name, a full disk: nothing half-written is left
+                st.warning(session.md_escape(str(err)))
         from safetensors.torch import save as st_save
 
         r3.download_button("Download", st_save({"vector": d.vector.contiguous()}), file_name=f"{name}.safetensors",
@@ -124,7 +160,8 @@ def pick_direction(key: str):
         return None
     if state.get(key) not in names:
         state[key] = names[0]
-    name = st.selectbox("Direction", names, key=key)
+    name = st.selectbox("Direction", names, key=key,
+                        help="A vector in the residual stream, read and written at one layer's resid_pre. " + HELP["resid_pre"])
     try:
         return get_direction(name)
     except SteeringError as err:
@@ -132,25 +169,31 @@ def pick_direction(key: str):
         return None
 
 
-@torch.inference_mode()
 def agreement_check(hooks) -> str | None:
     """On held-out singular-subject agreement prompts: how often ' are' beats ' is', without and with the hooks."""
-    from core import tasks
-
     try:
-        t = tasks.sva(model, n=64, seed=5, split="held_out")
-    except tasks.TaskError:
+        prompts = steering.agreement_prompts(model)
+    except SteeringError:
         return None
-    singular = t.clean_tokens[1::2]
-    is_, are = int(t.wrongs[0]), int(t.answers[0])
-    from core import store
+    base = session.get_store().get(model, prompts.tokens).logits  # the unsteered run, shared with other pages
+    flip = steering.agreement_flip(model, hooks, prompts, base_logits=base)
+    return (f"Measured on {flip.n} held-out agreement prompts with a singular subject (template '{flip.template}'): "
+            f"' are' beats ' is' in {flip.unsteered:.0%} unsteered and {flip.steered:.0%} steered.")
 
-    base = session.get_store().get(model, singular).logits[:, -1]  # the unsteered run, shared with other pages
-    steered = store.run_with_hooks(model, singular, hooks)[:, -1]
-    b = float((base[:, are] > base[:, is_]).float().mean())
-    s = float((steered[:, are] > steered[:, is_]).float().mean())
-    return (f"Measured on {len(singular)} held-out agreement prompts with a singular subject (template '{t.template}'): "
-            f"' are' beats ' is' in {b:.0%} unsteered and {s:.0%} steered.")
+
+def generated_text(column, title: str, seq: torch.Tensor, prompt_len: int) -> None:
+    """The prompt and its continuation as the tokenizer decodes the whole sequence; a note where the
+    decoder joined a word piece onto the word before it ('jane' + '##98' → 'jane98')."""
+    column.markdown(f"**{title}**")
+    column.code(steering.sequence_text(model, seq), language=None, wrap_lines=True)
+    ids = seq.tolist()
+    glued = [i for i in steering.glued_positions(model, ids) if i >= prompt_len]
+    if glued:
+        labels = steering.token_labels(model, ids)
+        pairs = ", ".join(f"{labels[i - 1]!r} + {labels[i]!r}" for i in glued[:4]) + (" …" if len(glued) > 4 else "")
+        column.caption(session.md_escape(
+            f"Word pieces: {pairs}. A piece marked ## continues the token before it, so the tokenizer writes the two "
+            "as one word: the model chose that piece there."))
 
 
 def steer_view() -> None:
@@ -160,10 +203,13 @@ def steer_view() -> None:
     st.caption(session.md_escape(describe(d)))
     c1, c2, c3 = st.columns(3)
     mode = c1.segmented_control("Intervention", ["add", "ablate"], format_func={"add": "Add α × direction",
-                                "ablate": "Project it out"}.get, default="add", key="st_mode", required=True) or "add"
+                                "ablate": "Project it out"}.get, default="add", key="st_mode", required=True,
+                                help="Add: " + HELP["alpha"] + " Project it out: " + HELP["ablate"]) or "add"
     alpha = c2.number_input("α (multiples of the direction)", -1000.0, 1000.0, 1.0, 0.25, key="st_alpha",
-                            disabled=mode != "add")
-    from_pos = c3.number_input("From position (0 = every position)", 0, model.cfg.n_ctx - 1, 0, key="st_from")
+                            disabled=mode != "add", help=HELP["alpha"])
+    from_pos = c3.number_input("From position (0 = every position)", 0, model.cfg.n_ctx - 1, 0, key="st_from",
+                               help="Token positions count from 0 (BOS, the start token the model adds); the intervention "
+                               "applies at this position and every later one.")
     prompt = st.text_input("Prompt", "The key on the cabinet", key="st_prompt", persist_state="session")
     if not prompt.strip():
         st.warning("The prompt is empty: type some text to steer.")
@@ -175,13 +221,14 @@ def steer_view() -> None:
         return
     tokens = session.to_tokens(model, prompt)
     shift = steering.next_token_shift(model, tokens, hooks, base_logits=session.get_store().get(model, tokens).logits)
-    rows = shift["rows"][:10]
+    rows = shift["rows"]  # the unsteered top 10 and the steered top 10 together
     st.plotly_chart(plots.distribution_shift_bars([decode(r["token"]) for r in rows], [r["before"] for r in rows],
                                                   [r["after"] for r in rows], "Next token, unsteered and steered"),
                     width="stretch", key="st_shift")
     st.caption(session.md_escape(
         f"Top next token {decode(shift['top_before'])!r} → {decode(shift['top_after'])!r}; KL(unsteered ‖ steered) "
-        f"= {shift['kl']:.4f} nats."))
+        f"= {shift['kl']:.4f} nats. The bars: the 10 most likely next tokens without steering and the 10 most likely "
+        f"with it ({len(rows)} tokens), most likely first."), help=HELP["kl"])
     check = agreement_check(hooks)
     if check:
         st.caption(check)
@@ -193,11 +240,10 @@ def steer_view() -> None:
         plain = steering.generate(model, tokens, n_new, (), int(seed), temperature)
         steered = steering.generate(model, tokens, n_new, hooks, int(seed), temperature)
     a, b = st.columns(2)
-    a.markdown("**Unsteered**")
-    a.code(session.decode_text(model, plain[0, tokens.shape[1]:]), language=None, wrap_lines=True)
-    b.markdown("**Steered**")
-    b.code(session.decode_text(model, steered[0, tokens.shape[1]:]), language=None, wrap_lines=True)
-    st.caption(f"Both from seed {int(seed)}: they differ only where the steering changes the distribution.")
+    generated_text(a, "Unsteered", plain[0], tokens.shape[1])
+    generated_text(b, "Steered", steered[0], tokens.shape[1])
+    st.caption(f"The prompt and what the model wrote after it. Both from seed {int(seed)}: they differ only where "
+               "the steering changes the distribution.")
 
 
 def monitor_view() -> None:
@@ -205,7 +251,10 @@ def monitor_view() -> None:
     if not names:
         st.info("No direction yet: build one in the Directions view.")
         return
-    watched = st.multiselect("Watch", names, default=names[:1], key="st_watch")
+    watched = st.multiselect("Watch", names, default=names[:1], key="st_watch",
+                             help="The glass-box monitor: while the model writes, it measures at every token how far the "
+                             "residual stream points along each watched direction, and acts when that passes a threshold. "
+                             + HELP["projection"])
     watches = []
     for name in watched:
         try:
@@ -216,12 +265,15 @@ def monitor_view() -> None:
         c1, c2, c3 = st.columns(3)
         default = float(d.info.get("threshold", float(d.vector.norm()) / 2))
         threshold = c1.number_input(f"Threshold on {name} (x · û)", value=round(default, 3), key=f"st_thr_{model_id}_{name}",
-                                    help="For a contrast direction the default is three quarters of the way from the right-hand prompts' "
-                                    "mean projection to the left-hand prompts'.")
+                                    help=HELP["projection"] + " For a contrast direction the default threshold is three "
+                                    "quarters of the way from the right-hand prompts' mean projection to the left-hand prompts'.")
         action = c2.selectbox(f"When crossed ({name})", ["ablate", "subtract", "none"], key=f"st_act_{model_id}_{name}",
                               format_func={"ablate": "project it out from there on", "subtract": "subtract α · û from there on",
-                                           "none": "only mark it"}.get)
-        alpha = c3.number_input(f"α ({name})", -1000.0, 1000.0, 10.0, key=f"st_ma_{model_id}_{name}", disabled=action != "subtract")
+                                           "none": "only mark it"}.get,
+                              help="Project it out: " + HELP["ablate"] + " Subtract: push the residual stream back along "
+                              "the direction by α (û has length 1).")
+        alpha = c3.number_input(f"α ({name})", -1000.0, 1000.0, 10.0, key=f"st_ma_{model_id}_{name}", disabled=action != "subtract",
+                                help=HELP["alpha"])
         watches.append(steering.Watch(d, float(threshold), action, float(alpha)))
     prompt = st.text_input("Prompt", "The keys on the", key="st_mprompt", persist_state="session")
     n_new = st.slider("Tokens to generate", 0, 40, 8, key="st_mn")
@@ -232,7 +284,7 @@ def monitor_view() -> None:
     chart = st.empty()
 
     def draw(result) -> None:
-        labels = [decode(t) for t in result.tokens[0].tolist()]
+        labels = steering.token_labels(model, result.tokens[0].tolist())  # '##98': a piece glued to the token before
         chart.plotly_chart(plots.monitor_lines(labels, result.projections, [w.direction.name for w in watches],
                                                [w.threshold for w in watches], result.tripped_at, result.prompt_len),
                            width="stretch", key=f"st_monitor_{len(labels)}")
@@ -242,14 +294,14 @@ def monitor_view() -> None:
     except SteeringError as err:
         st.warning(session.md_escape(str(err)))
         return
-    labels = [decode(t) for t in result.tokens[0].tolist()]
+    labels = steering.token_labels(model, result.tokens[0].tolist())
     for w, at in zip(watches, result.tripped_at):
         if at is None:
             st.caption(session.md_escape(f"{w.direction.name}: never crossed {w.threshold:.3f}."))
         else:
             st.caption(session.md_escape(f"{w.direction.name}: crossed {w.threshold:.3f} at position {at} ({labels[at]!r}); "
                                          f"'{w.action}' applied from there on."))
-    st.code(session.decode_text(model, result.tokens[0, 1:]), language=None, wrap_lines=True)
+    st.code(steering.sequence_text(model, result.tokens[0]), language=None, wrap_lines=True)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -271,7 +323,8 @@ def probe_view() -> None:
     source = st.segmented_control("Labelled prompts", ["sva", "ioi", "typed"], default="sva", key="st_psrc", required=True,
                                   format_func={"sva": "Agreement: plural or singular subject",
                                                "ioi": "IOI: indirect object named first or second",
-                                               "typed": "Typed: two lists"}.get) or "sva"
+                                               "typed": "Typed: two lists"}.get,
+                                  help="Prompts with a known label to train probes on. " + HELP["probe"]) or "sva"
     ones = zeros = ()
     if source == "typed":
         c1, c2 = st.columns(2)
@@ -290,9 +343,14 @@ def probe_view() -> None:
     st.caption(session.md_escape(
         f"Labels: {meaning}. Logistic regression (L2) on the residual stream at the last token, per layer; "
         f"{real.n_train} training and {real.n_test} held-out prompts. The control trains on the same prompts with "
-        f"shuffled labels: a probe that beats it reads information that is there, not noise."))
+        f"shuffled labels: a probe that beats it reads information that is there, not noise."),
+        help=HELP["probe"] + " Layers: " + HELP["resid_pre"] + " The last one, resid_post, is the residual stream "
+        "after the final layer.")
     layer = st.selectbox("Use a probe as a direction", list(range(len(names) - 1)), format_func=lambda l: names[l],
-                         key="st_probe_layer")
+                         key="st_probe_layer",
+                         help="The probe's weight vector points from one label to the other: used as a direction, adding "
+                         "it pushes the residual stream toward label 1 (scaled so α = 1 moves it about the gap between the "
+                         "two labels' means).")
     if st.button("Add this probe's direction", key="st_probe_add"):
         d = steering.probe_direction(real, int(layer), name=f"probe-{source}-L{layer}", model_name=model.cfg.model_name)
         directions[d.name] = d

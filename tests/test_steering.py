@@ -1,4 +1,6 @@
 """Steering, directional ablation, the glass-box monitor and probes, against direct computations."""
+import errno
+
 import pytest
 import torch
 
@@ -191,3 +193,169 @@ def test_monitor_trips_on_a_generated_token_and_subtracts(lm, plural):
     while seq.shape[1] < res.tokens.shape[1]:
         seq = torch.cat([seq, lm.run_with_hooks(seq, fwd_hooks=[(plural.hook_name, sub)])[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(res.tokens, seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: names, saving on a full disk, the chart's tokens, word pieces, the default demonstration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_direction_names_are_a_safe_character_set(plural, tmp_path):
+    for good in ("plural", "my plural 2", "a.b-c_d", "-x", "_", "x" * 64):
+        assert steering.check_name(good) == good
+    for bad in ("..", ".", ".hidden", "../evil", "a/b", "a\\b", " a", "a ", "", "x" * 65, "a\nb", "plural\n", "é", "a:b"):
+        with pytest.raises(steering.SteeringError, match="cannot be a direction's name"):
+            steering.check_name(bad)
+        with pytest.raises(steering.SteeringError, match="cannot be a direction's name"):
+            steering.save_direction(steering.Direction(bad, plural.hook_name, plural.vector, "contrast"), tmp_path)
+        with pytest.raises(steering.SteeringError, match="cannot be a direction's name"):
+            steering.load_direction(bad, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written, hidden or not
+    # Hidden files left by an older version ('..' saved as '...json') are not offered.
+    steering.save_direction(plural, tmp_path)
+    for suffix in (".json", ".safetensors"):
+        (tmp_path / f"..{suffix}").write_bytes((tmp_path / f"plural{suffix}").read_bytes())
+    assert steering.list_directions(tmp_path) == ["plural"]
+    spaced = steering.Direction("my plural 2", plural.hook_name, plural.vector, "contrast")
+    steering.save_direction(spaced, tmp_path)
+    assert steering.list_directions(tmp_path) == ["my plural 2", "plural"]
+    assert torch.equal(steering.load_direction("my plural 2", tmp_path).vector, plural.vector)
+
+
+def _disk_full_after(n_bytes: int):
+    """A writer that writes `n_bytes` of what it was given, then fails as a full disk does."""
+    def fail(path, data: bytes):
+        with open(path, "wb") as f:
+            f.write(data[:n_bytes])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return fail
+
+
+def test_a_full_disk_leaves_nothing_half_written(plural, tmp_path, monkeypatch):
+    """Simulated with monkeypatch: the vector's write fails (as safetensors reports it), then the JSON's."""
+    import safetensors
+    import safetensors.torch
+
+    steering.save_direction(plural, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    changed = steering.Direction("plural", plural.hook_name, 2 * plural.vector, "contrast", {"note": "second"})
+    real_save_file = safetensors.torch.save_file
+
+    def full_safetensors(tensors, filename, metadata=None):
+        real_save_file(tensors, filename)
+        data = open(filename, "rb").read()
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise safetensors.SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_safetensors)
+    with pytest.raises(steering.SteeringError, match="disk is full.*Nothing was written"):
+        steering.save_direction(changed, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, the old direction intact
+    with pytest.raises(steering.SteeringError, match="disk is full"):
+        steering.save_direction(steering.Direction("fresh", plural.hook_name, plural.vector, "contrast"), tmp_path / "new")
+    assert list((tmp_path / "new").iterdir()) == []
+    (tmp_path / "new").rmdir()
+    monkeypatch.undo()
+
+    real_write_text = type(tmp_path).write_text
+
+    def full_text(self, text, *args, **kwargs):
+        if self.suffix == ".tmp":
+            _disk_full_after(10)(self, text.encode())
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "write_text", full_text)
+    with pytest.raises(steering.SteeringError, match="disk is full"):
+        steering.save_direction(changed, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    assert torch.equal(steering.load_direction("plural", tmp_path).vector, plural.vector)
+    # Another failure (a read-only folder, say) is reported as itself, also with nothing left behind.
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(steering.SteeringError, match="PermissionError.*Nothing was written"):
+        steering.save_direction(changed, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@torch.no_grad()
+def test_the_shift_rows_are_both_top_tens(lm, plural):
+    """At α = 4 the unsteered prediction ' is' (p ≈ 1) drops out of the steered top 10; it stays in the rows."""
+    tokens = lm.to_tokens("The key on the cabinet")
+    base = lm(tokens)[0, -1].softmax(-1)
+    hook = [(plural.hook_name, lambda x, hook: x + 4.0 * plural.vector)]
+    after = lm.run_with_hooks(tokens, fwd_hooks=hook)[0, -1].softmax(-1)
+    is_ = lm.to_single_token("is")
+    assert is_ not in after.topk(10).indices.tolist() and float(base[is_]) > 0.99
+    shift = steering.next_token_shift(lm, tokens, steering.steering_hooks(lm, plural, "add", 4.0))
+    rows = shift["rows"]
+    assert {r["token"] for r in rows} == set(base.topk(10).indices.tolist()) | set(after.topk(10).indices.tolist())
+    for r in rows:
+        assert r["before"] == pytest.approx(float(base[r["token"]]), abs=1e-5)
+        assert r["after"] == pytest.approx(float(after[r["token"]]), abs=1e-5)
+    assert rows[0]["token"] == is_  # largest probability of either run first
+    peaks = [max(r["before"], r["after"]) for r in rows]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+def test_generated_text_joins_word_pieces_as_the_tokenizer_does(lm):
+    tok = lm.tokenizer
+    pieces = ["<|bos|>", "the", "war", "lasted", "from", "the", "year", "17", "##61", "to", "jane", "##98"]
+    ids = tok.convert_tokens_to_ids(pieces)
+    assert steering.sequence_text(lm, ids) == tok.decode(ids[1:]) == "the war lasted from the year 1761 to jane98"
+    assert steering.glued_positions(lm, ids) == [8, 11]
+    # The labels are WordPiece's own names of its pieces: '##61' continues '17'.
+    assert steering.token_labels(lm, ids) == tok.convert_ids_to_tokens(ids) == pieces
+
+
+def test_word_piece_labels_on_a_byte_level_tokenizer(tmp_path):
+    """GPT-2-style tokens carry their own spaces: nothing is marked, the text is the tokenizer's decode."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(tok_models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["The keys on the table are red.", "The key on the cabinet is new."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)  # TransformerLens re-loads a tokenizer by its name_or_path
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, n_ctx=32,
+                                                      d_vocab=len(tok), attn_only=True, seed=0), tokenizer=tok)
+    ids = [tok.bos_token_id] + tok("The keys on the cabinets are newer.")["input_ids"]
+    assert any(not tok.decode([i]).startswith(" ") for i in ids[2:])  # some pieces continue a word
+    assert steering.glued_positions(model, ids) == []
+    assert steering.token_labels(model, ids) == [tok.decode([i]) for i in ids]
+    assert steering.sequence_text(model, ids) == tok.decode(ids[1:]) == "The keys on the cabinets are newer."
+
+
+@torch.no_grad()
+def test_the_default_demonstration_is_measured_on_the_loaded_model(lm):
+    """The page decides from this measurement, not from the model's name."""
+    check = steering.default_demo_check(lm)
+    assert check.works and steering.DEMO_MODEL == lm.cfg.model_name
+    # Recomputed by hand: the same held-out singular-subject prompts, the plural direction added at every position.
+    held = tasks.sva(lm, n=64, seed=5, split="held_out")
+    singular = held.clean_tokens[1::2]
+    is_, are = lm.to_single_token("is"), lm.to_single_token("are")
+    d = steering.contrastive_direction(lm, steering.PLURAL_PROMPTS, steering.SINGULAR_PROMPTS, 1, 2)
+    steered = lm.run_with_hooks(singular, fwd_hooks=[(d.hook_name, lambda x, hook: x + d.vector)])[:, -1]
+    base = lm(singular)[:, -1]
+    assert check.flip.n == len(singular) == 32
+    assert check.flip.unsteered == float((base[:, are] > base[:, is_]).float().mean()) == 0.0
+    assert check.flip.steered == float((steered[:, are] > steered[:, is_]).float().mean()) > 0.9
+    assert "100% of 32 held-out agreement prompts" in check.reason
+    # The induction model cannot even pose the agreement task: its vocabulary has no such nouns.
+    induction = models.load_model("ce-induction-2l")
+    no = steering.default_demo_check(induction)
+    assert not no.works and no.flip is None and "no single-token nouns" in no.reason
+    assert steering.demo_model_available()
+
+
+def test_a_direction_that_does_not_flip_fails_the_demo_check(lm, monkeypatch):
+    monkeypatch.setattr(steering, "DEMO_ALPHA", 0.0)  # adding nothing flips nothing
+    check = steering.default_demo_check(lm)
+    assert not check.works and check.flip.steered == check.flip.unsteered == 0.0
+    assert "does not use that direction" in check.reason
