@@ -13,6 +13,11 @@ Medians over repeats; torch thread count stated.
 With --browser it also times a real `streamlit run app.py` process in Debian's Chromium:
 process start to the selected head's heatmap drawn, and a prompt edit to the redrawn heatmap
 (includes the browser; run alone, it starts one server per repeat).
+
+    python -m benchmarks.bench_page_times --cold-start [OTHER_CHECKOUT ...] --repeats 3
+
+times only what a first visitor of "/" sees on a fresh server: the page title, the sidebar, the
+first heatmap (each from `streamlit run`), here and in other checkouts (before/after figures).
 """
 from __future__ import annotations
 
@@ -111,13 +116,65 @@ def time_browser(model: str, new_prompt: str, repeats: int) -> tuple[list[float]
     return start_times, change_times
 
 
+def time_cold_start(root: Path, repeats: int) -> dict[str, list[float]]:
+    """Seconds from `streamlit run app.py` (in `root`, a checkout) to what a first visitor of "/"
+    sees: the page title, the sidebar's model picker, the first heatmap. A new server each repeat,
+    so imports are as cold as the OS file cache allows."""
+    import os
+    import subprocess
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
+
+    out: dict[str, list[float]] = {"title": [], "sidebar": [], "heatmap": []}
+    for _ in range(repeats):
+        port = _free_port()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", "app.py", f"--server.port={port}", "--server.address=127.0.0.1",
+                 "--server.headless=true"],
+                cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
+            )
+            try:
+                while True:
+                    try:
+                        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=2000)
+                        break
+                    except Exception:
+                        time.sleep(0.05)
+                waits = (("title", lambda: page.get_by_text("Attention patterns").first.wait_for(timeout=300_000)),
+                         ("sidebar", lambda: page.get_by_text("Model and prompt").first.wait_for(timeout=300_000)),
+                         ("heatmap", lambda: page.locator(".js-plotly-plot .heatmaplayer").first.wait_for(timeout=300_000)))
+                for name, wait in waits:
+                    wait()
+                    out[name].append(time.perf_counter() - t0)
+            finally:
+                browser.close()
+                proc.terminate()
+                proc.wait(timeout=30)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--browser", action="store_true", help="also time a real server in Chromium")
+    parser.add_argument("--cold-start", nargs="*", metavar="CHECKOUT",
+                        help="only time server start -> first paint -> first heatmap in Chromium, for this "
+                        "checkout and the given other ones (e.g. a worktree of an older commit)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cold_start is not None:
+        for root in [ROOT, *map(Path, args.cold_start)]:
+            times = time_cold_start(root, args.repeats)
+            print(f"{root}: " + "   ".join(
+                f"start -> {k} {statistics.median(v):5.2f} s ({min(v):.2f}-{max(v):.2f})" for k, v in times.items()))
+        return
     prompt = "the green king saw seven cold boats near a quiet hill . the green king saw seven cold boats near a quiet hill ."
     new = "a red bird sang in the old garden . a red bird sang in the old garden ."
     print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (medians; min-max)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Sequence
 
 import plotly.graph_objects as go
@@ -22,6 +23,37 @@ def safe(text: str) -> str:
     return html.escape(text.replace("\n", "\\n"), quote=True)
 
 
+FONT = 14  # px: axis ticks, labels and hover text, legible on a projector
+TITLE_FONT = 17
+
+
+def legible(build):
+    """Decorator for figure builders: fonts a room can read (Streamlit's defaults are 10–12 px)."""
+    import functools
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        fig = build(*args, **kwargs)
+        # Streamlit's chart theme sets the axes' and colour bars' fonts itself, so each is set here.
+        fig.update_layout(font=dict(size=FONT), title_font=dict(size=TITLE_FONT), hoverlabel=dict(font_size=FONT),
+                          legend=dict(font=dict(size=FONT)))
+        fig.update_xaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
+        fig.update_yaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
+        for trace in fig.data:
+            if "colorbar" in trace and trace.type in ("heatmap", "contour", "histogram2d"):
+                trace.colorbar.tickfont = dict(size=FONT)
+                trace.colorbar.title.font = dict(size=FONT)
+        return fig
+
+    return wrapper
+
+
+def metric_delta(change: float, digits: int = 3) -> str | None:
+    """A st.metric delta shown to `digits` decimals, or None (no arrow) for a change that rounds to
+    zero: "-0.000" with a red down arrow says something changed when nothing did."""
+    return None if round(abs(change), digits) == 0 else f"{change:+.{digits}f}"
+
+
 def position_labels(str_tokens: Sequence[str]) -> list[str]:
     """Unique axis labels `pos: token` (plotly merges equal category labels)."""
     return [f"{i}: {safe(t)}" for i, t in enumerate(str_tokens)]
@@ -31,6 +63,7 @@ def _hover_tokens(str_tokens: Sequence[str]) -> list[str]:
     return [safe(t) for t in str_tokens]
 
 
+@legible
 def pattern_heatmap(pattern: torch.Tensor, str_tokens: Sequence[str], title: str) -> go.Figure:
     """One head's attention pattern. pattern: [q_pos, k_pos] probabilities."""
     labels = position_labels(str_tokens)
@@ -52,8 +85,10 @@ def pattern_heatmap(pattern: torch.Tensor, str_tokens: Sequence[str], title: str
         )
     )
     fig.update_layout(
-        title=title,
-        xaxis=dict(title="key (attended-to) position", tickangle=-60, type="category"),
+        title=dict(text=title, automargin=True, yref="container", y=1, yanchor="top", pad=dict(t=8)),
+        # Key tokens along the top, as CircuitsVis has them: on a 720 px screen the bottom of a
+        # long prompt's pattern is below the fold, the top never is.
+        xaxis=dict(title="key (attended-to) position", tickangle=-60, type="category", side="top"),
         yaxis=dict(title="query position", autorange="reversed", type="category"),
         height=max(420, 18 * n + 160),
         margin=dict(l=10, r=10, t=50, b=10),
@@ -69,6 +104,7 @@ def _bins(n: int, m: int) -> list[tuple[int, int]]:
     return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
 
 
+@legible
 def all_heads_grid(patterns: torch.Tensor, str_tokens: Sequence[str], selected: tuple[int, int] | None = None) -> go.Figure:
     """Small multiples of every head in one heatmap trace. patterns: [layer, head, q_pos, k_pos].
 
@@ -137,6 +173,7 @@ def clicked_head(event, n_layers: int, n_heads: int) -> tuple[int, int] | None:
     return None
 
 
+@legible
 def head_score_heatmap(scores: torch.Tensor, title: str, selected: tuple[int, int] | None = None) -> go.Figure:
     """A [layer, head] grid of scores in [0, 1] with hover `L.H` notation."""
     n_layers, n_heads = scores.shape
@@ -170,6 +207,7 @@ def head_score_heatmap(scores: torch.Tensor, title: str, selected: tuple[int, in
     return fig
 
 
+@legible
 def residual_norm_heatmap(norms: torch.Tensor, str_tokens: Sequence[str]) -> go.Figure:
     """Residual-stream L2 norm. norms: [n_layers + 1, pos] (resid_pre of each layer, then final)."""
     n_rows = norms.shape[0]
@@ -195,6 +233,7 @@ def residual_norm_heatmap(norms: torch.Tensor, str_tokens: Sequence[str]) -> go.
     return fig
 
 
+@legible
 def composition_bar(rows: Sequence, head_label: str) -> go.Figure:
     """Induction score and repeated-half loss after ablating each input (q/k/v) of a head."""
     names = ["no ablation" if r.on == "none" else f"ablate on {r.on.upper()}" for r in rows]
@@ -213,28 +252,37 @@ def _script_safe_json(value) -> str:
     return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def circuitsvis_attention_html(str_tokens: Sequence[str], patterns: torch.Tensor, head_names: Sequence[str]) -> str:
+def circuitsvis_attention_html(str_tokens: Sequence[str], patterns: torch.Tensor, head_names: Sequence[str],
+                               first: int = 0) -> str:
     """CircuitsVis `attention_heads` view with its JavaScript inlined (works offline).
 
     patterns: [head, q_pos, k_pos]. CircuitsVis's default HTML loads its script from a CDN;
-    `local_src` inlines it. We render the props ourselves with script-safe JSON (tokens are
-    user text) and let CircuitsVis (React) display them as text.
+    `local_src` inlines it. We write the call that draws the view ourselves:
+    - its props as script-safe JSON (tokens are user text; CircuitsVis (React) shows them as text);
+    - head `first` first, with its name, because CircuitsVis always opens enlarged on its first head;
+    - drawn once the frame has a width: inside a hidden tab the frame is 0 px wide when it loads,
+      and CircuitsVis sized its enlarged head to 0 × 0 for good.
     """
     import circuitsvis.attention as cva
 
-    rendered = cva.attention_heads(
-        attention=patterns.float().cpu(), tokens=list(str_tokens), attention_head_names=list(head_names)
-    )
-    src = rendered.local_src
-    from circuitsvis.utils.convert_props import convert_props
-
-    plain = convert_props(
-        {"attention": patterns.float().cpu(), "attentionHeadNames": list(head_names), "tokens": list(str_tokens)}
-    )
-    if plain not in src:
-        raise RuntimeError("unexpected CircuitsVis HTML layout: cannot make its props script-safe")
-    props = json.loads(plain)
-    return src.replace(plain, _script_safe_json(props))
+    order = [first] + [h for h in range(patterns.shape[0]) if h != first]
+    patterns = patterns[order].float().cpu()
+    names = [head_names[h] for h in order]
+    src = cva.attention_heads(attention=patterns, tokens=list(str_tokens), attention_head_names=names).local_src
+    match = re.search(r'<div id="([^"]+)"', src)
+    head, found, _ = src.rpartition("CircuitsVis.render(")
+    if match is None or not found:
+        raise RuntimeError("unexpected CircuitsVis HTML layout: cannot write its render call")
+    props = {"attention": patterns.tolist(), "attentionHeadNames": names, "tokens": list(str_tokens)}
+    return head + f"""(function (draw) {{
+      const ready = () => document.documentElement.clientWidth > 0;
+      if (ready()) {{ draw(); return; }}
+      const watch = new ResizeObserver(() => {{ if (ready()) {{ watch.disconnect(); draw(); }} }});
+      watch.observe(document.documentElement);
+    }})(() => CircuitsVis.render({_script_safe_json(match.group(1))}, CircuitsVis.AttentionHeads,
+                                 {_script_safe_json(props)}));
+    </script>
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +305,7 @@ def _component_name(label: str) -> str:
     return label
 
 
+@legible
 def attribution_bar(labels: Sequence[str], values: torch.Tensor, target_label: str, title: str) -> go.Figure:
     """Direct contribution of each component, in residual-stream order. values: [component]."""
     names = [_component_name(l) for l in labels]
@@ -275,6 +324,7 @@ def attribution_bar(labels: Sequence[str], values: torch.Tensor, target_label: s
     return fig
 
 
+@legible
 def head_attribution_heatmap(grid: torch.Tensor, target_label: str, title: str,
                              selected: tuple[int, int] | None = None) -> go.Figure:
     """[layer, head] direct contributions on a diverging scale centred at 0; a click target per head."""
@@ -314,6 +364,7 @@ def head_attribution_heatmap(grid: torch.Tensor, target_label: str, title: str,
     return fig
 
 
+@legible
 def accumulated_line(labels: Sequence[str], values: torch.Tensor, target_label: str) -> go.Figure:
     """The target read off the residual stream before each layer and after the last. values: [layer+1]."""
     names = [_component_name(l) for l in labels]
@@ -328,6 +379,7 @@ def accumulated_line(labels: Sequence[str], values: torch.Tensor, target_label: 
     return fig
 
 
+@legible
 def logit_lens_heatmap(labels: Sequence[str], top_tokens: Sequence[Sequence[Sequence[str]]], top_probs: torch.Tensor,
                        str_tokens: Sequence[str]) -> go.Figure:
     """Layer x position: colour = probability of the top token, text = that token, hover = top k.
@@ -349,7 +401,7 @@ def logit_lens_heatmap(labels: Sequence[str], top_tokens: Sequence[Sequence[Sequ
         go.Heatmap(
             z=probs[:, :, 0].numpy(), x=position_labels(str_tokens), y=rows, colorscale=HEAT, zmin=0, zmax=1,
             text=[[safe(top_tokens[l][p][0]) for p in range(n_pos)] for l in range(n_layers)],
-            texttemplate="%{text}" if n_pos <= 40 else None, textfont=dict(size=11),
+            texttemplate="%{text}" if n_pos <= 40 else None, textfont=dict(size=13),
             customdata=[[[toks[p], hover[l][p]] for p in range(n_pos)] for l in range(n_layers)],
             colorbar=dict(title="top-1 prob"),
             hovertemplate="%{y}, position %{x}<br>input token: %{customdata[0]}<br>top next tokens:<br>"
@@ -364,6 +416,7 @@ def logit_lens_heatmap(labels: Sequence[str], top_tokens: Sequence[Sequence[Sequ
     return fig
 
 
+@legible
 def answer_by_layer(labels: Sequence[str], prob: torch.Tensor, rank: torch.Tensor, answer: str) -> go.Figure:
     """Probability (left axis) and rank (right axis) of the answer token per layer. prob, rank: [layer]."""
     names = [_component_name(l) for l in labels]
@@ -380,6 +433,7 @@ def answer_by_layer(labels: Sequence[str], prob: torch.Tensor, rank: torch.Tenso
     return fig
 
 
+@legible
 def neuron_bar(neurons: Sequence[int], values: Sequence[float], activations: Sequence[float],
                top_tokens: Sequence[str], layer: int, target_label: str) -> go.Figure:
     """The neurons of one MLP layer with the largest direct effect, with their top promoted tokens."""
@@ -404,6 +458,7 @@ def neuron_bar(neurons: Sequence[int], values: Sequence[float], activations: Seq
 # ---------------------------------------------------------------------------------------------
 
 
+@legible
 def importance_heatmap(values: torch.Tensor, y_labels: Sequence[str], x_labels: Sequence[str], title: str,
                        value_label: str, hover: Sequence[Sequence[str]] | None = None,
                        heads: Sequence[Sequence[tuple[int, int]]] | None = None, centre: float = 0.0) -> go.Figure:
@@ -423,7 +478,7 @@ def importance_heatmap(values: torch.Tensor, y_labels: Sequence[str], x_labels: 
             z=z.numpy(), x=list(x_labels), y=list(y_labels), customdata=text,
             colorscale=DIVERGING, zmid=centre, zmin=centre - bound, zmax=centre + bound,
             text=[[f"{float(v):+.2f}" for v in row] for row in z],
-            texttemplate="%{text}" if n_x * n_y <= 64 else None, textfont=dict(size=12),
+            texttemplate="%{text}" if n_x * n_y <= 64 else None, textfont=dict(size=13),
             colorbar=dict(title=value_label),
             hovertemplate="%{customdata}<br>" + safe(value_label) + ": %{z:+.4f}<extra></extra>",
         )
@@ -446,6 +501,7 @@ def importance_heatmap(values: torch.Tensor, y_labels: Sequence[str], x_labels: 
     return fig
 
 
+@legible
 def exact_vs_attribution(exact: torch.Tensor, approx: torch.Tensor, names: Sequence[str], title: str) -> go.Figure:
     """Scatter: exact patching (x) against attribution patching (y), both normalised; y = x for reference."""
     x, y = exact.float().flatten().tolist(), approx.float().flatten().tolist()
@@ -466,17 +522,27 @@ def exact_vs_attribution(exact: torch.Tensor, approx: torch.Tensor, names: Seque
     return fig
 
 
-def ablation_bar(names: Sequence[str], metric: Sequence[float], loss: Sequence[float], title: str) -> go.Figure:
-    """Components' ablation effects: the normalised task metric (bars) and the loss change (hover)."""
+@legible
+def ablation_bar(names: Sequence[str], metric: Sequence[float], loss: Sequence[float], title: str,
+                 raw_label: str | None = None) -> go.Figure:
+    """Components' ablation effects: the normalised task metric (bars) and the loss change (hover).
+
+    raw_label: when the task's normalised metric is not meaningful, `metric` is the change in the
+    raw metric from the clean run, named by this label.
+    """
+    if raw_label is None:
+        colours = ["#2166ac" if v >= 0.5 else "#b2182b" for v in metric]
+        value, axis = "task metric after ablation: %{y:+.4f} (1 = clean, 0 = corrupted)", "task metric (1 = clean, 0 = corrupted)"
+    else:
+        colours = ["#2166ac" if v >= 0 else "#b2182b" for v in metric]
+        value, axis = f"{safe(raw_label)}: %{{y:+.4f}}", raw_label
     fig = go.Figure(
         go.Bar(
-            x=list(names), y=list(metric), customdata=[f"{l:+.4f}" for l in loss],
-            marker_color=["#2166ac" if v >= 0.5 else "#b2182b" for v in metric],
-            hovertemplate="%{x}<br>task metric after ablation: %{y:+.4f} (1 = clean, 0 = corrupted)"
-            "<br>loss change: %{customdata} nats<extra></extra>",
+            x=list(names), y=list(metric), customdata=[f"{l:+.4f}" for l in loss], marker_color=colours,
+            hovertemplate="%{x}<br>" + value + "<br>loss change: %{customdata} nats<extra></extra>",
         )
     )
-    fig.update_layout(title=title, xaxis=dict(type="category"), yaxis_title="task metric (1 = clean, 0 = corrupted)",
+    fig.update_layout(title=title, xaxis=dict(type="category"), yaxis_title=axis,
                       height=360, margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
@@ -486,6 +552,7 @@ def ablation_bar(names: Sequence[str], metric: Sequence[float], loss: Sequence[f
 # ---------------------------------------------------------------------------------------------
 
 
+@legible
 def prompt_features_heatmap(acts: torch.Tensor, str_tokens: Sequence[str], features: Sequence[int]) -> go.Figure:
     """Features (rows) × prompt positions (columns) of SAE activations. acts: [pos, n_features].
 
@@ -531,6 +598,7 @@ def clicked_feature(event) -> int | None:
     return None
 
 
+@legible
 def activation_histogram(edges: Sequence[float], counts: Sequence[int], feature: int, density: float) -> go.Figure:
     """Bars of the non-zero activations' histogram (bins over [0, max])."""
     centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
@@ -546,6 +614,7 @@ def activation_histogram(edges: Sequence[float], counts: Sequence[int], feature:
     return fig
 
 
+@legible
 def logit_effect_bars(tokens: Sequence[str], values: Sequence[float], title: str, colour: str) -> go.Figure:
     """Horizontal bars of a feature's direct logit effect on some tokens."""
     labels = [f"{i + 1}. {safe(t)}" for i, t in enumerate(tokens)]
@@ -578,6 +647,7 @@ def tinted_tokens_html(str_tokens: Sequence[str], acts: Sequence[float], max_act
 # ---------------------------------------------------------------------------------------------
 
 
+@legible
 def distribution_shift_bars(tokens: Sequence[str], before: Sequence[float], after: Sequence[float], title: str) -> go.Figure:
     """Grouped bars: next-token probabilities without and with steering."""
     labels = [f"{i + 1}. {safe(t)}" for i, t in enumerate(tokens)]
@@ -590,6 +660,7 @@ def distribution_shift_bars(tokens: Sequence[str], before: Sequence[float], afte
     return fig
 
 
+@legible
 def monitor_lines(str_tokens: Sequence[str], projections: Sequence[Sequence[float]], names: Sequence[str],
                   thresholds: Sequence[float], tripped: Sequence[int | None], prompt_len: int) -> go.Figure:
     """One line per watched direction: projection per token; dashed threshold; a marker where it tripped."""
@@ -615,6 +686,7 @@ def monitor_lines(str_tokens: Sequence[str], projections: Sequence[Sequence[floa
     return fig
 
 
+@legible
 def probe_accuracy_lines(layer_names: Sequence[str], test: Sequence[float], shuffled: Sequence[float],
                          train: Sequence[float]) -> go.Figure:
     fig = go.Figure()

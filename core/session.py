@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import streamlit as st
 import torch
 from transformer_lens import HookedTransformer
 
-from core import attention, store, tasks
-from core.models import ModelLoadError, load_model
+from core import attention, store, task_catalog, tasks
+from core.models import ModelLoadError, load_model, zoo_models
 from core.prompts import Prompt, PromptError, prepare_prompt, prompt_from_tokens
 from core.store import ActivationStore, model_key
 from core.ui import frame
@@ -105,6 +105,7 @@ class View:
     prompt: Prompt | None
     prompt_error: str | None
     task: tasks.Task | None = None  # when the prompt is a task example: the task's whole batch
+    suggested_models: list[str] = field(default_factory=list)  # models where the asked-for task exists
 
 
 _current = threading.local()  # the view of the page this thread is running (set by run_page)
@@ -129,16 +130,15 @@ def run_page(page, choices: frame.Choices) -> None:
 def page_view() -> View:
     """The view the frame built for this run (model, prompt, task).
 
-    A page that runs without the frame (Streamlit's pages/-folder mode serves the first request for
-    a page URL on a fresh server straight from pages/) hands over to the frame: it switches that
-    legacy mode off, as app.py's st.navigation does, and reruns the app, which draws the frame.
+    A page that Streamlit ran without app.py (see `frame.draw_for_unframed_page`) draws the frame
+    itself, with the same widgets, and stops after its problems if there are any.
     """
     view = getattr(_current, "view", None)
     if view is None:
-        from streamlit.runtime.pages_manager import PagesManager
-
-        PagesManager.uses_pages_directory = False
-        st.rerun()
+        view = build_view(frame.draw_for_unframed_page())
+        if not show_problems(view):
+            sidebar_footer()
+            st.stop()
     return view
 
 
@@ -153,7 +153,7 @@ def build_view(choices: frame.Choices) -> View:
             model = get_model(name)
         except ModelLoadError as err:
             model_error = str(err)
-    prompt, prompt_error, task = None, None, None
+    prompt, prompt_error, task, suggested = None, None, None, []
     if model is not None and source == TEXT_SOURCE:
         try:
             prompt = prepare_prompt(model, choices.text)
@@ -164,7 +164,13 @@ def build_view(choices: frame.Choices) -> View:
             task = task_batch(model, model_key(model), source, TASK_BATCH, 0, choices.template)
             prompt = prompt_from_tokens(model, task.clean_tokens[choices.example])
         except tasks.TaskError as err:
+            others = [m for m in models_with_task(source) if m != name]
             prompt_error = f"{PROMPT_SOURCES[source]} cannot be built for this model: {err}"
+            if others:
+                prompt_error += f" Embedded models that have it: {', '.join(others)}."
+                suggested = others
+    if model is not None:
+        prefetch_embedded_indexes(model, model_key(model))
     with st.sidebar:
         if task is not None:
             _task_caption(model, task, choices.example)
@@ -175,7 +181,7 @@ def build_view(choices: frame.Choices) -> View:
                 f"context {cfg.n_ctx} tokens, vocabulary {cfg.d_vocab}"
                 + (", attention only" if cfg.attn_only else "")
             )
-    return View(name, model, model_error, prompt, prompt_error, task)
+    return View(name, model, model_error, prompt, prompt_error, task, suggested)
 
 
 def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
@@ -227,6 +233,8 @@ def show_problems(view: View) -> bool:
         return False
     if view.prompt_error:
         st.warning(view.prompt_error)
+        for i, name in enumerate(view.suggested_models):
+            st.button(f"Switch to {name}", key=f"_switch_model_{i}", on_click=frame.switch_model, args=(name,))
         return False
     if view.prompt is not None and view.prompt.truncated_from:
         st.warning(
@@ -360,17 +368,22 @@ DEFAULT_PAIR = {frame.FALLBACK_PROMPT: ("When Mary and John went to the store, P
 PAIR_KEYS = ("pair_corrupted", "pair_answer", "pair_wrong")
 
 
-def custom_pair(model: HookedTransformer) -> tuple[tasks.Task | None, str | None]:
+def custom_pair(model: HookedTransformer, prompt: Prompt) -> tuple[tasks.Task | None, str | None]:
     """Draw the corrupted prompt and the two answers for a typed clean prompt; return (task, message).
 
-    The clean prompt is the sidebar's. Defaults are the IOI paper's corruption for the IOI example
-    and the clean prompt itself otherwise (edit it: patching needs two runs that differ).
+    The clean prompt is the sidebar's. Defaults: the IOI paper's corruption for the IOI example;
+    otherwise the clean prompt itself (edit it: patching needs two runs that differ) and the
+    model's two most likely next tokens as the answers, as on the Logit attribution page.
     """
     state = st.session_state
     clean = state.get("prompt", "")
-    if state.get("_pair_for") != clean:
-        state["_pair_for"] = clean
-        corrupted, answer, wrong = DEFAULT_PAIR.get(clean, (clean, "", ""))
+    if state.get("_pair_for") != (model_key(model), clean):
+        state["_pair_for"] = (model_key(model), clean)
+        if clean in DEFAULT_PAIR:
+            corrupted, answer, wrong = DEFAULT_PAIR[clean]
+        else:
+            top = get_store().get(model, prompt.tokens).logits[0, -1].topk(2).indices.tolist()
+            corrupted, answer, wrong = clean, decode_token(model, top[0]), decode_token(model, top[1])
         state.update(dict(zip(PAIR_KEYS, (corrupted, answer, wrong))))
     st.caption("Patching compares two runs. The clean prompt is the sidebar's; type a corrupted prompt of the "
                "same token length and the two answers, or take a task in the sidebar (\"Prompt from\").")
@@ -382,6 +395,39 @@ def custom_pair(model: HookedTransformer) -> tuple[tasks.Task | None, str | None
         return tasks.custom_task(model, clean, corrupted, answer, wrong), None
     except tasks.TaskError as err:
         return None, md_escape(str(err))
+
+
+DEMO_TASKS = ("ioi", "sva", "greater_than", "induction")  # the order a page's demo is picked in
+DEMO_MIN_ACCURACY = 0.8
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def demo_task(_model: HookedTransformer, model_id: str) -> str | None:
+    """The first built-in task this model solves (clean accuracy >= 0.8, and a clean - corrupted gap
+    that makes normalised numbers meaningful) on its default template, or None."""
+    for name in DEMO_TASKS:
+        try:
+            task = task_batch(_model, model_id, name, TASK_BATCH, 0, task_catalog.default_template(name))
+        except tasks.TaskError:
+            continue
+        clean, corrupted = store.run(_model, task.clean_tokens), store.run(_model, task.corrupted_tokens)
+        if task.accuracy(clean) >= DEMO_MIN_ACCURACY and tasks.normaliser(task, clean, corrupted).meaningful:
+            return name
+    return None
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def models_with_task(name: str) -> list[str]:
+    """The embedded models for which the built-in task `name` can be built."""
+    out = []
+    for zoo_name in zoo_models():
+        model = get_model(zoo_name)
+        try:
+            task_batch(model, model_key(model), name, TASK_BATCH, 0, task_catalog.default_template(name))
+        except tasks.TaskError:
+            continue
+        out.append(zoo_name)
+    return out
 
 
 def task_key(task: tasks.Task) -> str:
@@ -490,7 +536,7 @@ def load_sae(source: str, ident: str):
     if source == "local":
         try:
             stamp = ",".join(str(os.stat(os.path.join(ident, f)).st_mtime_ns) for f in ("cfg.json", "sae_weights.safetensors"))
-        except OSError:
+        except (OSError, ValueError):  # missing, a name too long, a NUL byte: saes.load_local says which
             stamp = "missing"
     return _load_sae(source, ident, stamp)
 
@@ -537,22 +583,83 @@ def zoo_documents(_model: HookedTransformer, model_id: str, spec_json: str) -> l
         return sae_data.documents(json.loads(spec_json), _model.tokenizer)
 
 
+INDEX_POLL_SECONDS = 1.0  # how often a page showing a build in progress looks at it
+INDEX_FIRST_WAIT = 1.0  # a build just started is waited for this long (a small corpus is done by then)
+
+
 def feature_index(model: HookedTransformer, loaded, docs: list[list[int]], what: str):
-    """The SQLite feature index for (model, SAE, corpus): read if built, else built with a progress bar."""
+    """The SQLite feature index for (model, SAE, corpus), or None while it is being built.
+
+    The build runs once per server, in a background thread owned by `core.sae_index` (a registry
+    keyed by the index file): it outlives reruns, page changes and the session that started it,
+    and every session asking for the same index gets the same build. While it runs, a fragment
+    shows its progress and time left, polls it every INDEX_POLL_SECONDS, and reruns the page when
+    it is done. Raises sae_index.IndexError_ (a message for the user) for an empty corpus or a
+    build that failed (a full disk…).
+    """
     from core import sae_index
 
-    bar = st.empty()
-    start = time.monotonic()
+    build = sae_index.request_index(model, loaded, docs)
+    if not build.done:
+        build.wait(max(0.0, INDEX_FIRST_WAIT - (time.monotonic() - build.started)))
+    if build.done:
+        return build.result()
+    _index_progress(str(build.path), what)
+    return None
 
-    def progress(share: float, text: str) -> None:
-        elapsed = time.monotonic() - start
-        left = f", about {elapsed * (1 - share) / share:.0f} s left" if 0 < share < 1 and elapsed > 0.5 else ""
-        bar.progress(min(1.0, max(0.0, share)), text=f"Building the feature index over {what}: {text}{left}")
 
-    try:
-        return sae_index.open_index(model, loaded, docs, progress)
-    finally:
-        bar.empty()
+@st.fragment(run_every=INDEX_POLL_SECONDS)
+def _index_progress(path: str, what: str) -> None:
+    """The progress bar of a background index build; the whole page reruns when it is over."""
+    from core import sae_index
+
+    build = sae_index.current_build(path)
+    if build is None or build.done:
+        st.rerun(scope="app")
+    share, text = build.status()
+    st.progress(share, text=md_escape(f"Building the feature index over {what}, once for this server: {text}."))
+    st.caption("It builds in the background: keep exploring (the prompt's features, logit effects, your own text "
+               "and the ablation work without it), or leave the page and come back; another tab asking for the "
+               "same index waits for this build.")
+
+
+_prefetched: set[str] = set()
+_prefetched_guard = threading.Lock()
+PREFETCH_ENV = "CIRCUIT_EXPLORER_PREFETCH_INDEXES"  # "0" leaves every index to its first visit
+
+
+def prefetch_embedded_indexes(model: HookedTransformer, model_id: str) -> None:
+    """Start building, in the background, the feature indexes of every embedded SAE of this model,
+    once per model object: called when a model is first loaded, so that the SAE page finds them
+    built (or being built, with progress) instead of making its first visitor wait.
+
+    The SAEs are read and their corpora generated in a daemon thread too (the corpus generator
+    tokenises under the store's lock); `sae_index.request_index` runs one build at a time, on one
+    torch thread, and shares each with every session that asks for it.
+    """
+    import os
+
+    if os.environ.get(PREFETCH_ENV, "1") == "0":
+        return
+    with _prefetched_guard:
+        if model_id in _prefetched:
+            return
+        _prefetched.add(model_id)
+
+    def work() -> None:
+        from core import sae_index, saes
+        from core.zoo import sae_data
+
+        for name in saes.embedded_saes(model.cfg.model_name):
+            try:
+                loaded = saes.load_embedded(name)
+                with store.shared_state(model):
+                    docs = sae_data.documents(loaded.corpus_spec, model.tokenizer)
+                sae_index.request_index(model, loaded, docs)
+            except (saes.SAELoadError, sae_index.IndexError_):
+                continue  # the page says what is wrong when that SAE is chosen
+
+    threading.Thread(target=work, name=f"prefetch-{model_id}", daemon=True).start()
 
 
 @st.cache_data(show_spinner=False, max_entries=4)

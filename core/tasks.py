@@ -107,6 +107,67 @@ def normalised(value: float | torch.Tensor, clean: float, corrupted: float):
     return (value - corrupted) / gap
 
 
+MIN_EFFECT = 0.5  # clean - corrupted gap in pooled standard deviations of the per-prompt metric
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Maps a task metric so that the clean run is 1 and the corrupted run 0, and says whether that
+    is meaningful.
+
+    Normalising divides by the gap clean - corrupted. When the model barely shows the behaviour
+    (a template it fails), that gap is small against how much the metric varies from prompt to
+    prompt, and every normalised number is noise divided by a small number (seen: +26.7 for one
+    ablation). `effect` is the gap in pooled standard deviations of the per-prompt metric (Cohen's
+    d; None for a single prompt); below MIN_EFFECT the normalised numbers are not meaningful.
+    """
+
+    clean: float
+    corrupted: float
+    effect: float | None
+
+    @property
+    def gap(self) -> float:
+        return self.clean - self.corrupted
+
+    @property
+    def meaningful(self) -> bool:
+        if abs(self.gap) < 1e-9:
+            return False
+        return self.effect is None or self.effect >= MIN_EFFECT
+
+    def problem(self, metric_label: str) -> str | None:
+        """Why the normalised numbers are not meaningful, for the person looking at them (None if they are)."""
+        if abs(self.gap) < 1e-9:
+            return ("The clean and corrupted runs score the same, so there is nothing to restore or destroy: "
+                    "make the corrupted prompt change the answer.")
+        if self.meaningful:
+            return None
+        if self.gap < 0:
+            what = "the model prefers the wrong answer more on the clean prompts than on the corrupted ones"
+        else:
+            what = (f"the clean and corrupted runs differ by only {self.gap:+.3f} in {metric_label}, "
+                    f"{self.effect:.2f} standard deviations of its spread over the prompts")
+        return (f"The model does not show this behaviour here: {what}. Normalised numbers (divided by that gap) "
+                "would be noise, so the charts show each run's change in the metric from the unpatched run instead. "
+                "Pick a template or task where the model does it (a trained template).")
+
+    def __call__(self, values):
+        """Normalised values: 1 = the clean run's metric, 0 = the corrupted run's."""
+        return normalised(values, self.clean, self.corrupted)
+
+
+def normaliser(task: "Task", clean_logits: torch.Tensor, corrupted_logits: torch.Tensor) -> Normaliser:
+    """The task's Normaliser from the clean and corrupted runs' logits [batch, pos, d_vocab]."""
+    clean, corrupted = task.per_prompt(clean_logits), task.per_prompt(corrupted_logits)
+    effect = None
+    if len(clean) > 1:
+        pooled = float(((clean.var() + corrupted.var()) / 2).sqrt())
+        gap = float(clean.mean() - corrupted.mean())
+        effect = gap / pooled if pooled > 0 else (float("inf") if gap > 0 else float("-inf"))
+    return Normaliser(float(clean.mean()), float(corrupted.mean()), effect)
+
+
 @dataclass(frozen=True)
 class Baselines:
     clean: float

@@ -53,9 +53,10 @@ with tab_all:
     )
 
 with tab_cv:
-    st.caption(f"Layer {layer}, every head (CircuitsVis, offline): pick a head to enlarge it, hover for values.")
+    st.caption(f"Layer {layer}, every head (CircuitsVis, offline), opened on L{layer}H{head}: hover a head to "
+               "enlarge it, click to keep it, hover the pattern for values.")
     html = plots.circuitsvis_attention_html(
-        prompt.str_tokens, patterns[layer], [f"L{layer}H{h}" for h in range(n_heads)]
+        prompt.str_tokens, patterns[layer], [f"L{layer}H{h}" for h in range(n_heads)], first=head
     )
     st.iframe(html, height=700)
 
@@ -104,8 +105,10 @@ with tab_scores:
             base = table[0]
             picked = next(r for r in table if r.on == on.lower())
             m1, m2 = st.columns(2)
-            m1.metric(f"L{layer}H{head} induction score", f"{picked.target_score:.3f}", f"{picked.target_score - base.target_score:+.3f}")
-            m2.metric("Repeated-half loss (nats)", f"{picked.loss:.3f}", f"{picked.loss - base.loss:+.3f}", delta_color="inverse")
+            m1.metric(f"L{layer}H{head} induction score", f"{picked.target_score:.3f}",
+                      plots.metric_delta(picked.target_score - base.target_score))
+            m2.metric("Repeated-half loss (nats)", f"{picked.loss:.3f}", plots.metric_delta(picked.loss - base.loss),
+                      delta_color="inverse")
             st.plotly_chart(plots.composition_bar(table, f"L{layer}H{head}"), width="stretch", key="composition")
             st.caption(
                 "The chosen heads' outputs (z·W_O, no bias) are subtracted from one input of this head "

@@ -4,41 +4,71 @@ import time
 import streamlit as st
 import torch
 
-from core import patching, plots, session
+from core import patching, plots, session, task_catalog, tasks
 from core.patching import PatchingError
 
 view = session.page_view()
 
 model = view.model
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+model_id = session.model_key(model)
 task = view.task
-if task is None:  # typed text: a clean/corrupted pair typed here
-    task, error = session.custom_pair(model)
-    if error:
-        st.warning(error)
-        session.sidebar_footer()
-        st.stop()
+if task is None:  # typed text: a built-in task this model solves, or a clean/corrupted pair typed here
+    with st.spinner("Finding a task this model solves…"):
+        demo = session.demo_task(model, model_id)
+    PAIRS = {"demo": f"{session.PROMPT_SOURCES[demo]}: 32 prompts this model solves" if demo else None,
+             "typed": "My own pair (the sidebar's prompt and a corrupted one)"}
+    PAIRS = {k: v for k, v in PAIRS.items() if v}
+    if st.session_state.get("hi_pair") not in PAIRS:  # the typed pair first where it has a worked example
+        typed_first = view.prompt is not None and st.session_state.get("prompt") in session.DEFAULT_PAIR
+        st.session_state["hi_pair"] = "typed" if typed_first else next(iter(PAIRS))
+    pair = st.segmented_control(
+        "Prompts to patch", list(PAIRS), format_func=PAIRS.get, key="hi_pair", persist_state="session", required=True,
+        help="Patching compares a clean run with a corrupted one (a prompt changed so the answer changes). Take a "
+        "built-in task this model solves, or type the corrupted prompt yourself.",
+    ) or next(iter(PAIRS))
+    if pair == "demo":
+        task = session.task_batch(model, model_id, demo, session.TASK_BATCH, 0,
+                                  task_catalog.default_template(demo))
+        st.caption(session.md_escape(f"{task.description}: clean \"{task.clean_prompts[0]}\", corrupted "
+                                     f"\"{task.corrupted_prompts[0]}\", … Choose it (and its template) in the "
+                                     "sidebar's \"Prompt from\" to pick an example."))
+    else:
+        task, error = session.custom_pair(model, view.prompt)
+        if error:
+            st.warning(error)
+            session.sidebar_footer()
+            st.stop()
 store = session.get_store()
-model_id, task_id = session.model_key(model), session.task_key(task)
+task_id = session.task_key(task)
 with st.spinner("Running the clean and corrupted prompts…"):
     clean_run = store.get(model, task.clean_tokens)
     corrupted_run = store.get(model, task.corrupted_tokens)
-clean_metric = float(task.metric(clean_run.logits))
-corrupted_metric = float(task.metric(corrupted_run.logits))
+norm = tasks.normaliser(task, clean_run.logits, corrupted_run.logits)
+clean_metric, corrupted_metric = norm.clean, norm.corrupted
+problem = norm.problem(task.metric_label)
 st.caption(session.md_escape(
     f"{task.description}, {len(task)} prompt(s). Metric: {task.metric_label}, mean over the prompts: "
-    f"clean run {clean_metric:+.4f}, corrupted run {corrupted_metric:+.4f}. The metric is shown normalised: "
-    "1 = the clean run's behaviour, 0 = the corrupted run's."
+    f"clean run {clean_metric:+.4f}, corrupted run {corrupted_metric:+.4f}."
+    + (" The metric is shown normalised: 1 = the clean run's behaviour, 0 = the corrupted run's." if norm.meaningful else "")
 ))
-if abs(clean_metric - corrupted_metric) < 1e-6:
-    st.warning("The clean and corrupted runs score the same, so there is nothing to restore or destroy: "
-               "make the corrupted prompt change the answer.")
+if abs(norm.gap) < 1e-9:
+    st.warning(problem)
     session.sidebar_footer()
     st.stop()
+if problem:
+    st.warning(problem)
 
 
-def normalised(values):
-    return (torch.as_tensor(values) - corrupted_metric) / (clean_metric - corrupted_metric)
+def normalised(values, base: float):
+    """Values as the charts show them: normalised where that is meaningful, else the change in the
+    raw metric from the unpatched run (`base`: the corrupted run's metric when denoising, the clean
+    run's when noising or ablating)."""
+    values = torch.as_tensor(values)
+    return norm(values) if norm.meaningful else values - base
+
+
+VALUE_LABEL = "normalised metric" if norm.meaningful else f"Δ {task.metric_label}"
 
 
 # Positions are labelled with one prompt's tokens (the sidebar's example), clean and corrupted.
@@ -81,13 +111,13 @@ def head_links(grid: torch.Tensor, baseline: float, key: str) -> None:
     flat = (grid - baseline).abs().flatten()
     top = flat.topk(min(6, flat.numel())).indices.tolist()
     st.caption("Click a head to open its attention pattern, or follow a link:")
-    cols = st.columns(len(top) + 1)
+    cols = st.columns(len(top))
     for col, k in zip(cols, top):
         layer, head = divmod(k, grid.shape[1])
         col.page_link("pages/attention.py", label=f"L{layer}H{head} {float(grid[layer, head]):+.2f}",
                       query_params=session.attention_link_params(layer, head))
-    cols[-1].page_link("pages/attribution.py", label="Logit attribution", icon="🎯",
-                       query_params=session.attribution_link_params())
+    st.page_link("pages/attribution.py", label="Which heads write the answer directly: Logit attribution", icon="🎯",
+                 query_params=session.attribution_link_params())
 
 
 def open_clicked(event) -> None:
@@ -109,38 +139,54 @@ WHAT = {"heads": "Attention heads", "resid_pre": "Residual stream (resid_pre)", 
 if model.cfg.attn_only:
     WHAT.pop("mlp_out")
 ACTS = {"z": "output (z)", "q": "query (q)", "k": "key (k)", "v": "value (v)", "pattern": "attention pattern"}
-DIRECTIONS = {"denoise": "Denoising: clean → corrupted run", "noise": "Noising: corrupted → clean run"}
-METHODS = {"exact": "Activation patching (exact)", "attribution": "Attribution patching (estimate)",
-           "compare": "Compare both"}
+DIRECTIONS = {"denoise": "Denoise: clean → corrupted", "noise": "Noise: corrupted → clean"}
+METHODS = {"exact": "Exact", "attribution": "Estimate", "compare": "Both"}
+HELP = {
+    "what": "What to patch. Attention heads: one head at a time. Residual stream (resid_pre): everything the "
+            "model has computed so far at one layer and position, as it enters that layer. Layer outputs: what a "
+            "whole attention or MLP layer adds to the residual stream.",
+    "act": "Which of a head's activations is copied. z: the head's output (its weighted values, before W_O). "
+           "q, k, v: its query, key and value vectors. Attention pattern: where it looks.",
+    "direction": "Denoising runs the corrupted prompts and copies one activation in from the clean run: does it "
+                 "alone restore the behaviour? Noising runs the clean prompts with one activation from the "
+                 "corrupted run: does it alone break it?",
+    "method": "Exact: activation patching, one patched run per component (batched). Estimate: attribution "
+              "patching, a linear estimate of all of them from one forward and one backward pass (fast, "
+              "approximate). Both: side by side, with a scatter.",
+}
 
 def patching_view() -> None:
     c1, c2, c3 = st.columns(3)
     if st.session_state.get("hi_what") not in WHAT:
         st.session_state["hi_what"] = "heads"
-    what = c1.selectbox("Patch", list(WHAT), format_func=WHAT.get, key="hi_what", persist_state="session")
+    what = c1.selectbox("Patch", list(WHAT), format_func=WHAT.get, key="hi_what", persist_state="session",
+                        help=HELP["what"])
     by_pos = False
     act = what
     if what == "heads":
-        act = c2.selectbox("Head activation", list(ACTS), format_func=ACTS.get, key="hi_act", persist_state="session")
+        act = c2.selectbox("Head activation", list(ACTS), format_func=ACTS.get, key="hi_act", persist_state="session",
+                           help=HELP["act"])
         by_pos = c3.toggle("By position", key="hi_by_pos", persist_state="session",
                            help="One cell per head and position instead of one per head (all positions at once).")
-    d1, d2 = st.columns([2, 3])
+    d1, d2 = st.columns([3, 2])
     direction = d1.segmented_control("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, default="denoise",
-                                     key="hi_direction", persist_state="session", required=True) or "denoise"
+                                     key="hi_direction", persist_state="session", required=True,
+                                     help=HELP["direction"]) or "denoise"
     method = d2.segmented_control("Method", list(METHODS), format_func=METHODS.get, default="exact",
-                                  key="hi_method", persist_state="session", required=True) or "exact"
+                                  key="hi_method", persist_state="session", required=True, help=HELP["method"]) or "exact"
     sweep = f"{act}_by_pos" if what == "heads" and by_pos else act
     label = patching.SWEEPS[sweep].label
     results = {}
     for m in (["exact", "attribution"] if method == "compare" else [method]):
         results[m] = normalised(run_with_progress(
             session.patching_sweep, "Patching" if m == "exact" else "Attribution patching",
-            sweep=sweep, direction=direction, method=m)["values"])
-    baseline = 0.0 if direction == "denoise" else 1.0
+            sweep=sweep, direction=direction, method=m)["values"],
+            corrupted_metric if direction == "denoise" else clean_metric)
+    baseline = (0.0 if direction == "denoise" else 1.0) if norm.meaningful else 0.0
 
     def draw(values: torch.Tensor, m: str, key: str):
         title = f"{label}: {'exact' if m == 'exact' else 'attribution patching'}"
-        value_label = "normalised metric"
+        value_label = VALUE_LABEL
         if what != "heads":  # [layer, pos]
             hover = [[f"L{l} {position_hover[p]}" for p in range(len(positions))] for l in range(n_layers)]
             fig = plots.importance_heatmap(values, [f"L{l}" for l in range(n_layers)], positions, title, value_label, hover)
@@ -222,11 +268,15 @@ def ablation_view() -> None:
                    "has one. Use zero ablation, or a task from the sidebar.")
     else:
         res = run_with_progress(session.ablation_sweep, "Ablating", target=target, layer=layer, kind=kind)
-        delta = normalised(res["metric"]) - 1.0  # 0 = no change from the clean run
+        shift = 1.0 if norm.meaningful else 0.0  # the clean run's value on the chart's scale
+        delta = normalised(res["metric"], clean_metric) - shift  # 0 = no change
+        raw_label = None if norm.meaningful else f"Δ {task.metric_label} from the clean run"
         loss = torch.as_tensor(res["loss"]) - res["clean_loss"]
         st.caption(
             f"Each component is replaced at every position of the clean prompts ({KINDS[kind].lower()}). Left: the change "
-            "in the normalised task metric (0 = no change, −1 = the clean behaviour gone). Right: the change in the "
+            + ("in the normalised task metric (0 = no change, −1 = the clean behaviour gone). " if norm.meaningful else
+               f"in the task metric ({task.metric_label}) from the clean run. ")
+            + "Right: the change in the "
             f"next-token loss over the prompts, in nats (clean loss {res['clean_loss']:.4f})."
         )
         if target == "heads":
@@ -237,7 +287,7 @@ def ablation_view() -> None:
             with b1:
                 event = st.plotly_chart(
                     plots.importance_heatmap(delta.reshape(n_layers, n_heads), ys, xs, "Task metric change",
-                                             "Δ normalised metric", names, heads=cells),
+                                             f"Δ {VALUE_LABEL}" if norm.meaningful else VALUE_LABEL, names, heads=cells),
                     width="stretch", key="hi_abl_metric", on_select="rerun", selection_mode="points")
                 open_clicked(event)
             with b2:
@@ -248,16 +298,20 @@ def ablation_view() -> None:
                 open_clicked(event)
             head_links(delta.reshape(n_layers, n_heads), 0.0, "hi_abl_links")
         elif target == "mlps":
-            st.plotly_chart(plots.ablation_bar([f"MLP {l}" for l in range(n_layers)], (delta + 1).tolist(), loss.tolist(),
-                                               "MLP layers ablated"), width="stretch", key="hi_abl_mlps")
+            st.plotly_chart(plots.ablation_bar([f"MLP {l}" for l in range(n_layers)], (delta + shift).tolist(), loss.tolist(),
+                                               "MLP layers ablated", raw_label), width="stretch", key="hi_abl_mlps")
         else:
             top = delta.abs().topk(min(20, delta.numel())).indices.tolist()
-            st.plotly_chart(plots.ablation_bar([f"N{n}" for n in top], [float(delta[n] + 1) for n in top],
-                                               [float(loss[n]) for n in top], f"The 20 neurons of MLP {layer} that matter most"),
+            st.plotly_chart(plots.ablation_bar([f"N{n}" for n in top], [float(delta[n] + shift) for n in top],
+                                               [float(loss[n]) for n in top], f"The 20 neurons of MLP {layer} that matter most",
+                                               raw_label),
                             width="stretch", key="hi_abl_neurons")
 
 try:
-    patching_view() if view_choice == "patch" else ablation_view()
+    if view_choice == "patch":
+        patching_view()
+    else:
+        ablation_view()
 except PatchingError as err:
     st.warning(session.md_escape(str(err)))
 session.sidebar_footer()

@@ -9,6 +9,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(int(os.environ.get("CE_TEST_THREADS", "2")))
+# A server builds every embedded SAE's feature index in the background when it loads a model;
+# tests that load models would all start those builds. The one test of it switches it back on.
+os.environ["CIRCUIT_EXPLORER_PREFETCH_INDEXES"] = "0"
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 

@@ -21,7 +21,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}")
+pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}"),
+              pytest.mark.slow]
 
 
 def _free_port() -> int:
@@ -288,4 +289,78 @@ def test_steering_page_steers_and_the_monitor_trips(server):
         page.wait_for_timeout(1000)
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "steering_monitor.png"), full_page=False)
+        browser.close()
+
+
+def test_a_shared_link_survives_clicking_through_every_page(server):
+    """Issue 16: open a shared link, click every page in the sidebar, find the same model and prompt
+    on each (the first click used to reset the model and empty the prompt); the same for a task
+    with a held-out template. Typing a page's URL on the running server opens it, no dialog."""
+    import urllib.parse
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    link = f"{server}/?model=ce-circuits-3l-attn&prompt={urllib.parse.quote(prompt)}"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(link, wait_until="domcontentloaded")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+        for label, path in (("Logit attribution", "/attribution"), ("Head importance", "/patching"),
+                            ("SAE features", "/saes"), ("Steering", "/steering"), ("Attention", "/attention")):
+            page.get_by_role("link", name=label).first.click()
+            page.wait_for_url(re.compile(f".*{path}\\?.*"), timeout=60_000)
+            page.get_by_text("3 layers × 4 heads").first.wait_for(timeout=120_000)  # the sidebar's model caption
+            assert page.locator("textarea").first.input_value() == prompt, label
+            assert "model=ce-circuits-3l-attn" in page.url and "prompt=" in page.url, label
+            assert page.get_by_text("The prompt is empty").count() == 0, label
+        # A task source and a held-out template survive navigation too.
+        page.goto(f"{server}/attribution?model=ce-circuits-3l-attn&source=ioi&template=friends_found&example=2",
+                  wait_until="domcontentloaded")
+        page.get_by_text("Template 'friends_found', 32 prompts").first.wait_for(timeout=120_000)  # the sidebar's caption
+        page.get_by_role("link", name="SAE features").first.click()
+        page.wait_for_url(re.compile(".*/saes\\?.*"), timeout=60_000)
+        page.get_by_text("Template 'friends_found', 32 prompts").first.wait_for(timeout=120_000)
+        assert "template=friends_found" in page.url and "source=ioi" in page.url and "example=2" in page.url
+        # Typing a page's URL on the running server opens that page.
+        page.goto(f"{server}/attention?model=ce-circuits-3l-mlp", wait_until="domcontentloaded")
+        page.get_by_text("3 layers × 4 heads").first.wait_for(timeout=120_000)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+        assert page.get_by_text("Page not found").count() == 0
+        assert "/attention" in page.url and "model=ce-circuits-3l-mlp" in page.url
+        browser.close()
+
+
+CLIPPED = """() => [...document.querySelectorAll('[data-testid="stButtonGroup"] button, [data-testid="stPageLink"] a')]
+    .filter(b => b.offsetParent !== null && b.innerText.trim())
+    .filter(b => {
+        const box = (b.closest('[data-testid="stColumn"]') || b.closest('[data-testid="stElementContainer"]'))
+            .getBoundingClientRect();
+        const r = b.getBoundingClientRect();
+        return r.right > box.right + 1 || b.scrollWidth > b.clientWidth + 1
+            || [...b.querySelectorAll('*')].some(c => c.scrollWidth > c.clientWidth + 1);
+    })
+    .map(b => b.innerText.trim())"""
+
+
+def test_nothing_is_cut_off_and_the_pattern_axis_is_in_view_at_1280x720(server):
+    """Issue 16: labels were cut ("Noising: corrupted → …", "Compare b…", "Logit attributi…") and the
+    attention heatmap's key axis sat below the fold on a 1280×720 projector."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        for path, ready in (("/patching?model=ce-circuits-3l-attn&source=ioi", "Head outputs (z), all positions: exact"),
+                            ("/attention", "attention pattern"), ("/attribution", "Direct effect of each component")):
+            page.goto(server + path, wait_until="domcontentloaded")
+            page.get_by_text(ready).first.wait_for(timeout=120_000)
+            page.wait_for_timeout(1500)
+            assert page.evaluate(CLIPPED) == [], path
+        page.goto(server + "/attention", wait_until="domcontentloaded")
+        page.get_by_text("attention pattern").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(1500)
+        bottom = page.evaluate("() => document.querySelector('.js-plotly-plot .xaxislayer-above').getBoundingClientRect().bottom")
+        assert bottom < 720
+        fonts = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot .ytick text')].map(t => parseFloat(t.style.fontSize))")
+        assert fonts and min(fonts) >= 14
         browser.close()

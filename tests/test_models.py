@@ -140,3 +140,9 @@ def test_cached_pretrained_model_loads_offline_without_retries(offline_hub, tmp_
     assert constants.HF_HUB_OFFLINE == offline_before  # the offline switch was undone
     assert model.cfg.normalization_type == "LNPre"
     _assert_same_log_probs(model, hf)
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "gpt2\x00", "/tmp/" + "a" * 5000, "a/" * 200 + "b"])
+def test_names_the_os_refuses_are_clear_errors(name):
+    with pytest.raises(ModelLoadError, match="not a model name or a folder path|Unknown model"):
+        load_model(name)

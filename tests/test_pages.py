@@ -127,8 +127,10 @@ def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
 
     # CircuitsVis data: the selected layer's patterns and the prompt's tokens
     src = at.get("iframe")[0].proto.srcdoc
-    props = json.loads(re.search(r"CircuitsVis\.AttentionHeads,\s*(\{.*\})\s*\)\s*</script>", src, re.S).group(1))
-    np.testing.assert_allclose(np.array(props["attention"]), patterns[layer].numpy(), atol=1e-6)
+    props = json.loads(re.search(r"CircuitsVis\.AttentionHeads,\s*(\{.*\})\)\);\s*</script>", src, re.S).group(1))
+    order = [head] + [h for h in range(4) if h != head]  # opens enlarged on the selected head (its first)
+    assert props["attentionHeadNames"] == [f"L{layer}H{h}" for h in order]
+    np.testing.assert_allclose(np.array(props["attention"]), patterns[layer][order].numpy(), atol=1e-6)
     assert props["tokens"] == zoo_model.to_str_tokens(prompt)
 
 
@@ -248,9 +250,13 @@ def test_composition_control_shows_the_core_numbers(zoo_model):
             zoo_model, toks, attention.DEFAULT_SEQ_LEN, sources, (layer, head), "none", also
         )
         values = {m.label: (m.value, m.proto.delta) for m in at.metric}
+
+        def delta(change):  # no arrow for a change that rounds to 0.000 (issue 16: not a red "-0.000")
+            return "" if round(abs(change), 3) == 0 else f"{change:+.3f}"
+
         assert values[f"L{layer}H{head} induction score"] == (
-            f"{expected.target_score:.3f}", f"{expected.target_score - base.target_score:+.3f}")
-        assert values["Repeated-half loss (nats)"] == (f"{expected.loss:.3f}", f"{expected.loss - base.loss:+.3f}")
+            f"{expected.target_score:.3f}", delta(expected.target_score - base.target_score))
+        assert values["Repeated-half loss (nats)"] == (f"{expected.loss:.3f}", delta(expected.loss - base.loss))
 
 
 def test_markdown_in_a_model_name_is_shown_as_text():
@@ -324,3 +330,83 @@ def test_switching_the_prompt_source_and_a_task_the_model_cannot_build():
     at.sidebar.selectbox(key="source").set_value("text").run()
     assert "source" not in at.query_params and "example" not in at.query_params
     assert at.query_params["prompt"].startswith("the green king")
+
+
+def test_sidebar_state_survives_switching_pages():
+    """Issue 16: the sidebar's model, prompt source, template and example stay when the page changes."""
+    at = _app(model="ce-circuits-3l-attn", source="ioi", template="friends_found", example="5")
+    for page in ("pages/attribution.py", "pages/patching.py", "pages/attention.py"):
+        at.switch_page(page).run()
+        assert not at.exception, page
+        assert at.sidebar.selectbox(key="model_choice").value == "ce-circuits-3l-attn", page
+        assert at.sidebar.selectbox(key="source").value == "ioi", page
+        assert at.sidebar.selectbox(key="template").value == "friends_found", page
+        assert at.sidebar.number_input(key="example").value == 5, page
+    at = _app(model="ce-circuits-3l-mlp", prompt="The keys on the cabinet")
+    at.switch_page("pages/attribution.py").run()
+    assert at.sidebar.text_area(key="prompt").value == "The keys on the cabinet"
+    assert at.sidebar.selectbox(key="model_choice").value == "ce-circuits-3l-mlp"
+
+
+def test_a_prompt_too_long_for_a_link_is_not_written_into_it():
+    from core.ui.frame import MAX_URL_PROMPT
+
+    at = _app(model="ce-induction-2l")
+    long_prompt = "the cat sat . " * (MAX_URL_PROMPT // 10)
+    at.sidebar.text_area(key="prompt").set_value(long_prompt).run()
+    assert not at.exception
+    assert "prompt" not in at.query_params and at.query_params["model"] == "ce-induction-2l"
+    assert any("too long to keep in the page's link" in c.value for c in at.sidebar.caption)
+    at.sidebar.text_area(key="prompt").set_value("the cat sat").run()
+    assert at.query_params["prompt"] == "the cat sat"
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "ce-induction-2l\x00", "/tmp/" + "y" * 300 + "/model"],
+                         ids=["300-characters", "nul-byte", "long-path"])
+def test_impossible_model_names_are_clear_messages(name):
+    at = _app(model=name)
+    assert not at.exception
+    assert at.error and ("not a model name or a folder path" in at.error[0].value or "Unknown model" in at.error[0].value)
+
+
+def test_charts_and_controls_read_well_on_a_projector():
+    """Issue 16: tick labels and cell values were 10–11 px; an unchanged score showed a red "↓ -0.000";
+    jargon had no explanation on screen."""
+    from core import plots
+
+    for page, extra in (("attention", {}), ("attribution", {}), ("patching", {"source": "ioi"})):
+        at = _app(page=page, model="ce-circuits-3l-attn", **extra)
+        assert not at.exception
+        for el in at.get("plotly_chart"):
+            layout = json.loads(el.proto.spec)["layout"]
+            assert layout["font"]["size"] >= 14, page
+            assert layout["xaxis"]["tickfont"]["size"] >= 14 and layout["yaxis"]["tickfont"]["size"] >= 14, page
+    assert plots.metric_delta(-0.0001) is None and plots.metric_delta(0.0) is None
+    assert plots.metric_delta(-0.0125) == "-0.013" and plots.metric_delta(0.5) == "+0.500"
+    at = _app(page="patching", model="ce-circuits-3l-attn", source="ioi")
+    for key, word in (("hi_what", "resid_pre"), ("hi_act", "z:"), ("hi_direction", "Denoising"), ("hi_method", "attribution")):
+        widget = at.selectbox(key=key) if key in ("hi_what", "hi_act") else at.segmented_control(key=key)
+        assert word in (widget.help or ""), key
+
+
+def test_a_task_the_model_cannot_build_names_the_models_that_can_and_switches_in_one_click():
+    """Issue 16: IOI on the default model said it "cannot be built" without saying which model can."""
+    from core import tasks
+
+    at = _app(model="ce-induction-2l", source="ioi")
+    assert not at.exception
+    warning = _plain(at.warning[0].value)
+    assert "cannot be built for this model" in warning
+    can = []
+    for name in ("ce-circuits-3l-attn", "ce-circuits-3l-mlp", "ce-induction-2l"):
+        try:
+            tasks.make_task("ioi", models.load_model(name), n=4)
+            can.append(name)
+        except tasks.TaskError:
+            pass
+    assert can and "ce-induction-2l" not in can
+    assert f"Embedded models that have it: {', '.join(can)}." in warning
+    at.button(key="_switch_model_0").click().run()
+    assert not at.exception and not at.warning
+    assert at.sidebar.selectbox(key="model_choice").value == can[0] and at.query_params["model"] == can[0]
+    assert at.sidebar.selectbox(key="source").value == "ioi"

@@ -125,6 +125,9 @@ def test_returning_to_a_sweep_does_not_patch_again(monkeypatch, attn_lm):
     monkeypatch.setattr(patching, "run_sweep", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     prompt = "When Lucy and Peter went to the park, Peter gave a book to"
     at = _app(page="patching", model="ce-circuits-3l-attn", prompt=prompt)
+    calls.clear()  # the page opens on the IOI task this model solves; then the typed pair is chosen
+    at.segmented_control(key="hi_pair").set_value("typed").run()
+    calls.clear()
     at.text_input(key="pair_corrupted").set_value("When Lucy and Peter went to the park, Alice gave a book to")
     at.text_input(key="pair_answer").set_value("Lucy")
     at.text_input(key="pair_wrong").set_value("Peter").run()
@@ -167,6 +170,7 @@ def test_head_ablation_view_matches_a_hand_hook(attn_lm, kind):
     assert loss_grid[layer, head] == pytest.approx(loss - clean_loss, abs=1e-4)
 
 
+@pytest.mark.slow  # ablates every neuron of a layer
 def test_mlp_model_ablation_of_layers_and_neurons():
     model = models.load_model("ce-circuits-3l-mlp")
     at = _app(page="patching", model="ce-circuits-3l-mlp", source="greater_than")
@@ -232,6 +236,7 @@ def test_one_prompt_pair_cannot_mean_or_resample_ablate(kind):
 def test_markup_in_the_prompt_is_shown_as_text():
     prompt = "<b>When</b> Mary and John went to the store, John gave a drink to"
     at = _app(page="patching", model="ce-circuits-3l-attn", prompt=prompt)
+    at.segmented_control(key="hi_pair").set_value("typed").run()
     at.text_input(key="pair_corrupted").set_value("<b>When</b> Mary and John went to the store, Paul gave a drink to")
     at.text_input(key="pair_answer").set_value("Mary")
     at.text_input(key="pair_wrong").set_value("John").run()
@@ -270,3 +275,58 @@ def test_grouped_query_model_labels_key_value_heads(tmp_path, attn_lm):
     assert not at.exception and not at.error
     spec = _figure(at, "Head keys (k), all positions: exact")
     assert spec["data"][0]["x"] == ["KV0", "KV1"] and len(spec["data"]) == 1  # no click targets
+
+
+def test_default_model_opens_on_a_task_it_solves_and_typed_pairs_default_to_the_top_two_tokens():
+    """Issue 16: on the default model (induction only) the page used to show only "The answer is
+    empty". It opens on the induction task, which that model solves, with real numbers; a typed pair
+    starts with the model's two most likely next tokens as the answers."""
+    model = models.load_model("ce-induction-2l")
+    at = _app(page="patching")
+    assert not at.exception and not at.error and not at.warning
+    assert at.segmented_control(key="hi_pair").value == "demo"
+    grid = _z(_figure(at, "Head outputs (z), all positions: exact")["data"][0])
+    task = tasks.make_task("induction", model, n=32, seed=0)
+    expected = _hand_head_denoising(model, task)
+    assert np.allclose(grid, expected.numpy(), atol=1e-4) and float(np.abs(grid).max()) > 0.2
+    at.segmented_control(key="hi_pair").set_value("typed").run()
+    prompt = at.sidebar.text_area(key="prompt").value
+    with torch.no_grad():
+        top = model(model.to_tokens(prompt))[0, -1].topk(2).indices
+    expected_answers = [model.tokenizer.decode([int(t)]) for t in top]
+    assert [at.text_input(key=k).value for k in ("pair_answer", "pair_wrong")] == expected_answers
+
+
+def test_a_template_the_model_fails_is_not_normalised():
+    """Issue 16: on the held-out template friends_found the attention-only model barely does IOI
+    (clean - corrupted gap 0.16 against a spread of 3.2); normalised numbers exploded (+26.7). The
+    page says so and shows the raw change in the metric instead, which we recompute by hand."""
+    model = models.load_model("ce-circuits-3l-attn")
+    at = _app(page="patching", model="ce-circuits-3l-attn", source="ioi", template="friends_found")
+    assert not at.exception
+    assert any("does not show this behaviour here" in _plain(w.value) for w in at.warning)
+    spec = _figure(at, "Head outputs (z), all positions: exact")
+    assert "normalised" not in json.dumps(spec["data"][0]["colorbar"])
+    task = tasks.make_task("ioi", model, n=32, seed=0, template="friends_found")
+    with torch.no_grad():
+        _, clean = model.run_with_cache(task.clean_tokens)
+        ref = tlp.get_act_patch_attn_head_out_all_pos(model, task.corrupted_tokens, clean, task.metric)
+        corrupted_metric = float(task.metric(model(task.corrupted_tokens)))
+    assert np.allclose(_z(spec["data"][0]), (ref - corrupted_metric).numpy(), atol=1e-4)
+    assert float(np.abs(_z(spec["data"][0])).max()) < 5  # no exploded numbers
+    # On a trained template the same page normalises, without a warning.
+    at.selectbox(key="template").set_value("when_went").run()
+    assert not at.warning
+
+
+def test_normaliser_effect_size_against_a_hand_computation():
+    model = models.load_model("ce-circuits-3l-attn")
+    for template, meaningful in (("friends_found", False), ("when_went", True)):
+        task = tasks.make_task("ioi", model, n=32, seed=0, template=template)
+        with torch.no_grad():
+            c, k = task.per_prompt(model(task.clean_tokens)), task.per_prompt(model(task.corrupted_tokens))
+        n = tasks.normaliser(task, model(task.clean_tokens), model(task.corrupted_tokens))
+        pooled = float(np.sqrt((np.var(c.numpy(), ddof=1) + np.var(k.numpy(), ddof=1)) / 2))
+        assert n.effect == pytest.approx(float(c.mean() - k.mean()) / pooled, rel=1e-4)
+        assert n.meaningful is meaningful
+        assert float(n(torch.tensor(n.clean))) == pytest.approx(1.0) and float(n(torch.tensor(n.corrupted))) == pytest.approx(0.0)

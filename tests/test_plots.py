@@ -85,7 +85,14 @@ def test_circuitsvis_html_is_offline_and_script_safe():
     assert html.count("</script>") == 1  # only the real end of the script block
     assert "<script>alert" not in html
     # the props still decode to the original tokens and values
-    props = re.search(r'CircuitsVis\.AttentionHeads,\s*(\{.*\})\s*\)\s*</script>', html, re.S).group(1)
+    props = re.search(r'CircuitsVis\.AttentionHeads,\s*(\{.*\})\)\);\s*</script>', html, re.S).group(1)
     decoded = json.loads(props)
     assert decoded["tokens"] == ["<|bos|>", EVIL, "&amp;"]
     np.testing.assert_allclose(np.array(decoded["attention"]), pats.numpy(), rtol=1e-6)
+    # Opened on another head: that head first, under its own name, the others after it in order.
+    html = plots.circuitsvis_attention_html(["a", "b", "c"], pats, ["L0H0", "L0H1"], first=1)
+    decoded = json.loads(re.search(r'CircuitsVis\.AttentionHeads,\s*(\{.*\})\)\);\s*</script>', html, re.S).group(1))
+    assert decoded["attentionHeadNames"] == ["L0H1", "L0H0"]
+    np.testing.assert_allclose(np.array(decoded["attention"]), pats[[1, 0]].numpy(), rtol=1e-6)
+    # Drawn once the frame has a width (a frame in a hidden tab is 0 px wide when it loads).
+    assert "ResizeObserver" in html and "clientWidth > 0" in html

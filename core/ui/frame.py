@@ -241,14 +241,52 @@ def sidebar() -> Choices:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(page) -> None:
-    """Draw the sidebar and the page's title at once, load the model and the prompt behind a
-    spinner, then run the page with that view (see `core.session.page_view`)."""
+# Streamlit leaves 6rem above a page's title; on a 720 px projector that pushes the first chart's
+# axis below the fold. Room for the toolbar is enough.
+LAYOUT_CSS = """<style>
+[data-testid="stMainBlockContainer"] { padding-top: 2.5rem; }
+[data-testid="stMainBlockContainer"] h1 { padding-top: 0; }
+</style>"""
+
+
+def draw(spec: PageSpec | None) -> Choices:
+    """The frame's own elements: the sidebar, then the page's title; returns the sidebar's choices."""
+    st.html(LAYOUT_CSS)
     choices = sidebar()
-    spec = page_spec(page)
     if spec is not None:
         st.title(spec.title)
         set_url(page=spec.key)
+    return choices
+
+
+def run(page) -> None:
+    """Draw the sidebar and the page's title at once, load the model and the prompt behind a
+    spinner, then run the page with that view (see `core.session.page_view`)."""
+    spec = page_spec(page)
+    if spec is None:  # the root URL: it only opens a page, at once
+        page.run()
+        return
+    choices = draw(spec)
     with st.spinner("Starting: loading TransformerLens…"):  # seconds on a cold start, once per server
         from core import session
     session.run_page(page, choices)
+
+
+def draw_for_unframed_page() -> Choices:
+    """The frame, drawn from a page that Streamlit ran without app.py.
+
+    Streamlit runs a script in pages/ directly (its older pages/-folder mode) until app.py's
+    st.navigation has run once in the process: the first request for a page URL on a fresh server
+    (and every AppTest run after a page switch). Drawn as app.py would draw them, with the
+    entrypoint's script hash, the sidebar's widgets are the same widgets as in a framed run, so
+    their values carry over; and the legacy mode is switched off, as st.navigation does.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+    PagesManager.uses_pages_directory = False
+    ctx = get_script_run_ctx()
+    info = ctx.pages_manager.get_pages().get(ctx.page_script_hash, {})
+    spec = BY_KEY.get(info.get("url_pathname", ""))
+    with ctx.run_with_active_hash(ctx.pages_manager.main_script_hash):
+        return draw(spec)
