@@ -68,23 +68,27 @@ def _check_every(model, task, direction):
     assert float(ours_pos.abs().max()) > 0
 
 
+@pytest.mark.slow  # every sweep against TL's one-pass-per-component functions
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_every_sweep_equals_transformer_lens_on_the_attention_only_zoo_model(attn_model, direction):
     """Rotary positions, no MLPs: every head activation all positions and by position, resid_pre, attn_out."""
     _check_every(attn_model, tasks.make_task("ioi", attn_model, n=3, seed=5), direction)
 
 
+@pytest.mark.slow  # every sweep against TL's one-pass-per-component functions
 def test_every_sweep_equals_transformer_lens_on_the_mlp_zoo_model(mlp_model):
     """Probability-difference metric (greater-than) on the zoo model with MLPs; mlp_out too."""
     _check_every(mlp_model, tasks.make_task("greater_than", mlp_model, n=2, seed=3), "denoise")
 
 
+@pytest.mark.slow  # every sweep against TL's one-pass-per-component functions
 def test_every_sweep_equals_transformer_lens_on_a_random_gpt2_layout_model(attn_model):
     """Learned absolute positions, LayerNorm, gelu_new MLPs: GPT-2's layout with random weights."""
     model = _random_model(attn_model.tokenizer)
     _check_every(model, tasks.make_task("ioi", attn_model, n=2, seed=9), "noise")
 
 
+@pytest.mark.slow  # every sweep against TL's one-pass-per-component functions
 def test_grouped_query_attention_keys_and_values(attn_model):
     """Two key/value heads for four query heads: k/v sweeps have two heads, padded as TL pads them."""
     model = _random_model(attn_model.tokenizer, n_key_value_heads=2, positional_embedding_type="rotary",
@@ -93,6 +97,7 @@ def test_grouped_query_attention_keys_and_values(attn_model):
     _check_every(model, task, "denoise")
 
 
+@pytest.mark.slow  # every sweep against TL's one-pass-per-component functions
 @pytest.mark.parametrize("extra", [{"use_qk_norm": True}, {"clip_qkv": 0.5}], ids=["qk_norm", "clip_qkv"])
 def test_models_whose_keys_change_after_their_hook_patch_from_position_0(attn_model, extra):
     """QK norm and clipping act after hook_k/hook_v: the engine must not reuse cached keys there."""
@@ -102,6 +107,7 @@ def test_models_whose_keys_change_after_their_hook_patch_from_position_0(attn_mo
     _check_every(model, tasks.make_task("ioi", attn_model, n=2, seed=8), "denoise")
 
 
+@pytest.mark.slow  # every sweep against TL's one-pass-per-component functions
 def test_shortformer_induction_model(attn_model):
     """ce-induction-2l adds positions to queries and keys only (shortformer)."""
     model = load_model("ce-induction-2l")

@@ -8,6 +8,8 @@ from core.models import ZOO_DIR
 from core.zoo import induction_card, train_induction
 from core.zoo.vocab import build_tokenizer, vocabulary
 
+pytestmark = pytest.mark.slow  # re-measures the committed models' cards
+
 MODEL_DIR = ZOO_DIR / "ce-induction-2l"
 
 

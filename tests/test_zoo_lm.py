@@ -8,6 +8,8 @@ import torch
 from core.models import ZOO_DIR
 from core.zoo import corpus, lm_card, train_lm
 
+pytestmark = pytest.mark.slow  # re-measures the committed models' cards
+
 MODELS = ["ce-circuits-3l-attn", "ce-circuits-3l-mlp"]
 
 
