@@ -67,35 +67,46 @@ def time_page(model: str, prompt: str, new_prompt: str, repeats: int) -> tuple[l
     return first, change
 
 
-def time_browser(model: str, new_prompt: str, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds from `streamlit run` to the heatmap in Chromium, and from a prompt edit to its redraw."""
+def _start_and_open(page, root: Path, path: str):
+    """Start `streamlit run app.py` in `root` on a free port and open `path` in `page` as soon as
+    the server answers. Returns the server process."""
     import os
     import subprocess
+
+    from tests.test_browser import _free_port
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", f"--server.port={port}", "--server.address=127.0.0.1",
+         "--server.headless=true"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
+    )
+    while True:
+        try:
+            page.goto(f"http://127.0.0.1:{port}{path}", wait_until="domcontentloaded", timeout=2000)
+            return proc
+        except Exception:
+            if proc.poll() is not None:
+                raise RuntimeError("streamlit exited before it served the page")
+            time.sleep(0.05)
+
+
+def time_browser(model: str, new_prompt: str, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds from `streamlit run` to the heatmap in Chromium, and from a prompt edit to its redraw."""
     import urllib.parse
 
     from playwright.sync_api import sync_playwright
 
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
     start_times, change_times = [], []
     for _ in range(repeats):
-        port = _free_port()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             t0 = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streamlit", "run", "app.py", f"--server.port={port}", "--server.address=127.0.0.1"],
-                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
-            )
+            proc = _start_and_open(page, ROOT, f"/attention?model={urllib.parse.quote(model)}")
             try:
-                url = f"http://127.0.0.1:{port}/attention?model={urllib.parse.quote(model)}"
-                while True:
-                    try:
-                        page.goto(url, wait_until="domcontentloaded", timeout=2000)
-                        break
-                    except Exception:
-                        time.sleep(0.1)
                 page.get_by_text("attention pattern").first.wait_for(timeout=300_000)
                 page.locator(".js-plotly-plot .heatmaplayer").first.wait_for(timeout=300_000)
                 start_times.append(time.perf_counter() - t0)
@@ -120,32 +131,18 @@ def time_cold_start(root: Path, repeats: int) -> dict[str, list[float]]:
     """Seconds from `streamlit run app.py` (in `root`, a checkout) to what a first visitor of "/"
     sees: the page title, the sidebar's model picker, the first heatmap. A new server each repeat,
     so imports are as cold as the OS file cache allows."""
-    import os
-    import subprocess
-
     from playwright.sync_api import sync_playwright
 
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
     out: dict[str, list[float]] = {"title": [], "sidebar": [], "heatmap": []}
     for _ in range(repeats):
-        port = _free_port()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 720})
             t0 = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streamlit", "run", "app.py", f"--server.port={port}", "--server.address=127.0.0.1",
-                 "--server.headless=true"],
-                cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
-            )
+            proc = _start_and_open(page, root, "/")
             try:
-                while True:
-                    try:
-                        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=2000)
-                        break
-                    except Exception:
-                        time.sleep(0.05)
                 waits = (("title", lambda: page.get_by_text("Attention patterns").first.wait_for(timeout=300_000)),
                          ("sidebar", lambda: page.get_by_text("Model and prompt").first.wait_for(timeout=300_000)),
                          ("heatmap", lambda: page.locator(".js-plotly-plot .heatmaplayer").first.wait_for(timeout=300_000)))

@@ -359,6 +359,18 @@ def direct_logit_weights(model: HookedTransformer, vectors: torch.Tensor) -> tor
 
 
 @torch.no_grad()
+def direct_logit_weight_on(model: HookedTransformer, vectors: torch.Tensor, token: int) -> torch.Tensor:
+    """[n] `direct_logit_weights(vectors)[:, token]` for directions [n, d_model], without the
+    [n, d_vocab] product (24,576 SAE features × GPT-2's vocabulary would be 5 GB)."""
+    column = model.W_U[:, token]
+    if _has_ln_weight(model):
+        column = column * model.ln_final.w
+    if _centres(model):
+        column = column - column.mean()  # centring each direction == centring this column (after the weight)
+    return vectors.to(column.dtype) @ column
+
+
+@torch.no_grad()
 def neuron_top_tokens(model: HookedTransformer, layer: int, neuron: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [k], logit weights [k]) of the tokens neuron's output row promotes most (see `direct_logit_weights`)."""
     top = direct_logit_weights(model, model.W_out[layer, neuron]).topk(k)

@@ -192,7 +192,20 @@ def _process(model: HookedTransformer) -> HookedTransformer:
     with tied embeddings: there W_U and W_E can be views of one tensor, and a fold that writes
     into one writes into the other. A loaded HookedTransformer keeps them as separate parameters.
     """
-    model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg = model.cfg
+    # The exceptions `from_pretrained` makes, which `process_weights_` does not: shortformer models
+    # add positions to queries and keys only (nothing to fold or centre them into), post-norm
+    # models cannot fold their norms, and a logit soft cap is not invariant to centring W_U.
+    shortformer = cfg.positional_embedding_type == "shortformer"
+    post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
+    model.process_weights_(
+        fold_ln=not (shortformer or post_norm),
+        center_writing_weights=not (shortformer or post_norm),
+        center_unembed=not (shortformer or softcap_enabled(cfg.output_logits_soft_cap)),
+    )
     return model
 
 

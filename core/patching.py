@@ -177,7 +177,9 @@ def patch_components(
     """
     n_prompts, n_pos = base_tokens.shape
     _check(model, components, n_pos)
-    prefix = reuses_prefix(model) and read == "last"
+    with locked(model):  # the tokenizer's padding side and cfg flags, read once and together
+        prefix = reuses_prefix(model) and read == "last"
+        mask = padding_mask(model, base_tokens)
     if read == "all" and any(c.pos is not None for c in components):
         raise PatchingError("A metric that reads every position needs patches over every position.")
     src_cache: dict[str, torch.Tensor] = {}
@@ -208,7 +210,6 @@ def patch_components(
     work = [len(idx) * (n_pos - start) for start, idx in chunks]
     done = 0.0
     with locked(model), torch.inference_mode():
-        mask = padding_mask(model, base_tokens)
         if unchanged:
             value = metric(_base_logits(model, base_cache, read)).detach().float().cpu()
             for i in unchanged:

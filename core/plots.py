@@ -622,7 +622,7 @@ def logit_effect_bars(tokens: Sequence[str], values: Sequence[float], title: str
                            customdata=[safe(t) for t in tokens],
                            hovertemplate="token %{customdata}<br>logit effect %{x:+.4f}<extra></extra>"))
     fig.update_layout(title=title, yaxis=dict(autorange="reversed", type="category"), xaxis_title="logit effect",
-                      height=max(220, 60 + 22 * len(tokens)), margin=dict(l=10, r=10, t=50, b=10))
+                      height=max(220, 90 + 28 * len(tokens)), margin=dict(l=10, r=10, t=50, b=10))  # a row per label at 14 px
     return fig
 
 

@@ -90,11 +90,20 @@ def tensors_fingerprint(named: dict[str, torch.Tensor]) -> str:
     return _digest(part for k in sorted(named) for part in (k.encode(), _bytes(named[k])))
 
 
+# Switches that TransformerLens (and our store) flip on the shared model while a run uses them:
+# they say nothing about which model it is, and reading them mid-flip would give another key.
+RUNTIME_SWITCHES = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in", "use_attn_in",
+                    "default_prepend_bos", "ungroup_grouped_query_attention", "use_hook_tokens")
+
+
 def model_fingerprint(model: HookedTransformer) -> str:
     fp = getattr(model, "_circuit_explorer_fingerprint", None)
     if fp is None:
-        fp = tensors_fingerprint(model.state_dict()) + _digest([
-            json.dumps(model.cfg.to_dict(), default=str, sort_keys=True).encode(),
+        with store.shared_state(model):  # the weights and config as they are between runs
+            cfg = {k: v for k, v in model.cfg.to_dict().items() if k not in RUNTIME_SWITCHES}
+            weights = tensors_fingerprint(model.state_dict())
+        fp = weights + _digest([
+            json.dumps(cfg, default=str, sort_keys=True).encode(),
             json.dumps(sorted(model.tokenizer.all_special_ids) if model.tokenizer is not None else []).encode(),
         ])[:8]
         model._circuit_explorer_fingerprint = fp
@@ -156,6 +165,7 @@ class IndexCorrupt(IndexError_):
 
 
 _live: "weakref.WeakSet[FeatureIndex]" = weakref.WeakSet()  # open index objects: their files are in use
+_live_guard = threading.Lock()  # a WeakSet must not change while evict() iterates it
 
 
 class FeatureIndex:
@@ -178,7 +188,8 @@ class FeatureIndex:
             raise IndexCorrupt(f"The feature index file {self.path.name} is damaged (meta: {err}).", self.path) from err
         self._offsets: np.ndarray | None = None
         self._acts: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a few features' blobs, for this object's life
-        _live.add(self)
+        with _live_guard:
+            _live.add(self)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
@@ -397,7 +408,9 @@ def _use_threads_here(n: int) -> None:
     """Give the calling thread n torch (OpenMP) threads without changing the default of others.
 
     `torch.set_num_threads` also sets the count that threads started later take on their first
-    parallel op; a helper thread puts that default back, leaving this thread's own setting."""
+    parallel op; a helper thread puts that default back, leaving this thread's own setting. A new
+    thread whose first parallel op falls between the two calls (about a millisecond) would take n
+    threads, and so another float summation order (about 1e-5 apart): a known, narrow window."""
     before = torch.get_num_threads()  # also initialises this thread's count, so it is not reset later
     if n == before:
         return
@@ -576,7 +589,8 @@ def evict(directory: Path | None = None, cap: int | None = None) -> list[Path]:
     total = sum(st.st_size for _, st in files) + sum(temps)
     if total <= cap:
         return []
-    busy = building() | {str(i.path) for i in list(_live)}
+    with _live_guard:
+        busy = building() | {str(i.path) for i in list(_live)}
     with _build_guard:
         busy |= {p for p, lock in _build_locks.items() if lock.locked()}
     now = time.time()

@@ -24,7 +24,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from core import store
-from core.attribution import direct_logit_weights
+from core.attribution import direct_logit_weight_on, direct_logit_weights
 
 SAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "saes"
 METRICS_FILE = "metrics.json"
@@ -297,19 +297,7 @@ def features_promoting(model: HookedTransformer, sae, token: int) -> torch.Tenso
     W = decoder_to_residual(model, sae)
     if W is None:
         return None
-    return _unembed_column(model, W, token)
-
-
-def _unembed_column(model: HookedTransformer, W: torch.Tensor, token: int) -> torch.Tensor:
-    """[n] `direct_logit_weights(W)[:, token]` for directions W [n, d_model], without the [n, d_vocab] product."""
-    from core.attribution import _centres, _has_ln_weight
-
-    column = model.W_U.detach()[:, token]
-    if _has_ln_weight(model):
-        column = column * model.ln_final.w
-    if _centres(model):
-        column = column - column.mean()  # centring the directions == centring this column
-    return W.to(column.dtype) @ column
+    return direct_logit_weight_on(model, W.detach(), token)
 
 
 def check_feature(loaded: LoadedSAE, feature: int) -> None:

@@ -22,7 +22,7 @@ from core.store import ActivationStore, model_key
 from core.ui import frame
 
 TEXT_SOURCE, PROMPT_SOURCES, TASK_BATCH = frame.TEXT_SOURCE, frame.PROMPT_SOURCES, frame.TASK_BATCH
-url_int, set_url, default_prompt = frame.url_int, frame.set_url, frame.default_prompt
+url_int, set_url = frame.url_int, frame.set_url
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -253,11 +253,6 @@ def decode_token(model: HookedTransformer, token: int) -> str:
     return store.decode(model, int(token))
 
 
-def decode_text(model: HookedTransformer, tokens) -> str:
-    """The text of a sequence of token ids (tokenizer use goes through the store's lock)."""
-    return store.decode(model, tokens)
-
-
 def to_tokens(model: HookedTransformer, text: str, prepend_bos: bool = True) -> torch.Tensor:
     """[1, pos] tokens of `text`, cut to the model's context (tokenised under the store's lock)."""
     return store.to_tokens(model, text, prepend_bos=prepend_bos)[:, : model.cfg.n_ctx]
@@ -323,13 +318,13 @@ def attribution_target(model: HookedTransformer, prompt: Prompt, task: tasks.Tas
     set_url(answer=answer_text or None, wrong=wrong_text or None)
     known = state.get("_attr_known", {})
     try:
-        answer = known[answer_text] if answer_text in known else tasks.answer_token(model, answer_text, "answer")
+        answer = tasks.answer_token(model, answer_text, "answer", known=known)
     except tasks.TaskError as err:
         return AttributionTarget(error=md_escape(str(err)), suggestion=err.suggestion, suggestion_key=ANSWER_KEY)
     if not wrong_text.strip():
         return AttributionTarget(torch.tensor([answer]), None, f"logit({decode_token(model, answer)!r})")
     try:
-        wrong = known[wrong_text] if wrong_text in known else tasks.answer_token(model, wrong_text, "counterfactual")
+        wrong = tasks.answer_token(model, wrong_text, "counterfactual", known=known)
     except tasks.TaskError as err:
         return AttributionTarget(error=md_escape(str(err)), suggestion=err.suggestion, suggestion_key=WRONG_KEY)
     if wrong == answer:
@@ -379,11 +374,14 @@ def custom_pair(model: HookedTransformer, prompt: Prompt) -> tuple[tasks.Task | 
     clean = state.get("prompt", "")
     if state.get("_pair_for") != (model_key(model), clean):
         state["_pair_for"] = (model_key(model), clean)
+        known: dict[str, int] = {}
         if clean in DEFAULT_PAIR:
             corrupted, answer, wrong = DEFAULT_PAIR[clean]
         else:
             top = get_store().get(model, prompt.tokens).logits[0, -1].topk(2).indices.tolist()
             corrupted, answer, wrong = clean, decode_token(model, top[0]), decode_token(model, top[1])
+            known = {answer: top[0], wrong: top[1]}  # known by id: their text may not tokenise back
+        state["_pair_known"] = known
         state.update(dict(zip(PAIR_KEYS, (corrupted, answer, wrong))))
     st.caption("Patching compares two runs. The clean prompt is the sidebar's; type a corrupted prompt of the "
                "same token length and the two answers, or take a task in the sidebar (\"Prompt from\").")
@@ -392,7 +390,7 @@ def custom_pair(model: HookedTransformer, prompt: Prompt) -> tuple[tasks.Task | 
     answer = c1.text_input("Answer (clean run's)", key=PAIR_KEYS[1], persist_state="session")
     wrong = c2.text_input("Wrong answer (corrupted run's)", key=PAIR_KEYS[2], persist_state="session")
     try:
-        return tasks.custom_task(model, clean, corrupted, answer, wrong), None
+        return tasks.custom_task(model, clean, corrupted, answer, wrong, known=state.get("_pair_known")), None
     except tasks.TaskError as err:
         return None, md_escape(str(err))
 
@@ -421,7 +419,10 @@ def models_with_task(name: str) -> list[str]:
     """The embedded models for which the built-in task `name` can be built."""
     out = []
     for zoo_name in zoo_models():
-        model = get_model(zoo_name)
+        try:
+            model = get_model(zoo_name)
+        except ModelLoadError:
+            continue  # a damaged zoo folder: not one to suggest
         try:
             task_batch(model, model_key(model), name, TASK_BATCH, 0, task_catalog.default_template(name))
         except tasks.TaskError:
@@ -653,11 +654,12 @@ def prefetch_embedded_indexes(model: HookedTransformer, model_id: str) -> None:
         for name in saes.embedded_saes(model.cfg.model_name):
             try:
                 loaded = saes.load_embedded(name)
+                saes.check_fits(model, loaded)
                 with store.shared_state(model):
                     docs = sae_data.documents(loaded.corpus_spec, model.tokenizer)
                 sae_index.request_index(model, loaded, docs)
-            except (saes.SAELoadError, sae_index.IndexError_):
-                continue  # the page says what is wrong when that SAE is chosen
+            except Exception:  # noqa: BLE001 - the page says what is wrong when that SAE is chosen
+                continue
 
     threading.Thread(target=work, name=f"prefetch-{model_id}", daemon=True).start()
 

@@ -440,13 +440,18 @@ def _finish(model, name, description, kind, clean, corrupted, answers, wrongs, t
                 torch.tensor(wrong_ids), clean, corrupted, answer_sets, wrong_sets, template, info)
 
 
-def answer_token(model: HookedTransformer, text: str, which: str = "answer", prepend_space: bool = True) -> int:
+def answer_token(model: HookedTransformer, text: str, which: str = "answer", prepend_space: bool = True,
+                 known: dict[str, int] | None = None) -> int:
     """The single token id of an answer typed as text; TaskError (with the first token as
     `suggestion`) when it is empty, several tokens or unknown to the model.
 
     With `prepend_space` (as TransformerLens's `test_prompt`), "Mary" means " Mary", the way
-    GPT-2 spells a word after a space.
+    GPT-2 spells a word after a space. `known`: texts whose token is known by id (a page's default
+    answers, decoded from the model's top tokens: "##61" shows as "61", GPT-2's "," is not " ,",
+    so their text need not tokenise back to them).
     """
+    if known and text in known:
+        return known[text]
     if not text or not text.strip():
         raise TaskError(f"The {which} is empty: type the token the model should predict.")
     shown = " " + text if prepend_space and not text[0].isspace() else text
@@ -465,17 +470,18 @@ def answer_token(model: HookedTransformer, text: str, which: str = "answer", pre
 
 
 def custom_task(model: HookedTransformer, clean: str, corrupted: str, answer: str, wrong: str,
-                prepend_space: bool = True) -> Task:
+                prepend_space: bool = True, known: dict[str, int] | None = None) -> Task:
     """A one-prompt task from typed text, validated with readable messages (TaskError).
 
     The answers are single tokens; with `prepend_space` (as TransformerLens's `test_prompt`)
-    " Mary" is meant when "Mary" is typed, as GPT-2 spells a word after a space.
+    " Mary" is meant when "Mary" is typed, as GPT-2 spells a word after a space. `known`: see
+    `answer_token`.
     """
     for label, text in (("clean prompt", clean), ("corrupted prompt", corrupted)):
         if not text or not text.strip():
             raise TaskError(f"The {label} is empty.")
-    answer_id = answer_token(model, answer, "answer", prepend_space)
-    wrong_id = answer_token(model, wrong, "wrong answer", prepend_space)
+    answer_id = answer_token(model, answer, "answer", prepend_space, known)
+    wrong_id = answer_token(model, wrong, "wrong answer", prepend_space, known)
     if answer_id == wrong_id:
         raise TaskError("The answer and the wrong answer are the same token; the metric would always be 0.")
     clean_tokens = store.to_tokens(model, clean)

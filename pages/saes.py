@@ -167,8 +167,6 @@ if docs is not None:
     if index is not None:
         st.caption(f"Feature index: {index.n_tokens:,} tokens of {corpus_md}, built once in {index.build_seconds:.1f} s "
                    f"({index.tokens_per_second:,.0f} tokens/s) and kept on disk (SQLite).")
-        if source == "embedded":
-            session.prefetch_embedded_indexes(model, model_id)  # this model's other SAEs, in the background
 else:
     st.info("Without a corpus the dashboards show logit effects and your own text only: upload a text file to see "
             "each feature's top activating contexts.")
@@ -273,7 +271,7 @@ def feature_view() -> None:
                        "logit directly.", help=LOGIT_EFFECT_HELP)
             up, down = effects.topk(n), (-effects).topk(n)
             st.plotly_chart(plots.logit_effect_bars([decode(t) for t in up.indices.tolist()], up.values.tolist(),
-                                                    "Promoted tokens (W_dec through ln_final.w and W_U)", "#2ca02c"), width="stretch", key="sae_up")
+                                                    "Promoted tokens", "#2ca02c"), width="stretch", key="sae_up")
             st.plotly_chart(plots.logit_effect_bars([decode(t) for t in down.indices.tolist()], (-down.values).tolist(),
                                                     "Suppressed tokens", "#d62728"), width="stretch", key="sae_down")
     with right:
@@ -378,7 +376,13 @@ def search_view() -> None:
 
 try:
     {"prompt": prompt_view, "feature": feature_view, "search": search_view}[view_choice]()
-except sae_index.IndexCorrupt:  # the file was overwritten or removed under us: rebuilt on the next run
-    state["_sae_index_damaged"] = True
-    st.rerun()
+except sae_index.IndexCorrupt as err:  # the file was overwritten or removed under us: rebuilt on the next run
+    retries = state.get("_sae_index_retries", 0)
+    if retries < 1:
+        state["_sae_index_damaged"] = True
+        state["_sae_index_retries"] = retries + 1
+        st.rerun()
+    st.warning(session.md_escape(f"The feature index cannot be read, even rebuilt: {err}"))  # no endless reruns
+else:
+    state["_sae_index_retries"] = 0
 session.sidebar_footer()

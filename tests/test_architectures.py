@@ -49,10 +49,12 @@ def test_attribution_adds_up_on_every_architecture(switched, difference):
     logits, cache = model.run_with_cache(tokens)
     answers, wrongs = torch.tensor([5, 9, 17]), (torch.tensor([8, 40, 6]) if difference else None)
     precap = attribution.precap_target(model, cache, answers, wrongs)
+    cap = model.cfg.output_logits_soft_cap
     for fn in (attribution.by_component, attribution.by_head, attribution.accumulated):
         att = fn(model, cache, answers, wrongs)
         total = att.values[-1] + att.bias if fn is attribution.accumulated else att.total()
         torch.testing.assert_close(total, precap, atol=ATOL, rtol=0)
+        assert att.softcap == (cap if cap > 0 else None), fn.__name__  # says when it is the pre-cap logit
     # The pre-cap logits, computed independently: the final residual stream through ln_final and W_U.
     resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1]
     if model.cfg.normalization_type is not None:
@@ -61,14 +63,11 @@ def test_attribution_adds_up_on_every_architecture(switched, difference):
     idx = torch.arange(3)
     ref = raw[idx, answers] - (raw[idx, wrongs] if difference else 0)
     torch.testing.assert_close(precap, ref, atol=ATOL, rtol=0)
-    cap = model.cfg.output_logits_soft_cap
-    if cap > 0:  # the model's logits are capped; the attribution says it explains the pre-cap logit
-        assert att.softcap == cap
+    if cap > 0:  # the model's logits are capped: the target read from them is the capped value
         capped = cap * torch.tanh(raw / cap)
         torch.testing.assert_close(attribution.target(model, logits, answers, wrongs),
                                    capped[idx, answers] - (capped[idx, wrongs] if difference else 0), atol=ATOL, rtol=0)
     else:
-        assert att.softcap is None
         torch.testing.assert_close(attribution.target(model, logits, answers, wrongs), precap, atol=ATOL, rtol=0)
 
 

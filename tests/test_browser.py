@@ -292,6 +292,12 @@ def test_steering_page_steers_and_the_monitor_trips(server):
         browser.close()
 
 
+def _wait_until_idle(page, timeout_ms: int = 120_000) -> None:
+    """Until Streamlit's running indicator has gone (the script run is over)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
+
+
 def test_a_shared_link_survives_clicking_through_every_page(server):
     """Issue 16: open a shared link, click every page in the sidebar, find the same model and prompt
     on each (the first click used to reset the model and empty the prompt); the same for a task
@@ -306,10 +312,15 @@ def test_a_shared_link_survives_clicking_through_every_page(server):
         page = browser.new_page(viewport={"width": 1280, "height": 720})
         page.goto(link, wait_until="domcontentloaded")
         page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
-        for label, path in (("Logit attribution", "/attribution"), ("Head importance", "/patching"),
-                            ("SAE features", "/saes"), ("Steering", "/steering"), ("Attention", "/attention")):
+        for label, path, title in (("Logit attribution", "/attribution", "Logit attribution"),
+                                   ("Head importance", "/patching", "Head importance"),
+                                   ("SAE features", "/saes", "SAE features"), ("Steering", "/steering", "Steering and monitoring"),
+                                   ("Attention", "/attention", "Attention patterns")):
             page.get_by_role("link", name=label).first.click()
             page.wait_for_url(re.compile(f".*{path}\\?.*"), timeout=60_000)
+            # The new page's own run has drawn its title and finished (not the old page still showing).
+            page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=120_000)
+            _wait_until_idle(page)
             page.get_by_text("3 layers × 4 heads").first.wait_for(timeout=120_000)  # the sidebar's model caption
             assert page.locator("textarea").first.input_value() == prompt, label
             assert "model=ce-circuits-3l-attn" in page.url and "prompt=" in page.url, label

@@ -59,7 +59,6 @@ def test_local_hf_gpt2_folder_matches_hugging_face_logits(tmp_path, tied):
     _assert_same_log_probs(model, hf)
     wte = hf.transformer.wte.weight.detach()
     torch.testing.assert_close(model.W_E, wte - wte.mean(-1, keepdim=True), atol=1e-6, rtol=0)
-    assert model.W_U.data_ptr() != model.W_E.data_ptr()
 
 
 def test_unknown_name_is_a_clear_error():
@@ -146,3 +145,18 @@ def test_cached_pretrained_model_loads_offline_without_retries(offline_hub, tmp_
 def test_names_the_os_refuses_are_clear_errors(name):
     with pytest.raises(ModelLoadError, match="not a model name or a folder path|Unknown model"):
         load_model(name)
+
+
+@pytest.mark.parametrize("switch", ["ln-standard", "rms-rotary", "no-norm", "shortformer-attn-only", "alibi",
+                                    "gqa-rotary", "softcap", "attn-result"])
+def test_processing_a_loaded_model_keeps_its_log_probs(switch):
+    """`_process` folds and centres as TL's from_pretrained does, with its exceptions (shortformer,
+    soft cap, post-norm): the model's log-probabilities do not change on any architecture."""
+    from random_models import SWITCHES, random_model, random_tokens
+
+    model = random_model(seed=6, **SWITCHES[switch])
+    tokens = random_tokens(model, batch=2, pos=10)
+    with torch.no_grad():
+        before = model(tokens).log_softmax(-1)
+        after = models._process(model)(tokens).log_softmax(-1)
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=0)

@@ -330,3 +330,24 @@ def test_normaliser_effect_size_against_a_hand_computation():
         assert n.effect == pytest.approx(float(c.mean() - k.mean()) / pooled, rel=1e-4)
         assert n.meaningful is meaningful
         assert float(n(torch.tensor(n.clean))) == pytest.approx(1.0) and float(n(torch.tensor(n.corrupted))) == pytest.approx(0.0)
+
+
+def test_default_answers_are_known_by_id_even_when_their_text_does_not_tokenise_back():
+    """A word-piece top token ("##61" shows as "61") is a valid default answer: the typed pair uses
+    the model's own top-2 token ids, as the Logit attribution page does."""
+    model = models.load_model("ce-circuits-3l-mlp")
+    prompt = "The war lasted from the year 17"
+    at = _app(page="patching", model="ce-circuits-3l-mlp", prompt=prompt)
+    at.segmented_control(key="hi_pair").set_value("typed").run()
+    with torch.no_grad():
+        top = model(model.to_tokens(prompt))[0, -1].topk(2).indices
+    assert [at.text_input(key=k).value for k in ("pair_answer", "pair_wrong")] == \
+        [model.tokenizer.decode([int(t)]) for t in top]
+    at.text_input(key="pair_corrupted").set_value("The war lasted from the year 18").run()
+    assert not at.exception and not any("vocabulary" in _plain(w.value) for w in at.warning)
+    task = tasks.Task("pair", "", "logit_diff", model.to_tokens(prompt), model.to_tokens("The war lasted from the year 18"),
+                      top[:1], top[1:], [prompt], [""])
+    with torch.no_grad():
+        clean = float(task.metric(model(task.clean_tokens)))
+    caption = " ".join(_plain(c.value) for c in at.caption)
+    assert f"clean run {clean:+.4f}" in caption

@@ -730,3 +730,19 @@ def test_data_folder_is_bounded_least_recently_used_first(mlp_lm, loaded, small_
 def test_impossible_folder_paths_are_messages(text):
     with pytest.raises(saes.SAELoadError, match="NUL character|too long for this machine's file system"):
         saes.load_local(text)
+
+
+def test_model_fingerprint_ignores_the_switches_runs_flip():
+    """The index key must not depend on state a concurrent run flips (split q/k/v inputs while an
+    ablation runs, default_prepend_bos while text is tokenised): else one index is built twice."""
+    from core import store
+
+    during_a_run = models.load_model("ce-circuits-3l-attn")
+    with store.locked(during_a_run, use_split_qkv_input=True):  # as in an ablation's forward pass
+        during_a_run.cfg.default_prepend_bos = False  # as inside to_tokens(prepend_bos=False)
+        try:
+            flipped = sae_index.model_fingerprint(during_a_run)
+        finally:
+            during_a_run.cfg.default_prepend_bos = True
+    between_runs = models.load_model("ce-circuits-3l-attn")
+    assert sae_index.model_fingerprint(between_runs) == flipped

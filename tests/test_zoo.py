@@ -8,7 +8,6 @@ from core.models import ZOO_DIR
 from core.zoo import induction_card, train_induction
 from core.zoo.vocab import build_tokenizer, vocabulary
 
-pytestmark = pytest.mark.slow  # re-measures the committed models' cards
 
 MODEL_DIR = ZOO_DIR / "ce-induction-2l"
 
@@ -23,6 +22,7 @@ def card():
     return json.loads((MODEL_DIR / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_card_numbers_reproduce(measured, card):
     assert measured["induction_head"] == card["induction_head"]
     assert measured["previous_token_heads"] == card["previous_token_heads"]
@@ -39,6 +39,7 @@ def test_card_numbers_reproduce(measured, card):
     assert f"Induction head L{layer}H{head}**: induction score {card['head_scores']['induction'][layer][head]:.3f}" in text
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_textbook_induction_mechanism(measured):
     scores = measured["head_scores"]
     layer, head = measured["induction_head"]
@@ -47,12 +48,14 @@ def test_textbook_induction_mechanism(measured):
     assert prev and all(l == 0 and scores["previous_token"][l][h] >= 0.5 for l, h in prev)
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_all_induction_heads_k_ablation_breaks_the_circuit(measured):
     c = measured["composition_all_induction_heads"]
     assert c["k"]["loss"] >= c["none"]["loss"] + 2.0
     assert all(abs(c[on]["loss"] - c["none"]["loss"]) <= 0.5 for on in ("q", "v"))
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_k_composition(measured):
     c = measured["composition"]
     base = c["none"]
@@ -95,6 +98,7 @@ def test_vocabulary_is_unique_and_tokenizer_round_trips():
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == text
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_training_is_deterministic(tmp_path):
     """Two short runs of the training script with the same seed give bit-identical weights."""
     from safetensors.torch import load_file

@@ -8,7 +8,6 @@ import torch
 from core.models import ZOO_DIR
 from core.zoo import corpus, lm_card, train_lm
 
-pytestmark = pytest.mark.slow  # re-measures the committed models' cards
 
 MODELS = ["ce-circuits-3l-attn", "ce-circuits-3l-mlp"]
 
@@ -45,6 +44,7 @@ MEETS = {
 }
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_required_metrics_on_held_out_data(measured):
     model_dir, m, _ = measured
     h = m["headline"]
@@ -63,6 +63,7 @@ def test_attention_only_model_does_ioi_on_held_out_names():
     assert abs(when_went["corrupted_metric"]) < 0.5  # ABC prompts: no reason to prefer either name
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_card_numbers_reproduce(measured):
     model_dir, m, card = measured
     _close(m, {k: v for k, v in card.items() if k != "training"})
@@ -104,6 +105,7 @@ def test_head_noising_matches_a_hand_patch():
     assert float(grid[layer, head]) == pytest.approx((clean - patched) / (clean - bad), abs=1e-4)
 
 
+@pytest.mark.slow  # re-measures a committed model's card (or trains)
 def test_training_is_seeded_and_deterministic(tmp_path):
     """A few steps of the real training loop twice give identical weights (the full run takes minutes)."""
     from dataclasses import replace

@@ -167,12 +167,6 @@ def switch_model(name: str) -> None:
     _model_changed()
 
 
-def switch_source(source: str, template: str | None = None) -> None:
-    """Button callback: take the prompt from a built-in task (e.g. the one a page's demo needs)."""
-    st.session_state["source"] = source
-    st.session_state["template"] = template or task_catalog.default_template(source)
-
-
 def _template_picker(source: str) -> str | None:
     """The template of a text task (a trained one by default), or None for tasks without templates."""
     tpls = task_catalog.templates(source)
@@ -194,9 +188,7 @@ def sidebar() -> Choices:
     _init_state()
     zoo = zoo_models()
     with st.sidebar:
-        params = {k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}
-        for p in PAGES:
-            st.page_link(p.script, label=p.label, icon=p.icon, query_params=params)
+        links = st.container()  # filled last, with the view the widgets below say
         st.header("Model and prompt")
         choice = st.selectbox(
             "Model", zoo + PRETRAINED_SUGGESTIONS + [OTHER], key="model_choice", persist_state="session",
@@ -233,6 +225,10 @@ def sidebar() -> Choices:
                                f"(up to {MAX_URL_PROMPT:,}): a copied link opens the default prompt.")
     else:
         set_url(model=name or None, prompt=None, source=source, example=example, template=template)
+    params = {k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}
+    with links:
+        for p in PAGES:
+            st.page_link(p.script, label=p.label, icon=p.icon, query_params=params)
     return Choices(name, source, text, template, example)
 
 
