@@ -29,9 +29,9 @@ import torch
 
 
 def corpus_rows(tokenizer, spec: dict, n: int, seq_len: int) -> torch.Tensor:
-    from core.zoo import sae_data
+    from core.corpus import documents
 
-    docs = sae_data.documents(dict(spec, documents=n * 4), tokenizer)
+    docs = documents(dict(spec, documents=n * 4), tokenizer)
     stream = [t for d in docs for t in d[1:]]
     rows = [[tokenizer.bos_token_id] + stream[i * (seq_len - 1):(i + 1) * (seq_len - 1)] for i in range(n)]
     return torch.tensor(rows)
@@ -94,7 +94,8 @@ def main() -> None:
     print(f"ours (SQLite index)  {ta:7.2f} s  {n_tokens / ta:10,.0f} tokens/s  {loaded.d_sae / ta:8,.0f} features/s  runs {[round(x, 2) for x in a]}")
     if b:
         tb = statistics.median(b)
-        print(f"sae_dashboard        {tb:7.2f} s  {n_tokens / tb:10,.0f} tokens/s  {loaded.d_sae / tb:8,.0f} features/s  runs {[round(x, 2) for x in b]}")
+        print(f"sae_dashboard        {tb:7.2f} s  {n_tokens / tb:10,.0f} tokens/s  {loaded.d_sae / tb:8,.0f} features/s  "
+              f"runs {[round(x, 2) for x in b]}")
         print(f"ratio: ours is {tb / ta:.1f}× faster")
 
 

@@ -15,25 +15,21 @@ HookedTransformer (sae_lens's HookedSAETransformer, `transformer_lens.patching` 
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
-import threading
 import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
-
 from typing import TYPE_CHECKING
+
+from core.paths import ZOO_DIR, hub_offline, hub_reachable
 
 if TYPE_CHECKING:  # torch and TransformerLens load in seconds: only when a model is loaded
     from transformer_lens import HookedTransformer
 
-ZOO_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
 DEFAULT_MODEL = "ce-induction-2l"
 CONFIG_FILE = "hooked_config.json"  # not config.json: that name confuses AutoTokenizer
 WEIGHTS_FILE = "model.safetensors"
-HUB_PROBE_SECONDS = 1.0
 MAX_NAME_CHARS = 1024  # longer than any path this machine accepts; a name beyond it is a mistake
 
 
@@ -122,33 +118,6 @@ def _load_zoo(model_dir: Path, device: str) -> HookedTransformer:
     return model.to(device)
 
 
-def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """Can we open a TCP connection to the Hugging Face hub within `timeout` seconds?
-
-    Name resolution can hang far longer than a socket timeout, so the probe runs in a daemon
-    thread and we stop waiting after `timeout`.
-    """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
 def _is_cached(official_name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -168,7 +137,7 @@ def _load_pretrained(name: str, device: str) -> HookedTransformer:
             f"TransformerLens pretrained name (e.g. gpt2-small). {_zoo_hint()}"
         ) from None
     cached = _is_cached(official)
-    reachable = _hub_reachable()
+    reachable = hub_reachable()
     if not cached and not reachable:
         raise ModelLoadError(
             f"Cannot download '{name}' ({official}): the Hugging Face hub is not reachable from "
@@ -176,7 +145,7 @@ def _load_pretrained(name: str, device: str) -> HookedTransformer:
         )
     try:
         # Offline with a cached copy: load it without the hub's retries (minutes otherwise).
-        with _hub_offline(cached and not reachable), warnings.catch_warnings():
+        with hub_offline(cached and not reachable), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             model = HookedTransformer.from_pretrained_no_processing(name, device=device)
     except Exception as err:
@@ -207,27 +176,6 @@ def _process(model: HookedTransformer) -> HookedTransformer:
         center_unembed=not (shortformer or softcap_enabled(cfg.output_logits_soft_cap)),
     )
     return model
-
-
-_hub_mode_lock = threading.Lock()
-
-
-@contextmanager
-def _hub_offline(offline: bool):
-    """Switch huggingface_hub (and so transformers) to offline mode for one pretrained load.
-
-    `HF_HUB_OFFLINE` in os.environ is read once at import, so we set the flag the libraries
-    read at call time. Pretrained loads are serialised so one load's mode never leaks into another's.
-    """
-    from huggingface_hub import constants
-
-    with _hub_mode_lock:
-        old = constants.HF_HUB_OFFLINE
-        constants.HF_HUB_OFFLINE = old or offline
-        try:
-            yield
-        finally:
-            constants.HF_HUB_OFFLINE = old
 
 
 @contextmanager

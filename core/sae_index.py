@@ -22,7 +22,7 @@ Building (a few seconds for the embedded SAEs; more for large SAEs or corpora):
   reruns and navigation, a second session waits on the same build. `open_index` builds in the
   calling thread instead (scripts, tests, benchmarks).
 - Progress says the phase and the time left, from the speed measured after a warm-up.
-- A full disk (or any write failure) is `IndexError_` with a message; the temporary file and its
+- A full disk (or any write failure) is `FeatureIndexError` with a message; the temporary file and its
   SQLite journal are removed, and indexes already built are kept. Temporary files of builds that
   died are swept after an hour.
 - A file damaged after its check (say, overwritten with its size and time unchanged) raises
@@ -52,10 +52,10 @@ import torch
 from transformer_lens import HookedTransformer
 
 from core import store
+from core.paths import DATA_ENV, data_dir
 from core.saes import LoadedSAE, doc_batches, encode
 
 SCHEMA_VERSION = 1
-DATA_ENV = "CIRCUIT_EXPLORER_DATA"
 DATA_BYTES_ENV = "CIRCUIT_EXPLORER_DATA_BYTES"  # cap on the indexes kept in the data folder (LRU)
 DEFAULT_DATA_BYTES = 2 * 1024**3
 TOP_K = 20
@@ -67,11 +67,6 @@ INTERVAL_SEED = 0  # the random examples drawn from each activation interval
 
 Progress = Callable[[float, str], None]
 _clock = time.perf_counter  # the build's clock (tests replace it to check the time-left estimate)
-
-
-def data_dir() -> Path:
-    """Where the app keeps its indexes: $CIRCUIT_EXPLORER_DATA, else `.data/` in the repository."""
-    return Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parent.parent / ".data")
 
 
 def _digest(chunks) -> str:
@@ -147,7 +142,7 @@ class FeatureStats:
         return self.n_fire / self.n_tokens if self.n_tokens else 0.0
 
 
-class IndexError_(Exception):
+class FeatureIndexError(Exception):
     """An index could not be built (empty corpus, full disk, ...); the message is for the user.
 
     `path`: the index file concerned, where there is one (a failed build can be retried)."""
@@ -157,7 +152,7 @@ class IndexError_(Exception):
         self.path = path
 
 
-class IndexCorrupt(IndexError_):
+class IndexCorrupt(FeatureIndexError):
     """An index file became unreadable after it was opened (overwritten, truncated, deleted).
 
     Its validation is forgotten, so the next `open_index` / `request_index` checks it again and
@@ -318,7 +313,7 @@ def _path_lock(path: Path) -> threading.Lock:
 def _clean_docs(docs: list[list[int]]) -> list[list[int]]:
     docs = [d for d in docs if len(d) > 1]  # a document of BOS alone has nothing to index
     if not docs:
-        raise IndexError_("The corpus is empty: give at least one document with a token after BOS.")
+        raise FeatureIndexError("The corpus is empty: give at least one document with a token after BOS.")
     return docs
 
 
@@ -458,11 +453,11 @@ class Build:
         return self._done.wait(timeout)
 
     def result(self) -> FeatureIndex:
-        """The index (raises IndexError_ with the build's message when it failed)."""
+        """The index (raises FeatureIndexError with the build's message when it failed)."""
         if not self.done:
             raise RuntimeError("the index is still being built")
         if self.error is not None:
-            raise IndexError_(self.error, self.path)
+            raise FeatureIndexError(self.error, self.path)
         return self.index
 
     def _finish(self, index: FeatureIndex | None = None, error: str | None = None) -> None:
@@ -486,7 +481,7 @@ def request_index(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[i
 
     The build runs in a daemon thread owned by this module, so it outlives the Streamlit run (and
     the session) that asked for it; it builds with `open_index` (temporary file, atomic rename),
-    at most one at a time. Raises IndexError_ for an empty corpus.
+    at most one at a time. Raises FeatureIndexError for an empty corpus.
     """
     docs = _clean_docs(docs)
     key = index_key(model, loaded, docs)
@@ -538,7 +533,7 @@ def _build_in_background(build: Build, model: HookedTransformer, loaded: LoadedS
             build.progress(0.0, "starting")
             index = open_index(model, loaded, docs, build.progress, directory)
         build._finish(index=index)
-    except IndexError_ as err:
+    except FeatureIndexError as err:
         build._finish(error=str(err))
     except Exception as err:  # noqa: BLE001 - shown in the page instead of dying silently in a thread
         build._finish(error=f"The feature index could not be built: {type(err).__name__}: {err}")
@@ -818,7 +813,7 @@ def collect(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]],
 def build(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]], path: Path, key: str,
           progress: Progress | None = None) -> None:
     """Compute the index of (model, SAE, corpus) and write it to `path` (atomically: a temporary
-    file, renamed when complete). Raises IndexError_ with a message for the user when the disk is
+    file, renamed when complete). Raises FeatureIndexError with a message for the user when the disk is
     full or the file cannot be written; the temporary file and its journal are removed then too."""
     start = _clock()
     d_sae = loaded.d_sae
@@ -873,7 +868,7 @@ def build(model: HookedTransformer, loaded: LoadedSAE, docs: list[list[int]], pa
     except BaseException as err:
         _remove_temporary(tmp)
         if isinstance(err, (sqlite3.OperationalError, OSError)):
-            raise IndexError_(_write_failure(err, path.parent), path) from err
+            raise FeatureIndexError(_write_failure(err, path.parent), path) from err
         raise
     report.finished(nonzero, _clock() - start - encode_seconds)
     if progress:

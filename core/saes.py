@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from transformer_lens import HookedTransformer
 
 from core import store
 from core.attribution import direct_logit_weight_on, direct_logit_weights
+from core.paths import SAE_DIR, hub_offline, hub_reachable
 
-SAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "saes"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "SAE_CARD.md"
 CFG_FILE = "cfg.json"  # sae_lens's names
@@ -169,8 +170,6 @@ def pretrained_for_model(model: HookedTransformer) -> dict[str, list[str]]:
 
 def load_pretrained(release: str, sae_id: str) -> LoadedSAE:
     """A pretrained SAE from sae_lens's registry; fast, clear failure offline."""
-    from core.models import _hub_offline, _hub_reachable
-
     directory = pretrained_directory()
     if release not in directory:
         raise SAELoadError(f"Unknown SAE release '{release}': it is not in sae_lens's registry.")
@@ -178,9 +177,9 @@ def load_pretrained(release: str, sae_id: str) -> LoadedSAE:
         raise SAELoadError(f"Release '{release}' has no SAE '{sae_id}'.")
     from sae_lens import SAE
 
-    reachable = _hub_reachable()
+    reachable = hub_reachable()
     try:
-        with _hub_offline(not reachable):
+        with hub_offline(not reachable):
             sae = SAE.from_pretrained(release, sae_id, device="cpu")
     except Exception as err:
         if not reachable:
@@ -216,9 +215,7 @@ def check_fits(model: HookedTransformer, loaded: LoadedSAE) -> None:
     if getattr(loaded.sae.cfg.metadata, "hook_head_index", None) is not None:
         raise SAELoadError(f"The SAE reads one head of '{name}' (hook_head_index); this page reads whole hooks only.")
     shape = hook_shape(model, name)
-    width = 1
-    for s in shape:
-        width *= s
+    width = math.prod(shape)
     d_in = int(loaded.sae.cfg.d_in)
     if d_in != width and (len(shape) != 1 or d_in != shape[0]):
         raise SAELoadError(

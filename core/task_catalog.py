@@ -5,7 +5,7 @@ the heavy libraries have loaded. `core.tasks` builds the tasks themselves.
 """
 from __future__ import annotations
 
-from core.zoo import corpus
+from core import corpus
 
 LABELS = {
     "ioi": "IOI (indirect object)",

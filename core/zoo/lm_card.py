@@ -260,7 +260,7 @@ def card_text(m: dict) -> str:
         "",
         "An embedded language model of Circuit Explorer, trained by "
         f"`python -m core.zoo.train_lm {'attn' if cfg.get('attn_only') else 'mlp'}` on the generated zoo corpus "
-        "(`core/zoo/corpus.py`: IOI, greater-than, agreement, induction and filler sentences).",
+        "(`core/corpus.py`: IOI, greater-than, agreement, induction and filler sentences).",
         "",
         f"- Architecture: {arch}.",
         f"- Training: {cfg.get('steps')} steps of {cfg.get('batch')} documents (1 to 3 sentences, up to "
@@ -321,7 +321,9 @@ def card_text(m: dict) -> str:
             mlps = ", ".join(f"MLP{i} {x:+.2f}" for i, x in enumerate(entry["mlp_noising_removed"]))
             lines.append(f"  MLP outputs noised one layer at a time: {mlps}.")
     ioi = c["ioi"]
-    lines += ["", "### IOI heads and their roles", "", "| head | removed | last → IO | last → S | S2 → S1 | S2 → S1+1 | prev-token | role |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "### IOI heads and their roles", "",
+              "| head | removed | last → IO | last → S | S2 → S1 | S2 → S1+1 | prev-token | role |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in ioi["top_heads"]:
         lines.append(
             f"| {r['head']} | {r['removed']:+.2f} | {r['end_to_io']:.2f} | {r['end_to_s']:.2f} | {r['s2_to_s1']:.2f} | "

@@ -4,9 +4,9 @@ One command, seeded, CPU only:
 
     python -m core.zoo.train_induction            # writes assets/models/ce-induction-2l/
 
-Data (generated here, nothing downloaded): sequences of random words from the zoo vocabulary,
-of random length; in most of them a chunk of random length, taken at a random offset, is
-repeated later at another random offset. Learned absolute positions or a fixed repeat length
+Data (`core.corpus.induction_batch`, nothing downloaded): sequences of random words from the
+zoo vocabulary (`core.vocab`), of random length; in most of them a chunk of random length, taken
+at a random offset, is repeated later at another random offset. Learned absolute positions or a fixed repeat length
 let a model use positional shortcuts instead of an induction head; `shortformer` positions
 (added to queries and keys only, never to the residual stream) and random lengths/offsets
 leave the textbook mechanism as the way to lower the loss on repeats.
@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from core import attention
+from core.corpus import induction_batch
+from core.paths import ZOO_DIR
+from core.vocab import build_tokenizer
 from core.zoo import save_checkpoint
-from core.zoo.vocab import build_tokenizer
 
 MODEL_NAME = "ce-induction-2l"
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "models"
 
 
 @dataclass
@@ -75,25 +76,10 @@ def model_config(cfg: TrainConfig, d_vocab: int) -> dict:
 
 
 def make_batch(gen: torch.Generator, cfg: TrainConfig, words: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """[batch, 1 + length] training tokens: BOS, then random words; `length` is random per batch.
-
-    In a `repeat_prob` share of the sequences a chunk of random words is repeated once:
-    a random prefix (0..max_pad words), the chunk, a random gap (0..max_pad), the chunk again,
-    a random tail (0..max_pad). The chunk length (about half the sequence) and both offsets
-    therefore vary from sequence to sequence, so no fixed position or shift predicts the copy.
-    The other sequences are random words throughout.
-    """
-    length = int(torch.randint(cfg.min_len, cfg.n_ctx, (1,), generator=gen))  # tokens after BOS
-    toks = words[torch.randint(0, len(words), (cfg.batch, length), generator=gen)]
-    for b in range(cfg.batch):
-        if torch.rand(1, generator=gen).item() > cfg.repeat_prob:
-            continue
-        prefix, gap, tail = (int(x) for x in torch.randint(0, cfg.max_pad + 1, (3,), generator=gen))
-        k = (length - prefix - gap - tail) // 2
-        second = prefix + k + gap
-        toks[b, second : second + k] = toks[b, prefix : prefix + k]
-    bos = torch.full((cfg.batch, 1), bos_id, dtype=torch.long)
-    return torch.cat([bos, toks], dim=1)
+    """[batch, 1 + length] training tokens: `core.corpus.induction_batch` with this config's
+    batch size, context, minimum length, repeat share and padding."""
+    return induction_batch(gen, words, bos_id, batch=cfg.batch, n_ctx=cfg.n_ctx, min_len=cfg.min_len,
+                           repeat_prob=cfg.repeat_prob, max_pad=cfg.max_pad)
 
 
 def model_with_tokenizer(model, tokenizer):
@@ -151,7 +137,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ASSETS / MODEL_NAME)
+    parser.add_argument("--out", type=Path, default=ZOO_DIR / MODEL_NAME)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)

@@ -5,7 +5,7 @@ One command each, seeded, CPU only (one thread; the two can train side by side o
     python -m core.zoo.train_lm attn     # ce-circuits-3l-attn: 3 layers, attention only
     python -m core.zoo.train_lm mlp      # ce-circuits-3l-mlp: 3 layers with MLPs
 
-Data: short documents (1 to 3 episodes from `core.zoo.corpus`: IOI, greater-than, agreement,
+Data: short documents (1 to 3 episodes from `core.corpus`: IOI, greater-than, agreement,
 induction, filler), drawn on the fly from a seeded generator, batched by length; held-out names
 and templates never appear. Rotary positions: relative offsets come for free, which previous-
 token and induction heads need (learned absolute positions left the copying circuits unformed
@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.corpus import Corpus, CorpusConfig, build_tokenizer
+from core.paths import ZOO_DIR
 from core.zoo import save_checkpoint
-from core.zoo.corpus import Corpus, CorpusConfig, build_tokenizer
-
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "models"
 
 
 @dataclass
@@ -150,7 +149,7 @@ def main() -> None:
     if args.mix:
         shares = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
         cfg = replace(cfg, corpus=replace(cfg.corpus, **shares))
-    out = args.out or ASSETS / cfg.name
+    out = args.out or ZOO_DIR / cfg.name
     info = train(cfg, out, args.snapshot_every)
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     if not args.no_card:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from core.saes import CARD_FILE, METRICS_FILE, SAE_DIR, quality
-from core.zoo import sae_data
+from core.corpus import documents
+from core.paths import SAE_DIR
+from core.saes import CARD_FILE, METRICS_FILE, quality
 
 
 @dataclass
@@ -70,15 +71,14 @@ def corpus_spec(cfg: SAETrainConfig, seed: int, n: int) -> dict:
 def training_rows(cfg: SAETrainConfig, tokenizer) -> list[list[int]]:
     """Rows of exactly `context_size` tokens: BOS, a document, PAD (excluded from training)."""
     n_docs = cfg.training_tokens // 10  # documents average ~20 real tokens; the runner stops at training_tokens
-    docs = sae_data.documents(corpus_spec(cfg, cfg.corpus_seed, n_docs), tokenizer)
+    docs = documents(corpus_spec(cfg, cfg.corpus_seed, n_docs), tokenizer)
     pad = tokenizer.pad_token_id
     return [d + [pad] * (cfg.context_size - len(d)) for d in docs]
 
 
 def train(cfg: SAETrainConfig, out_dir: Path) -> dict:
     from datasets import Dataset
-    from sae_lens import (LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig,
-                          StandardTrainingSAEConfig, TopKTrainingSAEConfig)
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, StandardTrainingSAEConfig, TopKTrainingSAEConfig
 
     from core.models import load_model
 
@@ -116,7 +116,7 @@ def measure(cfg: SAETrainConfig, out_dir: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
     sae = load_local(out_dir).sae
-    docs = sae_data.documents(corpus_spec(cfg, cfg.eval_seed, cfg.eval_documents), model.tokenizer)
+    docs = documents(corpus_spec(cfg, cfg.eval_seed, cfg.eval_documents), model.tokenizer)
     q = quality(model, sae, docs)
     return {
         "name": cfg.name, "model": cfg.model, "hook_name": cfg.hook, "architecture": cfg.architecture,
@@ -135,7 +135,7 @@ def write_card(out_dir: Path, metrics: dict) -> None:
 
 A sparse autoencoder on `{m['hook_name']}` of the embedded model `{m['model']}`, trained offline with
 sae_lens's `LanguageModelSAETrainingRunner` by `python -m core.zoo.train_sae` on the zoo corpus
-(`core.zoo.sae_data`, kind `{m['corpus']['kind']}`). sae_lens disk format: `cfg.json`, `sae_weights.safetensors`.
+(`core.corpus.documents`, kind `{m['corpus']['kind']}`). sae_lens disk format: `cfg.json`, `sae_weights.safetensors`.
 
 - Architecture: {arch}; d_in {m['d_in']}, d_sae {m['d_sae']}.
 - Training: {t.get('train_config', {}).get('training_tokens', '?'):,} tokens in {t.get('train_seconds', '?')} s on CPU.

@@ -1,4 +1,10 @@
-"""The zoo language corpus: seeded, templated English that carries the famous circuits.
+"""The zoo language: the task words and templates, and the seeded corpora made from them.
+
+`core.tasks` builds its prompts from the word lists and templates here; the zoo scripts train
+the embedded models and SAEs on the corpora; the SAE page's feature index reads `documents`.
+Light on purpose: torch is imported only where tensors are made.
+
+The zoo language corpus is seeded, templated English that carries the famous circuits.
 
 Every sentence is made here from word lists and templates; nothing is downloaded. Five kinds
 of episode are mixed into training documents:
@@ -18,14 +24,22 @@ of episode are mixed into training documents:
 A fixed share of the names and one template of each task are **held out**: held-out names
 appear only in filler and name-copying sentences (so their embeddings are trained) and never in
 a task sentence; held-out templates never appear in training. `core/tasks.py` evaluates on them.
+
+Two more corpora: `induction_batch`, random words with a repeated chunk (what `ce-induction-2l`
+is trained on), and `documents(spec, tokenizer)`, the token documents an embedded SAE is
+trained on and its feature index reads, named by a small spec.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from core.zoo import vocab as base_vocab
+from core import vocab as base_vocab
+
+if TYPE_CHECKING:  # torch loads in seconds: only where tensors are made
+    import torch
 
 BOS, EOS, PAD, UNK = base_vocab.BOS, base_vocab.EOS, base_vocab.PAD, base_vocab.UNK
 SPECIALS = base_vocab.SPECIALS
@@ -394,7 +408,7 @@ class Corpus:
         gap = self._encode([_filler(rng, self.all_names) for _ in range(rng.randint(0, 2))]) if rng.random() < 0.5 else []
         return chunk + [t for g in gap for t in g] + chunk
 
-    def batches(self, rng: random.Random, batch: int, n_ctx: int, n_batches: int = 4) -> list["torch.Tensor"]:
+    def batches(self, rng: random.Random, batch: int, n_ctx: int, n_batches: int = 4) -> list[torch.Tensor]:
         """`n_batches` batches of BOS-initial documents, bucketed by length and right-padded with PAD.
 
         Documents of similar length share a batch, so little compute goes to padding; the
@@ -411,3 +425,64 @@ class Corpus:
             out.append(torch.tensor([d + [pad] * (width - len(d)) for d in chunk]))
         rng.shuffle(out)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Random words with a repeated chunk, and the SAE corpora
+# ---------------------------------------------------------------------------------------------
+
+
+def induction_batch(gen: torch.Generator, words: torch.Tensor, bos_id: int, batch: int, n_ctx: int,
+                    min_len: int = 16, repeat_prob: float = 0.8, max_pad: int = 6) -> torch.Tensor:
+    """[batch, 1 + length] tokens: BOS, then random `words` (token ids); `length` is drawn from
+    [min_len, n_ctx) once per batch.
+
+    In a `repeat_prob` share of the sequences a chunk of random words is repeated once:
+    a random prefix (0..max_pad words), the chunk, a random gap (0..max_pad), the chunk again,
+    a random tail (0..max_pad). The chunk length (about half the sequence) and both offsets
+    therefore vary from sequence to sequence, so no fixed position or shift predicts the copy.
+    The other sequences are random words throughout. Every draw comes from `gen`, in a fixed
+    order: the embedded model and SAEs were made from these exact sequences.
+    """
+    import torch
+
+    length = int(torch.randint(min_len, n_ctx, (1,), generator=gen))  # tokens after BOS
+    toks = words[torch.randint(0, len(words), (batch, length), generator=gen)]
+    for b in range(batch):
+        if torch.rand(1, generator=gen).item() > repeat_prob:
+            continue
+        prefix, gap, tail = (int(x) for x in torch.randint(0, max_pad + 1, (3,), generator=gen))
+        k = (length - prefix - gap - tail) // 2
+        second = prefix + k + gap
+        toks[b, second : second + k] = toks[b, prefix : prefix + k]
+    bos = torch.full((batch, 1), bos_id, dtype=torch.long)
+    return torch.cat([bos, toks], dim=1)
+
+
+def documents(spec: dict, tokenizer) -> list[list[int]]:
+    """Token ids of `spec["documents"]` BOS-initial documents of at most `spec["max_len"]` tokens.
+
+    The corpus of an embedded SAE, named by a small spec kept in its `metrics.json`, so the page,
+    the tests and the training script regenerate exactly the same documents:
+
+        {"kind": "zoo-lm", "seed": 7, "documents": 3000, "max_len": 64}
+
+    - `zoo-lm`: documents of the zoo language corpus (`Corpus`), as the task models saw them;
+    - `induction`: random-word sequences with a repeated chunk (`induction_batch`), as
+      `ce-induction-2l` saw them.
+    """
+    kind, seed, n, max_len = spec["kind"], int(spec["seed"]), int(spec["documents"]), int(spec["max_len"])
+    bos = tokenizer.bos_token_id
+    if kind == "zoo-lm":
+        corpus = Corpus(tokenizer)
+        rng = random.Random(seed)
+        return [[bos] + corpus.document(rng, max_len - 1) for _ in range(n)]
+    if kind == "induction":
+        import torch
+
+        special = set(tokenizer.all_special_ids)
+        words = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+        gen = torch.Generator().manual_seed(seed)
+        return [induction_batch(gen, words, bos, batch=1, n_ctx=max_len, min_len=min(16, max_len - 1))[0].tolist()
+                for _ in range(n)]
+    raise ValueError(f"Unknown corpus kind {kind!r}: expected 'zoo-lm' or 'induction'.")

@@ -1,7 +1,9 @@
-"""Word-level vocabulary and tokenizer builder shared by the embedded zoo models.
+"""Word-level vocabulary and tokenizer builder of the embedded zoo models.
 
 The zoo models use a small word-level vocabulary of everyday English words so that
 prompts typed in the app read like text while staying tiny enough to train on a CPU.
+`ce-induction-2l` uses this tokenizer; the task models' (`core.corpus.build_tokenizer`) adds
+the task words, names and year pieces to these words.
 """
 from __future__ import annotations
 
