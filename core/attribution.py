@@ -31,7 +31,7 @@ Notebook use:
     run = store.ActivationStore().get(model, tokens)              # one forward pass
     att = attribution.by_component(model, run.cache, answers, wrongs)
     att.labels, att.mean()                                       # [component]
-    heads = attribution.by_head(model, run.cache, answers, wrongs)  # .grid() -> [layer, head]
+    heads = attribution.by_head(model, run.cache, answers, wrongs)  # head_grid(model, heads) -> [layer, head]
     lens = attribution.logit_lens(model, run.cache, answers)     # per layer x position
 """
 from __future__ import annotations

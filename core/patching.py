@@ -31,9 +31,10 @@ positions), head sweeps [layer, head] over all positions and [layer, pos, head] 
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, utils
@@ -41,6 +42,9 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from core.attribution import final_logits
 from core.store import locked
+
+if TYPE_CHECKING:
+    from core.tasks import Normaliser, Task
 
 LAYER_ACTS = ("resid_pre", "attn_out", "mlp_out")
 HEAD_ACTS = ("z", "q", "k", "v", "pattern")
@@ -74,10 +78,6 @@ class Component:
     @property
     def hook_name(self) -> str:
         return utils.get_act_name(self.act, self.layer)
-
-
-def hook_name(act: str, layer: int) -> str:
-    return utils.get_act_name(act, layer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def _first_change(c: Component, base_cache, src) -> int | None:
 
 def _base_logits(model, base_cache, read: str) -> torch.Tensor:
     """The unpatched run's logits at the read positions, from its cached final residual stream."""
-    resid = base_cache[hook_name("resid_post", model.cfg.n_layers - 1)]
+    resid = base_cache[utils.get_act_name("resid_post", model.cfg.n_layers - 1)]
     return final_logits(model, resid[:, -1:] if read == "last" else resid)
 
 
@@ -290,7 +290,7 @@ def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], s
     for layer in range(comps[0].layer, model.cfg.n_layers):
         joiners = by_layer.get(layer, [])
         if joiners:
-            x = base_cache[hook_name("resid_pre", layer)][:, start:]
+            x = base_cache[utils.get_act_name("resid_pre", layer)][:, start:]
             first = 0 if resid is None else resid.shape[0]
             for n, j in enumerate(joiners):
                 row_of[j] = first + n * n_prompts
@@ -299,8 +299,8 @@ def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], s
         copies = resid.shape[0] // n_prompts
         entry = None
         if start > 0:
-            k = base_cache[hook_name("k", layer)][:, :start]
-            v = base_cache[hook_name("v", layer)][:, :start]
+            k = base_cache[utils.get_act_name("k", layer)][:, :start]
+            v = base_cache[utils.get_act_name("v", layer)][:, :start]
             entry = TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1), frozen=True)
         hooks = []
         for name in {comps[j].hook_name for j in joiners}:
@@ -431,9 +431,7 @@ def every_head_act(model, base_tokens, base_cache, source_cache, metric, by_pos:
     out, i = [], 0
     width = shapes[0][-1]
     for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         part = values[i : i + n].reshape(shape)
         i += n
         if shape[-1] < width:  # grouped-query keys/values: pad as TL does
@@ -566,7 +564,7 @@ def attribution_patch(
     s = SWEEPS[sweep] if isinstance(sweep, str) else sweep
     if s.act in ("mlp_out", "post") and model.cfg.attn_only:
         raise PatchingError("This model has no MLP layers (it is attention-only).")
-    names = [hook_name(s.act, l) for l in range(model.cfg.n_layers)]
+    names = [utils.get_act_name(s.act, l) for l in range(model.cfg.n_layers)]
     acts: dict[str, torch.Tensor] = {}
 
     def keep(act, hook):
@@ -590,3 +588,156 @@ def attribution_patch(
         per_layer.append(d)
     # The metric is a batch mean in the tasks; the gradient already carries the 1/batch.
     return (float(value.detach()) + torch.stack(per_layer).detach()).float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# A task's sweep, labelled: what a page shows and a notebook plots in one line
+# ---------------------------------------------------------------------------------------------
+
+Direction = Literal["denoise", "noise"]
+Method = Literal["exact", "attribution"]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """One sweep on a task, with everything needed to show it.
+
+    values: the sweep in `transformer_lens.patching`'s shape, normalised (1 = the clean run's
+      metric, 0 = the corrupted run's) where that is meaningful (`normalised`), else the change in
+      the raw metric from the unpatched (base) run.
+    raw: the metric of each patched run, unnormalised.
+    dims: the names of the axes of `values` ("layer", "pos", "head"); labels: their labels
+      ("L0", "3: ' Mary'", "H2" — key/value heads of grouped-query models are "KV0").
+    position_hover: per position, its clean token and, where it differs, the corrupted one.
+    """
+
+    sweep: Sweep
+    direction: Direction
+    method: Method
+    values: torch.Tensor
+    raw: torch.Tensor
+    normaliser: "Normaliser"
+    dims: tuple[str, ...]
+    labels: tuple[tuple[str, ...], ...]
+    position_hover: tuple[str, ...]
+    metric_label: str
+
+    @property
+    def normalised(self) -> bool:
+        return self.normaliser.meaningful
+
+    @property
+    def value_label(self) -> str:
+        return "normalised metric" if self.normalised else f"Δ {self.metric_label}"
+
+    @property
+    def baseline(self) -> float:
+        """The value of an unchanged run on the shown scale: the base run's."""
+        if not self.normalised:
+            return 0.0
+        return 0.0 if self.direction == "denoise" else 1.0
+
+    @property
+    def title(self) -> str:
+        return f"{self.sweep.label}: {'exact' if self.method == 'exact' else 'attribution patching'}"
+
+    @property
+    def heads_grid(self) -> torch.Tensor | None:
+        """[layer, head] of a head sweep (by position: each head at its position furthest from the
+        baseline), or None for layer sweeps."""
+        if self.dims[-1] != "head":
+            return None
+        if "pos" not in self.dims:
+            return self.values
+        at = (self.values - self.baseline).abs().argmax(1, keepdim=True)
+        return self.values.gather(1, at).squeeze(1)
+
+
+def component_names(result: SweepResult) -> list[str]:
+    """One name per value of a sweep, in `values.flatten()` order ("L1H2", "L0 pos 3", "L2KV1 pos 0")."""
+    axes = result.labels
+    if result.dims == ("layer", "head"):
+        return [f"{l}{h}" for l in axes[0] for h in axes[1]]
+    if result.dims == ("layer", "pos"):
+        return [f"{l} pos {p}" for l in axes[0] for p in range(len(axes[1]))]
+    return [f"{l}{h} pos {p}" for l in axes[0] for p in range(len(axes[1])) for h in axes[2]]
+
+
+def agreement(exact: SweepResult, estimate: SweepResult) -> float:
+    """Pearson correlation of attribution patching's estimate with exact patching, over components."""
+    a, b = exact.values.flatten().float(), estimate.values.flatten().float()
+    if a.numel() < 2:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def sweep_task(
+    model: HookedTransformer,
+    task: "Task",
+    sweep: str | Sweep,
+    direction: Direction = "denoise",
+    method: Method = "exact",
+    activation_store=None,
+    progress: Progress | None = None,
+    example: int = 0,
+) -> SweepResult:
+    """One patching sweep on a task, labelled (the notebook API: `plots.figure(sweep_task(...))`).
+
+    Denoising runs the corrupted prompts with one activation from the clean run; noising the clean
+    prompts with one from the corrupted run. `method="attribution"` is attribution patching's
+    linear estimate. The runs come from `activation_store` (a new one if None). Positions are
+    labelled with prompt `example`'s tokens.
+    """
+    from core import store as store_module
+    from core.tasks import normaliser
+
+    s = SWEEPS[sweep] if isinstance(sweep, str) else sweep
+    if direction not in ("denoise", "noise"):
+        raise PatchingError(f"Unknown direction {direction!r}: 'denoise' or 'noise'.")
+    if method not in ("exact", "attribution"):
+        raise PatchingError(f"Unknown method {method!r}: 'exact' or 'attribution'.")
+    activation_store = activation_store or store_module.ActivationStore()
+    clean = activation_store.get(model, task.clean_tokens)
+    corrupted = activation_store.get(model, task.corrupted_tokens)
+    norm = normaliser(task, clean.logits, corrupted.logits)
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    if method == "attribution":
+        raw = attribution_patch(model, sweep, base.tokens, source.cache, task.metric)
+    else:
+        raw = run_sweep(model, sweep, base.tokens, base.cache, source.cache, task.metric, progress=progress)
+    base_metric = norm.corrupted if direction == "denoise" else norm.clean
+    values = norm(raw) if norm.meaningful else raw - base_metric
+    clean_str = store_module.str_tokens(model, task.clean_tokens[example])
+    corrupted_str = store_module.str_tokens(model, task.corrupted_tokens[example])
+    n_heads = s.n_heads(model.cfg)
+    h_name = "KV" if n_heads != model.cfg.n_heads else "H"
+    axes = {"layer": tuple(f"L{l}" for l in range(model.cfg.n_layers)),
+            "pos": tuple(f"{p}: {t}" for p, t in enumerate(clean_str)),
+            "head": tuple(f"{h_name}{h}" for h in range(n_heads))}
+    dims = ("layer",) + (("pos",) if s.by_pos else ()) + (("head",) if s.act in HEAD_ACTS else ())
+    hover = tuple(f"position {p}: {c!r}" + (f" (corrupted: {k!r})" if c != k else "")
+                  for p, (c, k) in enumerate(zip(clean_str, corrupted_str)))
+    return SweepResult(s, direction, method, values, raw, norm, dims, tuple(axes[d] for d in dims), hover,
+                       task.metric_label)
+
+
+AblationTarget = Literal["heads", "mlps", "neurons"]
+
+
+def ablate_task(model: HookedTransformer, task: "Task", target: AblationTarget = "heads", kind: AblationKind = "zero",
+                layer: int = 0, activation_store=None, progress: Progress | None = None) -> tuple[AblationResult, "Normaliser"]:
+    """Ablate every head, every MLP layer or every neuron of `layer` on the task's clean prompts:
+    (the AblationResult, the task's Normaliser for showing its metric)."""
+    from core import store as store_module
+    from core.tasks import normaliser
+
+    comps = {"heads": lambda: head_components(model), "mlps": lambda: mlp_components(model),
+             "neurons": lambda: neuron_components(model, layer)}
+    if target not in comps:
+        raise PatchingError(f"Unknown ablation target {target!r}: heads, mlps or neurons.")
+    activation_store = activation_store or store_module.ActivationStore()
+    clean = activation_store.get(model, task.clean_tokens)
+    corrupted = activation_store.get(model, task.corrupted_tokens)
+    result = ablate(model, clean.tokens, clean.cache, comps[target](), task.metric, kind=kind, progress=progress,
+                    logits=clean.logits)
+    return result, normaliser(task, clean.logits, corrupted.logits)

@@ -699,3 +699,47 @@ def probe_accuracy_lines(layer_names: Sequence[str], test: Sequence[float], shuf
     fig.update_layout(title="Linear probe accuracy by layer", yaxis=dict(range=[0, 1.05], title="accuracy"),
                       xaxis=dict(type="category"), height=340, margin=dict(l=10, r=10, t=50, b=10))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled results (core.patching.SweepResult): one call from a notebook or a page
+# ---------------------------------------------------------------------------------------------
+
+
+def figure(result) -> go.Figure:
+    """The figure of a labelled result: a `core.patching.SweepResult` as a diverging heatmap on its
+    own axes ([layer, head], [layer, pos], or head rows by position), hover naming each cell (the
+    position's clean and corrupted tokens), head cells clickable (customdata [layer, head])."""
+    from core.patching import SweepResult
+
+    if not isinstance(result, SweepResult):
+        raise TypeError(f"plots.figure draws a SweepResult, not {type(result).__name__}.")
+    values, dims, labels = result.values, result.dims, result.labels
+    layers = labels[0]
+    if dims == ("layer", "head"):
+        heads = labels[1]
+        names = [[f"{l}{h}" for h in heads] for l in layers]
+        kv = heads[0].startswith("KV")  # a key/value head serves several query heads: not clickable
+        cells = None if kv else [[(i, j) for j in range(len(heads))] for i in range(len(layers))]
+        return importance_heatmap(values, layers, heads, result.title, result.value_label, names, heads=cells)
+    positions = [safe(p) for p in labels[1]]
+    hover_pos = [safe(h) for h in result.position_hover]
+    if dims == ("layer", "pos"):
+        hover = [[f"{l} {hover_pos[p]}" for p in range(len(positions))] for l in layers]
+        return importance_heatmap(values, layers, positions, result.title, result.value_label, hover)
+    heads = labels[2]  # ("layer", "pos", "head"): rows L.H, columns positions
+    grid = values.permute(0, 2, 1).reshape(len(layers) * len(heads), -1)
+    rows = [f"{l}{h}" for l in layers for h in heads]
+    hover = [[f"{r} {hover_pos[p]}" for p in range(len(positions))] for r in rows]
+    kv = heads[0].startswith("KV")
+    cells = None if kv else [[(i, j)] * len(positions) for i in range(len(layers)) for j in range(len(heads))]
+    return importance_heatmap(grid, rows, positions, result.title, result.value_label, hover, heads=cells)
+
+
+def head_heatmap(grid: torch.Tensor, title: str, value_label: str) -> go.Figure:
+    """A [layer, head] grid of per-head numbers (ablation effects…), cells clickable as in `figure`."""
+    n_layers, n_heads = grid.shape
+    ys, xs = [f"L{l}" for l in range(n_layers)], [f"H{h}" for h in range(n_heads)]
+    names = [[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)]
+    cells = [[(l, h) for h in range(n_heads)] for l in range(n_layers)]
+    return importance_heatmap(grid, ys, xs, title, value_label, names, heads=cells)

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, utils
 
 from core import store
+from core.paths import data_dir
 
 MAX_ALPHA = 100.0  # |alpha| above this many direction norms is refused
 MIN_PROBE_PROMPTS = 8  # per class
@@ -58,10 +59,6 @@ class Direction:
     @property
     def unit(self) -> torch.Tensor:
         return self.vector / self.vector.norm().clamp_min(1e-12)
-
-
-def resid_hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_pre"
 
 
 def check_direction(model: HookedTransformer, direction: Direction) -> None:
@@ -106,8 +103,8 @@ def _prompt_tokens(model: HookedTransformer, prompts: list[str]) -> list[torch.T
 
 
 def residuals(model: HookedTransformer, prompts: list[str], layer: int, position: int | None) -> torch.Tensor:
-    """[n, d_model]: each prompt's residual stream at `resid_hook(layer)`, at `position` (None = last token)."""
-    name = resid_hook(layer)
+    """[n, d_model]: each prompt's residual stream at `blocks.{layer}.hook_resid_pre`, at `position` (None = last token)."""
+    name = utils.get_act_name("resid_pre", layer)
     out = []
     for tokens in _prompt_tokens(model, prompts):
         pos = len(tokens) - 1 if position is None else position
@@ -128,7 +125,7 @@ def contrastive_direction(model: HookedTransformer, positive: list[str], negativ
     vector = pos.mean(0) - neg.mean(0)
     unit = vector / vector.norm().clamp_min(1e-12)
     hi, lo = float(pos.mean(0) @ unit), float(neg.mean(0) @ unit)
-    return Direction(name, resid_hook(layer), vector.detach().clone(), "contrast",
+    return Direction(name, utils.get_act_name("resid_pre", layer), vector.detach().clone(), "contrast",
                      {"model": model.cfg.model_name, "positive": len(pos), "negative": len(neg),
                       "position": "last" if position is None else position,
                       "positive_projection": hi, "negative_projection": lo,
@@ -145,7 +142,7 @@ def sae_direction(loaded, feature: int, name: str | None = None, model_name: str
         raise SteeringError(f"Only residual-stream SAEs give a steering direction; this one reads '{hook}'.")
     layer = int(m.group(1)) + (1 if m.group(2) == "post" else 0)
     vector = loaded.sae.W_dec[int(feature)].detach().clone().float()
-    return Direction(name or f"sae-{feature}", resid_hook(layer), vector, "sae",
+    return Direction(name or f"sae-{feature}", utils.get_act_name("resid_pre", layer), vector, "sae",
                      {"model": model_name, "sae": loaded.sae_id, "feature": int(feature)})
 
 
@@ -256,8 +253,7 @@ def default_demo_check(model: HookedTransformer) -> DemoCheck:
 
 
 def directions_dir() -> Path:
-    from core.sae_index import data_dir
-
+    """Where saved directions go: `directions/` in the app's data folder."""
     return data_dir() / "directions"
 
 
@@ -376,13 +372,25 @@ def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, k: i
     `base_logits` [1, pos, d_vocab]: the unsteered run's logits when the caller has them (the
     activation store's), so the plain forward pass is not run again.
     """
-    base = (store.run(model, tokens) if base_logits is None else base_logits)[0, -1].float()
-    steered = store.run_with_hooks(model, tokens, hooks)[0, -1].float()
-    p, q = base.log_softmax(-1), steered.log_softmax(-1)
+    base = (store.run(model, tokens) if base_logits is None else base_logits)[0, -1]
+    steered = store.run_with_hooks(model, tokens, hooks)[0, -1]
+    return distribution_shift(base, steered, k)
+
+
+def distribution_shift(base: torch.Tensor, changed: torch.Tensor, k: int = 10) -> dict:
+    """How an intervention changed one next-token distribution: logits [d_vocab] before and after.
+
+    rows: the union of the k most likely tokens before and the k most likely after (up to 2k), each
+    with both probabilities and the logit change, largest probability (of either run) first, so a
+    prediction the intervention removed stays in view; kl: KL(before ‖ after) in nats; the top
+    token of each run.
+    """
+    base, changed = base.float(), changed.float()
+    p, q = base.log_softmax(-1), changed.log_softmax(-1)
     kl = float((p.exp() * (p - q)).sum())
     top = torch.unique(torch.cat([p.topk(k).indices, q.topk(k).indices]))
     rows = sorted(({"token": int(t), "before": float(p[t].exp()), "after": float(q[t].exp()),
-                    "logit change": float(steered[t] - base[t])} for t in top.tolist()),
+                    "logit change": float(changed[t] - base[t])} for t in top.tolist()),
                   key=lambda r: (-max(r["before"], r["after"]), r["token"]))
     return {"rows": rows, "kl": kl, "top_before": int(p.argmax()), "top_after": int(q.argmax())}
 
@@ -547,7 +555,7 @@ class ProbeResult:
 def probe_features(model: HookedTransformer, tokens: torch.Tensor, position: int | None = None) -> torch.Tensor:
     """[layer + 1, batch, d_model]: resid_pre of every layer and the final resid_post, at a position
     (None = last token) of equal-length prompts."""
-    names = [resid_hook(l) for l in range(model.cfg.n_layers)] + [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    names = [utils.get_act_name("resid_pre", l) for l in range(model.cfg.n_layers)] + [utils.get_act_name("resid_post", model.cfg.n_layers - 1)]
     _, cache = store.run_with_cache(model, tokens, names_filter=lambda n: n in names)
     pos = tokens.shape[1] - 1 if position is None else position
     return torch.stack([cache[n][:, pos] for n in names]).float()
@@ -615,7 +623,7 @@ def probe_direction(result: ProbeResult, layer: int, name: str = "probe", model_
     u = w / w.norm().clamp_min(1e-12)
     # Scaled like a contrast direction: the class-mean gap along the probe's unit weight, so α = 1
     # moves a prompt by about the distance between the classes; its threshold is the decision boundary.
-    return Direction(name, resid_hook(layer), (u * result.gaps[layer]).clone(), "probe",
+    return Direction(name, utils.get_act_name("resid_pre", layer), (u * result.gaps[layer]).clone(), "probe",
                      {"model": model_name, "test_accuracy": result.test_accuracy[layer],
                       "threshold": -b / float(w.norm().clamp_min(1e-12))})
 
@@ -651,3 +659,32 @@ def task_probe_data(model: HookedTransformer, task: str, n: int = 96, seed: int 
     else:
         raise SteeringError(f"No probe labels for task {task!r}: 'sva' or 'ioi'.")
     return probe_features(model, t.clean_tokens), labels, meaning
+
+
+def probes_with_control(model: HookedTransformer, source: str, positive: list[str] | None = None,
+                        negative: list[str] | None = None):
+    """(probes, shuffled-label control probes, what the labels mean) for one layer each.
+
+    source "typed": label 1 for the `positive` prompts and 0 for the `negative` ones (read at each
+    prompt's last token); otherwise a task's labelled prompts (`task_probe_data`). The control is
+    trained on the same features with the labels shuffled (seeded): a probe that beats it reads
+    information that is there, not noise.
+    """
+    if source == "typed":
+        positive, negative = list(positive or []), list(negative or [])
+        x = prompt_probe_features(model, positive + negative)
+        y = torch.tensor([1] * len(positive) + [0] * len(negative))
+        meaning = "1 = the left list, 0 = the right list; read at each prompt's last token"
+    else:
+        x, y, meaning = task_probe_data(model, source)
+    names = probe_layer_names(model)
+    real = train_probes(x, y, layer_names=names)
+    shuffled = train_probes(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))], layer_names=names)
+    return real, shuffled, meaning
+
+
+def direction_file(direction: Direction) -> bytes:
+    """A direction's vector as a safetensors file (for a download)."""
+    from safetensors.torch import save
+
+    return save({"vector": direction.vector.contiguous()})

@@ -188,11 +188,93 @@ def _cache_nbytes(logits: torch.Tensor, cache: ActivationCache) -> int:
     return total
 
 
+class KeyedCache:
+    """A thread-safe LRU of computed values, bounded by a cost (bytes, or a count), computing each
+    key once: two callers asking for the same key at once wait for one computation.
+
+    A value costlier than the whole cap is returned but not kept, so the cap is never exceeded. A
+    computation that raises stores nothing; the next caller computes again.
+    """
+
+    def __init__(self, max_cost: int, cost: Callable[[object], int] = lambda value: 1):
+        if max_cost < 0:
+            raise ValueError("max_cost must be >= 0")
+        self.max_cost = max_cost
+        self._cost_of = cost
+        self._entries: OrderedDict = OrderedDict()  # key -> (value, cost)
+        self._total = 0
+        self._lock = threading.Lock()
+        self._key_locks: dict = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key, compute: Callable[[], object]):
+        """The value for `key`, from `compute()` the first time."""
+        with self._lock:
+            found, value = self._lookup(key)
+            if found:
+                return value
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one computation per key; the others wait for it
+            with self._lock:
+                found, value = self._lookup(key)
+                if found:
+                    return value
+            done = False
+            try:
+                value = compute()
+                done = True
+            finally:
+                # Store before releasing the per-key lock, so a caller that was waiting on it
+                # finds the value instead of computing it again.
+                with self._lock:
+                    self._key_locks.pop(key, None)
+                    if done:
+                        self.misses += 1
+                        cost = self._cost_of(value)
+                        if cost <= self.max_cost:
+                            self._entries[key] = (value, cost)
+                            self._total += cost
+                            self._evict()
+            return value
+
+    def _lookup(self, key) -> tuple[bool, object]:
+        """(found, value) for `key`, marked most recently used (caller holds the lock)."""
+        hit = self._entries.get(key)
+        if hit is None:
+            return False, None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return True, hit[0]
+
+    def _evict(self) -> None:
+        """Drop least recently used entries until within the cap (caller holds the lock)."""
+        while self._entries and self._total > self.max_cost:
+            _, (_, cost) = self._entries.popitem(last=False)
+            self._total -= cost
+
+    @property
+    def total(self) -> int:
+        """The summed cost of what is held now."""
+        with self._lock:
+            return self._total
+
+    def values(self) -> list:
+        """What is held, least recently used first."""
+        with self._lock:
+            return [value for value, _ in self._entries.values()]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._total = 0
+
+
 class ActivationStore:
     """LRU store of `run_with_cache` results keyed by (model, tokens), bounded in bytes.
 
-    Thread-safe. Two callers asking for the same run at once wait for one forward pass.
-    A run larger than the whole cap is returned but not kept, so the cap is never exceeded.
+    Thread-safe (a `KeyedCache` costed in bytes). Two callers asking for the same run at once wait
+    for one forward pass. A run larger than the whole cap is returned but not kept.
     """
 
     def __init__(self, max_bytes: int | None = None):
@@ -201,12 +283,15 @@ class ActivationStore:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, CachedRun] = OrderedDict()
-        self._nbytes = 0
-        self._lock = threading.Lock()
-        self._key_locks: dict[tuple, threading.Lock] = {}
-        self.hits = 0
-        self.misses = 0
+        self._runs = KeyedCache(max_bytes, cost=lambda run: run.nbytes)
+
+    @property
+    def hits(self) -> int:
+        return self._runs.hits
+
+    @property
+    def misses(self) -> int:
+        return self._runs.misses
 
     @staticmethod
     def _key(model: HookedTransformer, tokens: torch.Tensor) -> tuple:
@@ -218,57 +303,21 @@ class ActivationStore:
             tokens = tokens.unsqueeze(0)
         tokens = tokens.detach().to("cpu")
         key = self._key(model, tokens)
-        with self._lock:
-            hit = self._lookup(key)
-            if hit is not None:
-                return hit
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:  # one forward pass per key; the others wait for it
-            with self._lock:
-                hit = self._lookup(key)
-                if hit is not None:
-                    return hit
-            entry = None
-            try:
-                logits, cache = run_with_cache(model, tokens.to(model.cfg.device))
-                entry = CachedRun(key[0], tokens, logits, cache, _cache_nbytes(logits, cache))
-            finally:
-                # Store before releasing the per-key lock, so a caller that was waiting on it
-                # finds the entry instead of running the model again.
-                with self._lock:
-                    self._key_locks.pop(key, None)
-                    if entry is not None:
-                        self.misses += 1
-                        if entry.nbytes <= self.max_bytes:
-                            self._entries[key] = entry
-                            self._nbytes += entry.nbytes
-                            self._evict()
-            return entry
 
-    def _lookup(self, key: tuple) -> CachedRun | None:
-        """The entry for `key`, marked most recently used (caller holds the lock)."""
-        hit = self._entries.get(key)
-        if hit is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return hit
+        def forward() -> CachedRun:
+            logits, cache = run_with_cache(model, tokens.to(model.cfg.device))
+            return CachedRun(key[0], tokens, logits, cache, _cache_nbytes(logits, cache))
 
-    def _evict(self) -> None:
-        """Drop least recently used entries until within the cap (caller holds the lock)."""
-        while self._entries and self._nbytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self._nbytes -= old.nbytes
+        return self._runs.get(key, forward)
 
     @property
     def nbytes(self) -> int:
         """Bytes of activations held now (logits and every cached tensor's storage, once each)."""
-        with self._lock:
-            return self._nbytes
+        return self._runs.total
 
     def entries(self) -> list[StoreEntry]:
         """What the store holds, least recently used first."""
-        with self._lock:
-            return [StoreEntry(e.model_key, tuple(e.tokens.shape), e.nbytes) for e in self._entries.values()]
+        return [StoreEntry(e.model_key, tuple(e.tokens.shape), e.nbytes) for e in self._runs.values()]
 
     def describe(self) -> str:
         entries = self.entries()
@@ -279,6 +328,4 @@ class ActivationStore:
         )
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._nbytes = 0
+        self._runs.clear()

@@ -34,10 +34,9 @@ from typing import Callable, Literal
 import torch
 from transformer_lens import HookedTransformer
 
-from core import store
+from core import corpus, store
 from core.store import run
 from core.task_catalog import BATCH, LABELS, templates  # noqa: F401  (re-exported: tasks.LABELS)
-from core.zoo import corpus
 
 Split = Literal["held_out", "train"]
 MetricKind = Literal["logit_diff", "prob_diff"]
@@ -156,6 +155,17 @@ class Normaliser:
         """Normalised values: 1 = the clean run's metric, 0 = the corrupted run's."""
         return normalised(values, self.clean, self.corrupted)
 
+    def change_from_clean(self, values) -> torch.Tensor:
+        """[n] what ablating each component did to the metric of the clean run: the change in the
+        normalised metric (0 = none, -1 = the clean behaviour gone) where that is meaningful, else
+        in the raw metric (`change_label` says which)."""
+        values = torch.as_tensor(values, dtype=torch.float32)
+        return self(values) - 1.0 if self.meaningful else values - self.clean
+
+    @property
+    def change_label(self) -> str:
+        return "Δ normalised metric" if self.meaningful else "Δ metric from the clean run"
+
 
 def normaliser(task: "Task", clean_logits: torch.Tensor, corrupted_logits: torch.Tensor) -> Normaliser:
     """The task's Normaliser from the clean and corrupted runs' logits [batch, pos, d_vocab]."""
@@ -166,6 +176,18 @@ def normaliser(task: "Task", clean_logits: torch.Tensor, corrupted_logits: torch
         gap = float(clean.mean() - corrupted.mean())
         effect = gap / pooled if pooled > 0 else (float("inf") if gap > 0 else float("-inf"))
     return Normaliser(float(clean.mean()), float(corrupted.mean()), effect)
+
+
+DEMO_ORDER = ("ioi", "sva", "greater_than", "induction")  # the order a page picks a demonstration task in
+MIN_DEMO_ACCURACY = 0.8
+
+
+def solves(model: HookedTransformer, task: "Task", min_accuracy: float = MIN_DEMO_ACCURACY) -> bool:
+    """Whether the model does the task: the answer beats the wrong token on at least `min_accuracy`
+    of the clean prompts, and the clean - corrupted gap makes normalised numbers meaningful."""
+    with torch.no_grad():
+        clean, corrupted = run(model, task.clean_tokens), run(model, task.corrupted_tokens)
+    return task.accuracy(clean) >= min_accuracy and normaliser(task, clean, corrupted).meaningful
 
 
 @dataclass(frozen=True)
@@ -232,13 +254,13 @@ def _split_template(text: str) -> tuple[str, str]:
     return (before[:-1], " ") if before.endswith(" ") else (before, "")
 
 
-def _pick_template(templates: list[corpus.Template], split: Split, template: str | None) -> corpus.Template:
+def _pick_template(options: list[corpus.Template], split: Split, template: str | None) -> corpus.Template:
     if template is not None:
-        for t in templates:
+        for t in options:
             if t.name == template:
                 return t
-        raise TaskError(f"Unknown template '{template}'. Known: {', '.join(t.name for t in templates)}.")
-    candidates = [t for t in templates if t.held_out == (split == "held_out")]
+        raise TaskError(f"Unknown template '{template}'. Known: {', '.join(t.name for t in options)}.")
+    candidates = [t for t in options if t.held_out == (split == "held_out")]
     return candidates[0]
 
 

@@ -1,12 +1,14 @@
 """Attention page: one head's pattern, all heads, CircuitsVis, head-type scores, residual norms."""
 import streamlit as st
 
-from core import attention, plots, session
+from core import attention, plots
+from core.ui import cache
+from core.ui import state as ui
 
-view = session.page_view()
+view = ui.page_view()
 
 model, prompt = view.model, view.prompt
-store = session.get_store()
+store = cache.get_store()
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
 
 with st.spinner("Running the model…"):
@@ -15,11 +17,11 @@ with st.spinner("Running the model…"):
 
 # Head-type scores on repeated random tokens: they pick the default head and feed the Q/K/V lesson.
 seq_len = min(attention.DEFAULT_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
-model_id = session.model_key(model)
+model_id = view.model_id
 with st.spinner("Scoring heads on repeated random tokens…"):
-    scores = session.head_scores(model, model_id, seq_len, attention.DEFAULT_BATCH)
+    scores = cache.head_scores(model, seq_len, attention.DEFAULT_BATCH)
 
-session.select_head(n_layers, n_heads, default=attention.strongest_head(scores["induction"]))
+ui.select_head(n_layers, n_heads, default=attention.strongest_head(scores["induction"]))
 c1, c2, c3 = st.columns([1, 1, 3])
 layer = c1.selectbox("Layer", range(n_layers), key="layer")
 head = c2.selectbox("Head", range(n_heads), key="head")
@@ -29,7 +31,7 @@ c3.markdown(
     f"{scores['duplicate_token'][layer, head]:.2f}  \n"
     "Scores on repeated random tokens (1 = all attention on the expected position)."
 )
-session.set_url(layer=layer, head=head)
+ui.set_url(layer=layer, head=head)
 
 tab_head, tab_all, tab_cv, tab_scores, tab_resid = st.tabs(
     ["Selected head", "All heads", "Interactive (CircuitsVis)", "Head scores", "Residual norm"]
@@ -48,7 +50,7 @@ with tab_all:
         plots.all_heads_grid(patterns, prompt.str_tokens, selected=(layer, head)),
         width="stretch",
         key="all_heads",
-        on_select=lambda: session.open_clicked_head("all_heads", n_layers, n_heads),
+        on_select=lambda: ui.open_clicked_head("all_heads", n_layers, n_heads),
         selection_mode="points",
     )
 
@@ -99,8 +101,8 @@ with tab_scores:
         ):
             also = others
         if sources and on:
-            table = session.composition_table(
-                model, model_id, seq_len, attention.DEFAULT_BATCH, tuple(sources), (layer, head), tuple(also)
+            table = cache.composition_table(
+                model, seq_len, attention.DEFAULT_BATCH, tuple(sources), (layer, head), tuple(also)
             )
             base = table[0]
             picked = next(r for r in table if r.on == on.lower())
@@ -124,4 +126,4 @@ with tab_resid:
     norms = attention.residual_norms(run.cache, n_layers)
     st.plotly_chart(plots.residual_norm_heatmap(norms, prompt.str_tokens), width="stretch", key="resid")
 
-session.sidebar_footer()
+ui.sidebar_footer()

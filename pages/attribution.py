@@ -1,14 +1,16 @@
 """Logit attribution page: which components write the answer, the logit lens, neurons."""
 import streamlit as st
 
-from core import attribution, plots, session
+from core import attribution, plots
+from core.ui import cache, widgets
+from core.ui import state as ui
 
-view = session.page_view()
+view = ui.page_view()
 
 model, prompt, task = view.model, view.prompt, view.task
-store = session.get_store()
+store = cache.get_store()
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-decode = session.decode_token
+decode = ui.decode_token
 
 # ---------------------------------------------------------------------------------------------
 # What to explain: one prompt or the task's batch; the answer and the counterfactual token
@@ -26,18 +28,18 @@ tokens = task.clean_tokens if whole_task else prompt.tokens
 with st.spinner("Running the model…"):
     run = store.get(model, tokens)  # the shared store: a second page or a new answer costs no forward pass
 
-target = session.attribution_target(model, prompt, task, run, whole_task)
+target = widgets.attribution_target(model, prompt, task, run, whole_task)
 if target.error:
     st.warning(target.error)
     if target.suggestion is not None:
-        st.button(session.md_escape(f"Use {target.suggestion!r}"), on_click=session.use_suggestion, args=(target.suggestion_key, target.suggestion))
-    session.sidebar_footer()
+        st.button(ui.md_escape(f"Use {target.suggestion!r}"), on_click=widgets.use_suggestion, args=(target.suggestion_key, target.suggestion))
+    ui.sidebar_footer()
     st.stop()
 answers, wrongs, label = target.answers, target.wrongs, target.label
 model_value = float(attribution.target(model, run.logits, answers, wrongs).mean())
 cap = model.cfg.output_logits_soft_cap if model.cfg.output_logits_soft_cap > 0 else None
 st.caption(
-    session.md_escape(
+    ui.md_escape(
         f"Target: {label}"
         + (f", per prompt of the task (answer {decode(model, int(answers[0]))!r} vs "
            f"{decode(model, int(wrongs[0]))!r} in the first)" if whole_task else "")
@@ -79,13 +81,13 @@ with tab_heads:
     )
     clicked = plots.clicked_head(event, n_layers, n_heads)
     if clicked is not None:
-        session.open_head_on_attention_page(*clicked)
+        ui.open_head_on_attention_page(*clicked)
     top = attribution.top_heads(grid, k=min(6, n_layers * n_heads))
     st.caption("Click a head to open its attention pattern, or follow a link:")
     cols = st.columns(len(top))
     for col, (layer, head, value) in zip(cols, top):
         col.page_link("pages/attention.py", label=f"L{layer}H{head} {value:+.2f}",
-                      query_params=session.attention_link_params(layer, head))
+                      query_params=ui.attention_link_params(layer, head))
     st.caption(
         "Blue heads push towards the answer, red against it (diverging scale centred at 0). "
         f"The attention output biases, not a head's, add {float(heads.mean()[-1]):+.4f}."
@@ -136,4 +138,4 @@ with tab_neurons:
             "scale and the unembedding); hover for the activation and the tokens each neuron's output promotes most."
         )
 
-session.sidebar_footer()
+ui.sidebar_footer()

@@ -2,23 +2,24 @@
 import json
 
 import streamlit as st
-import torch
 
-from core import plots, sae_index, saes, session
+from core import plots, sae_index, saes, steering
+from core.ui import cache, widgets
+from core.ui import state as ui
 
-view = session.page_view()
+view = ui.page_view()
 model = view.model
-model_id = session.model_key(model)
+model_id = view.model_id
 state = st.session_state
 
 # ---------------------------------------------------------------------------------------------
 # Which SAE
 # ---------------------------------------------------------------------------------------------
 embedded = saes.embedded_saes(model.cfg.model_name)
-if state.get("sae_source") not in session.SAE_SOURCES:
+if state.get("sae_source") not in cache.SAE_SOURCES:
     state["sae_source"] = "embedded"
 c1, c2 = st.columns([1, 3])
-source = c1.selectbox("SAE from", list(session.SAE_SOURCES), format_func=session.SAE_SOURCES.get, key="sae_source",
+source = c1.selectbox("SAE from", list(cache.SAE_SOURCES), format_func=cache.SAE_SOURCES.get, key="sae_source",
                       persist_state="session",
                       help="Embedded SAEs were trained on the zoo models by core/zoo/train_sae.py and work offline. "
                       "A local folder holds an SAE in sae_lens's disk format. Pretrained SAEs come from sae_lens's "
@@ -36,9 +37,9 @@ with c2:
                 wanted = st.query_params.get("sae")
                 state["sae_embedded"] = wanted if wanted in embedded else embedded[0]
             ident = st.selectbox("Embedded SAE", embedded, key="sae_embedded", persist_state="session")
-            session.set_url(sae=ident)
+            ui.set_url(sae=ident)
             try:
-                loaded = session.load_sae("embedded", ident)
+                loaded = cache.load_sae("embedded", ident)
             except saes.SAELoadError as err:
                 problem = str(err)
     elif source == "local":
@@ -46,14 +47,14 @@ with c2:
                                persist_state="session", placeholder="/path/to/sae")
         if folder.strip():
             try:
-                loaded = session.load_sae("local", folder.strip())
+                loaded = cache.load_sae("local", folder.strip())
             except saes.SAELoadError as err:
                 problem = str(err)
         else:
             problem = "Type the folder of an SAE saved by sae_lens (`sae.save_model(path)`)."
     else:
         with st.spinner("Reading sae_lens's registry…"):
-            releases = session.pretrained_for_model(model, model_id)
+            releases = cache.pretrained_for_model(model)
         if not releases:
             problem = (f"sae_lens's registry has no SAE for {model.cfg.model_name}. Load gpt2-small (or another "
                        "pretrained model) in the sidebar to list its SAEs, or use a local folder.")
@@ -68,18 +69,18 @@ with c2:
             if chosen:
                 with st.spinner("Downloading the SAE…"):
                     try:
-                        loaded = session.load_sae("pretrained", chosen)
+                        loaded = cache.load_sae("pretrained", chosen)
                     except saes.SAELoadError as err:
                         problem = str(err)
             else:
                 problem = "Pick a release and an SAE id, then load it (it is downloaded from the Hugging Face hub)."
 if source != "embedded":
-    session.set_url(sae=None)
+    ui.set_url(sae=None)
 if loaded is not None:
-    problem = session.sae_fit_error(model, model_id, loaded, f"{loaded.source}:{loaded.sae_id}")
+    problem = cache.sae_fit_error(model, loaded)
 if problem:
-    st.warning(session.md_escape(problem))
-    session.sidebar_footer()
+    st.warning(ui.md_escape(problem))
+    ui.sidebar_footer()
     st.stop()
 
 
@@ -126,14 +127,14 @@ def card_help(hook: str, with_card: bool = True) -> str:
 sae = loaded.sae
 card = loaded.card
 if card:
-    st.caption(session.md_escape(
+    st.caption(ui.md_escape(
         f"{loaded.sae_id}: {card['architecture']} SAE on {card['hook_name']}, {card['d_sae']} features. Measured on "
         f"{card['tokens']:,} held-out tokens: L0 {card['l0']:.1f}, explained variance {card['explained_variance']:.3f}, "
         f"{card['dead_features']} dead features, next-token loss {card['ce_loss_clean']:.3f} → "
         f"{card['ce_loss_with_sae']:.3f} with the SAE spliced in ({card['loss_recovered']:.1%} of the loss recovered)."
     ), help=card_help(card["hook_name"]))
 else:
-    st.caption(session.md_escape(f"{loaded.sae_id}: SAE on {loaded.hook_name}, {loaded.d_sae} features "
+    st.caption(ui.md_escape(f"{loaded.sae_id}: SAE on {loaded.hook_name}, {loaded.d_sae} features "
                                  f"(d_in {sae.cfg.d_in})."), help=card_help(loaded.hook_name, with_card=False))
 
 # ---------------------------------------------------------------------------------------------
@@ -142,26 +143,26 @@ else:
 docs, corpus_label = None, None
 if loaded.corpus_spec:
     spec = loaded.corpus_spec
-    docs = session.zoo_documents(model, model_id, json.dumps(spec, sort_keys=True))
+    docs = cache.zoo_documents(model, json.dumps(spec, sort_keys=True))
     corpus_label = f"the zoo corpus ({spec['documents']:,} documents, seed {spec['seed']})"
 else:
     upload = st.file_uploader("Corpus for the feature dashboards: a text file, one document per line", type=["txt"],
                               key="sae_corpus_file")
     if upload is not None:
         try:
-            docs = session.text_documents(model, model_id, upload.getvalue())
+            docs = cache.text_documents(model, upload.getvalue())
             corpus_label = f"{upload.name} ({len(docs):,} documents, one per non-empty line)"
         except saes.SAELoadError as err:
-            st.warning(session.md_escape(str(err)))
-corpus_md = session.md_escape(corpus_label or "")  # an uploaded file's name is the user's text: shown as typed
+            st.warning(ui.md_escape(str(err)))
+corpus_md = ui.md_escape(corpus_label or "")  # an uploaded file's name is the user's text: shown as typed
 index = None
 if docs is not None:
     if state.pop("_sae_index_damaged", None):
         st.info("The feature index file was damaged or removed while in use; it is being rebuilt.")
     try:
-        index = session.feature_index(model, loaded, docs, corpus_label)
-    except sae_index.IndexError_ as err:
-        st.warning(session.md_escape(str(err)))
+        index = widgets.feature_index(model, loaded, docs, corpus_label)
+    except sae_index.FeatureIndexError as err:
+        st.warning(ui.md_escape(str(err)))
         if err.path is not None:
             st.button("Try again", key="sae_index_retry", on_click=sae_index.forget_build, args=(err.path,))
     if index is not None:
@@ -173,24 +174,24 @@ else:
 
 
 def decode(t: int) -> str:
-    return session.decode_token(model, t)
+    return ui.decode_token(model, t)
 
 
 # ---------------------------------------------------------------------------------------------
 # The prompt's features (also picks the default feature)
 # ---------------------------------------------------------------------------------------------
-run = session.get_store().get(model, view.prompt.tokens)
+run = cache.get_store().get(model, view.prompt.tokens)
 acts = saes.prompt_features(model, loaded, run.cache)  # [pos, d_sae]
 acts[0] = 0.0  # BOS: its activations are outliers that every dashboard leaves out
 
 if state.get("_sae_for") != loaded.sae_id:  # first run with this SAE: the URL's feature, else the last token's strongest
-    from_url = session.url_int("feature") if "_sae_for" not in state else None
+    from_url = ui.url_int("feature") if "_sae_for" not in state else None
     state["sae_feature"] = from_url if from_url is not None and 0 <= from_url < loaded.d_sae else int(acts[-1].argmax())
     if from_url is not None and from_url != state["sae_feature"]:
         st.info(f"Feature {from_url} does not exist in this SAE (features 0–{loaded.d_sae - 1}); showing feature "
                 f"{state['sae_feature']}, the strongest at the prompt's last token.")
     state["_sae_for"] = loaded.sae_id
-session.set_url(feature=int(state["sae_feature"]))
+ui.set_url(feature=int(state["sae_feature"]))
 
 VIEWS = {"prompt": "This prompt", "feature": "Feature dashboard", "search": "Search"}
 LOGIT_EFFECT_HELP = (
@@ -293,8 +294,8 @@ def feature_view() -> None:
         text = st.text_input("Text", key="sae_test_text", persist_state="session",
                              placeholder="Type text to see this feature's activation on each token")
         if text.strip():
-            tokens = session.to_tokens(model, text)
-            own = saes.prompt_features(model, loaded, session.get_store().get(model, tokens).cache)[:, f]
+            tokens = ui.to_tokens(model, text)
+            own = saes.prompt_features(model, loaded, cache.get_store().get(model, tokens).cache)[:, f]
             own[0] = 0.0
             labels = [decode(t) for t in tokens[0].tolist()]
             st.html(plots.tinted_tokens_html(labels[1:], own[1:].tolist(), float(own.max())))
@@ -302,19 +303,14 @@ def feature_view() -> None:
         st.markdown("**Ablate or scale this feature** on the sidebar's prompt")
         scale = st.slider("Scale (0 = ablate, 1 = unchanged)", -2.0, 5.0, 0.0, 0.25, key="sae_scale",
                           persist_state="session")
-        base = run.logits[0, -1]
         changed = saes.run_with_feature(model, loaded, view.prompt.tokens, f, scale)[0, -1]
-        p0, p1 = base.softmax(-1), changed.softmax(-1)
-        top = torch.unique(torch.cat([p0.topk(5).indices, p1.topk(5).indices]))
-        rows = sorted(({"token": decode(t), "probability before": float(p0[t]), "probability after": float(p1[t]),
-                        "logit change": float(changed[t] - base[t])} for t in top.tolist()),
-                      key=lambda r: -r["probability after"])
-        st.dataframe(rows, hide_index=True, width="stretch")
-        kl = float((p0 * (p0.clamp_min(1e-30).log() - p1.clamp_min(1e-30).log())).sum())
-        st.caption(session.md_escape(
+        shift = steering.distribution_shift(run.logits[0, -1], changed, k=5)
+        st.dataframe([{"token": decode(r["token"]), "probability before": r["before"], "probability after": r["after"],
+                       "logit change": r["logit change"]} for r in shift["rows"]], hide_index=True, width="stretch")
+        st.caption(ui.md_escape(
             f"Next token after the prompt, with feature {f} × {scale:g} at {loaded.hook_name} (the SAE's error "
-            f"term kept): top is {decode(int(p0.argmax()))!r} → {decode(int(p1.argmax()))!r}; KL {kl:.4f} nats. "
-            f"Feature {f} is {float(acts[-1, f]):.3f} at the last token."), help=KL_HELP)
+            f"term kept): top is {decode(shift['top_before'])!r} → {decode(shift['top_after'])!r}; KL "
+            f"{shift['kl']:.4f} nats. Feature {f} is {float(acts[-1, f]):.3f} at the last token."), help=KL_HELP)
 
 
 def search_label(f: int, *numbers: str) -> str:
@@ -323,9 +319,9 @@ def search_label(f: int, *numbers: str) -> str:
 
 
 def single_token(text: str) -> int | None:
-    tokens = session.to_tokens(model, text, prepend_bos=False)[0]
+    tokens = ui.to_tokens(model, text, prepend_bos=False)[0]
     if text.strip() == "" or len(tokens) != 1:
-        st.warning(session.md_escape(f"'{text}' is {len(tokens)} tokens for this model; type one token."))
+        st.warning(ui.md_escape(f"'{text}' is {len(tokens)} tokens for this model; type one token."))
         return None
     return int(tokens[0])
 
@@ -343,9 +339,9 @@ def search_view() -> None:
             elif t is not None:
                 rows = index.features_for_token(t)
                 if not rows:
-                    st.info(session.md_escape(f"{decode(t)!r} does not occur in ") + f"{corpus_md}.")
+                    st.info(ui.md_escape(f"{decode(t)!r} does not occur in ") + f"{corpus_md}.")
                 else:
-                    st.caption(session.md_escape(
+                    st.caption(ui.md_escape(
                         f"Mean activation over the {rows[0]['occurrences']:,} occurrences of {decode(t)!r}; "
                         "fires: at how many of them the feature is above 0."))
                 for r in rows:
@@ -382,7 +378,7 @@ except sae_index.IndexCorrupt as err:  # the file was overwritten or removed und
         state["_sae_index_damaged"] = True
         state["_sae_index_retries"] = retries + 1
         st.rerun()
-    st.warning(session.md_escape(f"The feature index cannot be read, even rebuilt: {err}"))  # no endless reruns
+    st.warning(ui.md_escape(f"The feature index cannot be read, even rebuilt: {err}"))  # no endless reruns
 else:
     state["_sae_index_retries"] = 0
-session.sidebar_footer()
+ui.sidebar_footer()

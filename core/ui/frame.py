@@ -257,15 +257,15 @@ def draw(spec: PageSpec | None) -> Choices:
 
 def run(page) -> None:
     """Draw the sidebar and the page's title at once, load the model and the prompt behind a
-    spinner, then run the page with that view (see `core.session.page_view`)."""
+    spinner, then run the page with that view (see `core.ui.state.page_view`)."""
     spec = page_spec(page)
     if spec is None:  # the root URL: it only opens a page, at once
         page.run()
         return
     choices = draw(spec)
     with st.spinner("Starting: loading TransformerLens…"):  # seconds on a cold start, once per server
-        from core import session
-    session.run_page(page, choices)
+        from core.ui import state
+    state.run_page(page, choices)
 
 
 def draw_for_unframed_page() -> Choices:

@@ -1,0 +1,274 @@
+"""The one process-wide cache of the app: models, the activation store, and results.
+
+Everything here is shared by every page and browser session. Cached functions that take a model
+are keyed by `store.model_key(model)` (Streamlit's `hash_funcs`), never by the object's id: ids
+are reused after garbage collection. Results that a page draws with a progress bar (patching and
+ablation sweeps) live in a `store.KeyedCache`, the store's own per-key-lock LRU: one computation
+per key, a second caller waits for the first. Nothing here computes an analysis: each function
+calls `core`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+
+import streamlit as st
+from transformer_lens import HookedTransformer
+
+from core import attention, corpus, patching, saes, store, task_catalog, tasks
+from core.models import ModelLoadError, load_model, zoo_models
+from core.store import ActivationStore, KeyedCache, model_key
+
+BY_MODEL = {HookedTransformer: model_key}  # hash_funcs: a model is its key
+BY_MODEL_AND_SAE = {**BY_MODEL, saes.LoadedSAE: lambda loaded: _sae_key(loaded)}
+TASK_BATCH = task_catalog.BATCH
+
+
+def _sae_key(loaded: saes.LoadedSAE) -> tuple:
+    """An SAE as a cache key: where it came from and a hash of its weights and config."""
+    from core import sae_index
+
+    return (loaded.source, loaded.sae_id, sae_index.sae_fingerprint(loaded.sae))
+RESULTS_KEPT = 64
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _cached_model(name: str) -> HookedTransformer:
+    return load_model(name)
+
+
+@st.cache_resource(show_spinner=False)
+def get_store() -> ActivationStore:
+    """The activation store shared by every page and session (cap: CIRCUIT_EXPLORER_STORE_BYTES)."""
+    return ActivationStore()
+
+
+_recent_failures: dict[str, tuple[float, str]] = {}
+FAILURE_MEMORY_SECONDS = 30.0
+
+
+def get_model(name: str) -> HookedTransformer:
+    """The process-wide model for `name` (raises ModelLoadError with a readable message).
+
+    A failure is remembered for a few seconds, so reruns of a page showing it do not probe the
+    hub again on every widget change.
+    """
+    from core.ui.state import md_escape
+
+    failed = _recent_failures.get(name)
+    if failed and time.monotonic() - failed[0] < FAILURE_MEMORY_SECONDS:
+        raise ModelLoadError(failed[1])
+    try:
+        with st.spinner(f"Loading {md_escape(name)}…"):
+            return _cached_model(name)
+    except ModelLoadError as err:
+        _recent_failures[name] = (time.monotonic(), str(err))
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks and head scores
+# ---------------------------------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)
+def head_scores(model: HookedTransformer, seq_len: int, batch: int) -> dict:
+    """Head-type scores of a model on repeated random tokens (seed 0), once per model.
+
+    Computed from attention patterns only, outside the activation store: the full cache of
+    32 x 61 tokens would crowd the store out on a large model.
+    """
+    tokens = attention.repeated_random_tokens(model, seq_len, batch, seed=0)
+    return {k: v.clone() for k, v in attention.head_scores(model, tokens).items()}
+
+
+@st.cache_data(show_spinner=False, max_entries=256, hash_funcs=BY_MODEL)
+def composition_table(model: HookedTransformer, seq_len: int, batch: int, sources: tuple, target: tuple,
+                      also: tuple) -> list:
+    """`attention.composition_table` on the same repeated random tokens, once per model and choice."""
+    tokens = attention.repeated_random_tokens(model, seq_len, batch, seed=0)
+    return attention.composition_table(model, tokens, seq_len, list(sources), target, list(also))
+
+
+@st.cache_data(show_spinner=False, max_entries=64, hash_funcs=BY_MODEL)
+def task_batch(model: HookedTransformer, name: str, n: int = TASK_BATCH, seed: int = 0,
+               template: str | None = None) -> tasks.Task:
+    """A built-in task's batch on held-out names (raises TaskError). `template`: one of the task's
+    corpus templates (default: its trained default, `task_catalog.default_template`)."""
+    template = template or task_catalog.default_template(name)
+    extra = {"template": template} if template is not None else {}
+    return tasks.make_task(name, model, n=n, seed=seed, split="held_out", **extra)
+
+
+@st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)
+def demo_task(model: HookedTransformer) -> str | None:
+    """The first built-in task (in `tasks.DEMO_ORDER`) this model solves (`tasks.solves`), or None."""
+    for name in tasks.DEMO_ORDER:
+        try:
+            task = task_batch(model, name)
+        except tasks.TaskError:
+            continue
+        if tasks.solves(model, task):
+            return name
+    return None
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def models_with_task(name: str) -> list[str]:
+    """The embedded models for which the built-in task `name` can be built."""
+    out = []
+    for zoo_name in zoo_models():
+        try:
+            model = get_model(zoo_name)
+        except ModelLoadError:
+            continue  # a damaged zoo folder: not one to suggest
+        try:
+            task_batch(model, name)
+        except tasks.TaskError:
+            continue
+        out.append(zoo_name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: kept per model, task and choice, computed once (a progress bar is drawn meanwhile)
+# ---------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def _results() -> KeyedCache:
+    """Process-wide LRU of sweep results, shared by every session (st.cache_data cannot hold a
+    function that draws a progress bar created outside it)."""
+    return KeyedCache(RESULTS_KEPT)
+
+
+def task_key(task: tasks.Task) -> str:
+    """A content hash of a task's prompts and answers (a cache key that never mixes two tasks up)."""
+    h = hashlib.sha1()
+    for t in (task.clean_tokens, task.corrupted_tokens, task.answers, task.wrongs):
+        h.update(t.cpu().numpy().tobytes())
+    h.update(task.metric_kind.encode())
+    return h.hexdigest()
+
+
+def patching_sweep(model: HookedTransformer, task: tasks.Task, sweep: str, direction: str, method: str,
+                   example: int = 0, progress=None) -> patching.SweepResult:
+    """`patching.sweep_task`, kept per model, task and choice (positions labelled by `example`)."""
+    key = ("patch", model_key(model), task_key(task), sweep, direction, method, example)
+    return _results().get(key, lambda: patching.sweep_task(model, task, sweep, direction, method, get_store(),
+                                                           progress, example))
+
+
+def ablation_sweep(model: HookedTransformer, task: tasks.Task, target: str, layer: int, kind: str,
+                   progress=None) -> tuple[patching.AblationResult, tasks.Normaliser]:
+    """`patching.ablate_task`, kept per model, task and choice."""
+    key = ("ablate", model_key(model), task_key(task), target, layer, kind)
+    return _results().get(key, lambda: patching.ablate_task(model, task, target, kind, layer, get_store(), progress))
+
+
+@st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)
+def probes(model: HookedTransformer, source: str, positive: tuple = (), negative: tuple = ()):
+    """`steering.probes_with_control`, once per model and labelled prompts."""
+    from core import steering
+
+    return steering.probes_with_control(model, source, list(positive), list(negative))
+
+
+# ---------------------------------------------------------------------------------------------
+# SAEs: the SAE (embedded, local folder, pretrained), its corpus and its feature index
+# ---------------------------------------------------------------------------------------------
+
+SAE_SOURCES = {"embedded": "Embedded", "local": "Local folder", "pretrained": "Pretrained (sae_lens)"}
+
+
+def load_sae(source: str, ident: str) -> saes.LoadedSAE:
+    """A LoadedSAE, once per process (raises SAELoadError). ident: name, folder, or "release\\nsae id".
+
+    A local folder is cached with its files' modification times, so a retrained SAE is reread.
+    """
+    stamp = ""
+    if source == "local":
+        try:
+            stamp = ",".join(str(os.stat(os.path.join(ident, f)).st_mtime_ns) for f in ("cfg.json", "sae_weights.safetensors"))
+        except (OSError, ValueError):  # missing, a name too long, a NUL byte: saes.load_local says which
+            stamp = "missing"
+    return _load_sae(source, ident, stamp)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _load_sae(source: str, ident: str, stamp: str) -> saes.LoadedSAE:  # stamp: part of the cache key only
+    if source == "embedded":
+        return saes.load_embedded(ident)
+    if source == "local":
+        return saes.load_local(ident)
+    release, _, sae_id = ident.partition("\n")
+    return saes.load_pretrained(release, sae_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=32, hash_funcs=BY_MODEL_AND_SAE)
+def sae_fit_error(model: HookedTransformer, loaded: saes.LoadedSAE) -> str | None:
+    """Why this SAE does not fit this model, or None (once per model and SAE)."""
+    try:
+        saes.check_fits(model, loaded)
+    except saes.SAELoadError as err:
+        return str(err)
+    return None
+
+
+@st.cache_resource(show_spinner=False, hash_funcs=BY_MODEL)
+def pretrained_for_model(model: HookedTransformer) -> dict:
+    return saes.pretrained_for_model(model)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8, hash_funcs=BY_MODEL)
+def zoo_documents(model: HookedTransformer, spec_json: str) -> list[list[int]]:
+    """The generated corpus of an embedded SAE (`corpus.documents`), once per process."""
+    with store.shared_state(model):  # the corpus generator encodes with the model's tokenizer
+        return corpus.documents(json.loads(spec_json), model.tokenizer)
+
+
+@st.cache_data(show_spinner=False, max_entries=4, hash_funcs=BY_MODEL)
+def text_documents(model: HookedTransformer, data: bytes) -> list[list[int]]:
+    """An uploaded corpus as token documents (see saes.documents_from_text), once per file and model."""
+    return saes.documents_from_text(model, data.decode("utf-8", errors="replace"))
+
+
+_prefetched: set[str] = set()
+_prefetched_guard = threading.Lock()
+PREFETCH_ENV = "CIRCUIT_EXPLORER_PREFETCH_INDEXES"  # "0" leaves every index to its first visit
+
+
+def prefetch_embedded_indexes(model: HookedTransformer) -> None:
+    """Start building, in the background, the feature indexes of every embedded SAE of this model,
+    once per model object: called when a model is first loaded, so that the SAE page finds them
+    built (or being built, with progress) instead of making its first visitor wait.
+
+    The SAEs are read and their corpora generated in a daemon thread too (the corpus generator
+    tokenises under the store's lock); `sae_index.request_index` runs one build at a time and
+    shares each with every session that asks for it.
+    """
+    if os.environ.get(PREFETCH_ENV, "1") == "0":
+        return
+    key = model_key(model)
+    with _prefetched_guard:
+        if key in _prefetched:
+            return
+        _prefetched.add(key)
+
+    def work() -> None:
+        from core import sae_index
+
+        for name in saes.embedded_saes(model.cfg.model_name):
+            try:
+                loaded = saes.load_embedded(name)
+                saes.check_fits(model, loaded)
+                with store.shared_state(model):
+                    docs = corpus.documents(loaded.corpus_spec, model.tokenizer)
+                sae_index.request_index(model, loaded, docs)
+            except Exception:  # noqa: BLE001 - the page says what is wrong when that SAE is chosen
+                continue
+
+    threading.Thread(target=work, name=f"prefetch-{key}", daemon=True).start()
