@@ -28,7 +28,7 @@ ORDER = [("Logit attribution", "/attribution"), ("Head importance", "/patching")
 def _session(url: str, rounds: int, pause_ms: int, results: list) -> None:
     from playwright.sync_api import sync_playwright
 
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -49,7 +49,7 @@ def _session(url: str, rounds: int, pause_ms: int, results: list) -> None:
 
 
 def main() -> None:
-    from tests.test_browser import _free_port
+    from tests.helpers import free_port as _free_port
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=8)

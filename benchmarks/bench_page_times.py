@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 def gpt2_small_shaped(folder: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from core.zoo.vocab import build_tokenizer
+    from core.vocab import build_tokenizer
 
     build_tokenizer(folder)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def _start_and_open(page, root: Path, path: str):
     import os
     import subprocess
 
-    from tests.test_browser import _free_port
+    from tests.helpers import free_port as _free_port
 
     port = _free_port()
     proc = subprocess.Popen(
@@ -97,7 +97,7 @@ def time_browser(model: str, new_prompt: str, repeats: int) -> tuple[list[float]
 
     from playwright.sync_api import sync_playwright
 
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
     start_times, change_times = [], []
     for _ in range(repeats):
@@ -133,7 +133,7 @@ def time_cold_start(root: Path, repeats: int) -> dict[str, list[float]]:
     so imports are as cold as the OS file cache allows."""
     from playwright.sync_api import sync_playwright
 
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
     out: dict[str, list[float]] = {"title": [], "sidebar": [], "heatmap": []}
     for _ in range(repeats):

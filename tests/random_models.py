@@ -38,7 +38,7 @@ SWITCHES = {
 def _tokenizer_dir() -> str:
     import tempfile
 
-    from core.zoo.vocab import build_tokenizer
+    from core.vocab import build_tokenizer
 
     folder = tempfile.mkdtemp(prefix="ce-test-tokenizer-")
     build_tokenizer(folder)

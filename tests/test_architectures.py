@@ -11,10 +11,10 @@ standard / shortformer / rotary / ALiBi positions, attention-only, GQA, soft cap
 """
 import pytest
 import torch
+from random_models import SWITCHES, random_model, random_tokens
 from transformer_lens import patching as tlp
 
 from core import attention, attribution, patching, store, tasks
-from random_models import SWITCHES, random_model, random_tokens
 
 ATOL = 1e-4
 

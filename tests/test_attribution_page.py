@@ -10,13 +10,13 @@ import torch
 
 from core import models, tasks
 from core.task_catalog import default_template
-from tests.test_pages import _figure, _plain, _z, _app
+from tests.helpers import figure_spec, heatmap_z, open_app, plain
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
 def _bar(at, title):
-    return _figure(at, title)["data"][0]
+    return figure_spec(at, title)["data"][0]
 
 
 def _charts(at) -> list[dict]:
@@ -28,7 +28,7 @@ def _chart_with(at, predicate) -> dict:
 
 
 def _misses(at) -> int:
-    caption = _plain(at.sidebar.caption[-1].value)
+    caption = plain(at.sidebar.caption[-1].value)
     return int(re.search(r"misses (\d+)", caption).group(1))
 
 
@@ -73,7 +73,7 @@ def attn_lm():
 
 
 def test_default_view_explains_the_top_prediction_against_the_runner_up(attn_lm):
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
     assert not at.exception and not at.error and not at.warning
     tokens = attn_lm.to_tokens(IOI_PROMPT)
     top = attn_lm(tokens)[0, -1].topk(2).indices
@@ -86,7 +86,7 @@ def test_default_view_explains_the_top_prediction_against_the_runner_up(attn_lm)
     bar = _bar(at, "Direct effect of each component")
     assert bar["x"] == ["embed", "L0 attn", "L1 attn", "L2 attn"]
     np.testing.assert_allclose(bar["y"], comps[:, 0].numpy(), atol=1e-4)
-    grid = _z(_figure(at, "Direct effect of each head")["data"][0])
+    grid = heatmap_z(figure_spec(at, "Direct effect of each head")["data"][0])
     np.testing.assert_allclose(grid, heads[:, :, 0].numpy(), atol=1e-4)
     # The accumulated residual stream ends at the model's own logit difference.
     acc = _chart_with(at, lambda t: t.get("mode") == "lines+markers" and t["x"][-1] == "final")["data"][0]
@@ -95,7 +95,7 @@ def test_default_view_explains_the_top_prediction_against_the_runner_up(attn_lm)
 
 
 def test_a_changed_answer_costs_no_forward_pass(attn_lm):
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
     misses = _misses(at)
     at.text_input(key="attr_answer").set_value("john").run()
     at.text_input(key="attr_wrong").set_value("mary").run()
@@ -111,18 +111,18 @@ def test_a_changed_answer_costs_no_forward_pass(attn_lm):
 
 
 def test_task_batch_mean_equals_the_mean_of_independent_effects(attn_lm):
-    at = _app(page="attribution", model="ce-circuits-3l-attn", source="ioi", example="0")
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", source="ioi", example="0")
     at.segmented_control(key="attr_scope").set_value("Mean over the task's 32 prompts").run()
     assert not at.exception and not at.warning
     assert "answer" not in at.query_params and "wrong" not in at.query_params
     task = tasks.make_task("ioi", attn_lm, n=32, seed=0, split="held_out", template=default_template("ioi"))
     comps, heads, _ = _manual_direct_effects(attn_lm, task.clean_tokens, task.answers, task.wrongs)
     np.testing.assert_allclose(_bar(at, "Direct effect of each component")["y"], comps.mean(-1).numpy(), atol=1e-4)
-    np.testing.assert_allclose(_z(_figure(at, "Direct effect of each head")["data"][0]), heads.mean(-1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(heatmap_z(figure_spec(at, "Direct effect of each head")["data"][0]), heads.mean(-1).numpy(), atol=1e-4)
 
 
 def test_head_links_open_the_attention_page_on_that_head():
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
     links = at.get("page_link")
     assert links
     first = links[0].proto
@@ -131,17 +131,17 @@ def test_head_links_open_the_attention_page_on_that_head():
     assert (params["layer"], params["head"]) == label.groups() and params["page"] == "attention"
     assert params["model"] == "ce-circuits-3l-attn" and params["prompt"] == IOI_PROMPT
     # The link follows the page's own switch: the Attention page then opens on that head.
-    at = _app(**params)
+    at = open_app(**params)
     assert not at.exception
     assert (at.selectbox(key="layer").value, at.selectbox(key="head").value) == tuple(int(g) for g in label.groups())
 
 
 def test_logit_lens_equals_a_plain_computation(attn_lm):
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
     tokens = attn_lm.to_tokens(IOI_PROMPT)
     _, cache = attn_lm.run_with_cache(tokens)
     lens = _chart_with(at, lambda t: t.get("colorbar", {}).get("title", {}).get("text") == "top-1 prob")
-    z = _z(lens["data"][0])
+    z = heatmap_z(lens["data"][0])
     n_layers = attn_lm.cfg.n_layers
     for i in range(n_layers + 1):
         resid = cache["resid_pre", i][0] if i < n_layers else cache["resid_post", n_layers - 1][0]
@@ -154,7 +154,7 @@ def test_logit_lens_equals_a_plain_computation(attn_lm):
 
 def test_neurons_on_the_mlp_model_equal_transformer_lens():
     model = models.load_model("ce-circuits-3l-mlp")
-    at = _app(page="attribution", model="ce-circuits-3l-mlp", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-mlp", prompt=IOI_PROMPT)
     assert not at.exception
     layer = at.selectbox(key="attr_neuron_layer").value
     answer, wrong = at.text_input(key="attr_answer").value, at.text_input(key="attr_wrong").value
@@ -172,7 +172,7 @@ def test_neurons_on_the_mlp_model_equal_transformer_lens():
 
 
 def test_attention_only_model_says_it_has_no_neurons():
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
     assert any("no MLP neurons" in i.value for i in at.info)
 
 
@@ -186,28 +186,28 @@ def test_attention_only_model_says_it_has_no_neurons():
     ],
 )
 def test_bad_answers_are_clear_messages(box, text, message):
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
     if box == "attr_wrong":
         at.text_input(key="attr_answer").set_value("mary").run()
     at.text_input(key=box).set_value(text).run()
     assert not at.exception
-    assert any(message in _plain(w.value) for w in at.warning), [w.value for w in at.warning]
+    assert any(message in plain(w.value) for w in at.warning), [w.value for w in at.warning]
 
 
 def test_a_split_answer_offers_its_first_token():
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt="The war lasted from the year 1732 to the year")
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt="The war lasted from the year 1732 to the year")
     at.text_input(key="attr_answer").set_value("1758").run()
-    assert any("Try its first token, '17'" in _plain(w.value) for w in at.warning)
+    assert any("Try its first token, '17'" in plain(w.value) for w in at.warning)
     at.button[0].click().run()
     assert at.text_input(key="attr_answer").value == "17"
     assert not at.warning and not at.exception
 
 
 def test_empty_prompt_and_html_prompt():
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt="   ")
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt="   ")
     assert not at.exception and any("prompt is empty" in w.value for w in at.warning)
     evil = "<script>alert(1)</script> the cat"
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=evil)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=evil)
     assert not at.exception
     lens = next(el.proto.spec for el in at.get("plotly_chart") if "top-1 prob" in el.proto.spec)
     assert "<script>" not in lens
@@ -218,8 +218,8 @@ def test_on_ioi_the_heads_that_write_the_answer_are_the_name_movers():
     indirect object (name movers, by attention and patching, computed independently)."""
     card = json.loads((models.ZOO_DIR / "ce-circuits-3l-attn" / "metrics.json").read_text())
     movers = set(card["circuits"]["ioi"]["name_movers"])
-    at = _app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
-    grid = _z(_figure(at, "Direct effect of each head")["data"][0])
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    grid = heatmap_z(figure_spec(at, "Direct effect of each head")["data"][0])
     n_heads = grid.shape[1]
     flat = grid.flatten()
     name = lambda i: f"L{i // n_heads}H{i % n_heads}"  # noqa: E731
@@ -232,7 +232,7 @@ def test_subword_and_year_answers_open_without_a_message():
     """Default answers are kept by id: a year continuation ("##53", shown "53") would not
     re-tokenize from its text."""
     model = models.load_model("ce-circuits-3l-mlp")
-    at = _app(page="attribution", model="ce-circuits-3l-mlp", source="greater_than", example="2")
+    at = open_app(page="attribution", model="ce-circuits-3l-mlp", source="greater_than", example="2")
     assert not at.exception and not at.warning
     task = tasks.make_task("greater_than", model, n=32, seed=0, split="held_out", template=default_template("greater_than"))
     assert at.text_input(key="attr_answer").value == model.tokenizer.decode([int(task.answers[2])])
@@ -241,9 +241,9 @@ def test_subword_and_year_answers_open_without_a_message():
     np.testing.assert_allclose(_bar(at, "Direct effect of each component")["y"], comps[:, 0].numpy(), atol=1e-4)
     at.segmented_control(key="attr_scope").set_value("Mean over the task's 32 prompts").run()
     assert not at.exception
-    assert "probability difference" in _plain(at.caption[0].value)  # said: not the task's own metric
+    assert "probability difference" in plain(at.caption[0].value)  # said: not the task's own metric
     prompt = "The war lasted from the year 1732 to the year 17"
-    at = _app(page="attribution", model="ce-circuits-3l-mlp", prompt=prompt)
+    at = open_app(page="attribution", model="ce-circuits-3l-mlp", prompt=prompt)
     assert not at.exception and not at.warning
     top = model(model.to_tokens(prompt))[0, -1].argmax()
     assert model.tokenizer.convert_ids_to_tokens(int(top)).startswith("##")
@@ -256,7 +256,7 @@ def test_soft_capped_model_says_the_bars_explain_the_pre_cap_logit(tmp_path):
 
     folder, model = save_zoo_folder(tmp_path / "capped", seed=2, output_logits_soft_cap=2.0)
     prompt = "the king saw a green bird near the"
-    at = _app(page="attribution", model=folder, prompt=prompt)
+    at = open_app(page="attribution", model=folder, prompt=prompt)
     assert not at.exception and not at.error
     answer, wrong = (at.text_input(key=k).value for k in ("attr_answer", "attr_wrong"))
     tokens = model.to_tokens(prompt)
@@ -267,10 +267,10 @@ def test_soft_capped_model_says_the_bars_explain_the_pre_cap_logit(tmp_path):
         raw = resid @ model.W_U + model.b_U
     precap = float(raw[a] - raw[w])
     capped = float(2.0 * (torch.tanh(raw[a] / 2.0) - torch.tanh(raw[w] / 2.0)))
-    info = _plain(at.info[0].value)
+    info = plain(at.info[0].value)
     assert "soft-caps its logits" in info and f"{precap:+.4f}" in info and f"{capped:+.4f}" in info
     assert abs(precap - capped) > 1e-2  # the cap matters on this prompt
     bar = _bar(at, "Direct effect of each component")
-    caption = next(_plain(c.value) for c in at.caption if "add up to the pre-cap value" in _plain(c.value))
+    caption = next(plain(c.value) for c in at.caption if "add up to the pre-cap value" in plain(c.value))
     bias = float(re.search(r"constant ([+-][0-9.]+)", caption).group(1))
     assert sum(bar["y"]) + bias == pytest.approx(precap, abs=1e-3)

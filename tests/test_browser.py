@@ -4,59 +4,15 @@ Skips only where /usr/bin/chromium (or the playwright package) is absent; .ci/ru
 """
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = Path(os.environ.get("CE_SCREENSHOT_DIR", ROOT / "tests" / ".screenshots"))
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT  # the `server` fixture is in conftest.py
 
+SHOTS = Path(os.environ.get("CE_SCREENSHOT_DIR", ROOT / "tests" / ".screenshots"))
 pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}"),
               pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = _free_port()
-    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless=true",
-         f"--server.port={port}", "--server.address=127.0.0.1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _ticks(page) -> list[str]:
@@ -135,7 +91,7 @@ def test_markup_in_tokens_never_runs_in_the_browser(server, tmp_path):
     """A tokenizer that keeps '<script>alert(1)</script>' whole: no dialog opens, the text shows."""
     import urllib.parse
 
-    from conftest import make_markup_gpt2_dir
+    from tests.helpers import make_markup_gpt2_dir
 
     sync_api = pytest.importorskip("playwright.sync_api")
     folder = make_markup_gpt2_dir(tmp_path / "markup-gpt2")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformer_lens import loading_from_pretrained as loading
 
-from core import models
+from core import models, paths
 from core.models import DEFAULT_MODEL, ModelLoadError, load_model, zoo_models
 
 
@@ -51,7 +51,7 @@ def _assert_same_log_probs(model, hf, text="the king saw a green bird near the r
 def test_local_hf_gpt2_folder_matches_hugging_face_logits(tmp_path, tied):
     """Non-trivial LayerNorms (the final one too), tied and untied embeddings: the folded model
     gives Hugging Face's log-probs, and its embedding was not changed by the unembedding's fold."""
-    from conftest import make_gpt2_dir
+    from tests.helpers import make_gpt2_dir
 
     path, hf = make_gpt2_dir(tmp_path / "gpt2", tied=tied)
     model = load_model(str(path))
@@ -80,7 +80,7 @@ def test_pretrained_offline_fails_fast_naming_model_and_zoo(offline_hub):
 
 
 def test_hub_probe_says_no_for_a_closed_port(offline_hub):
-    assert models._hub_reachable(timeout=1.0) is False
+    assert paths.hub_reachable(timeout=1.0) is False
 
 
 @pytest.fixture()
@@ -126,7 +126,7 @@ def test_cached_pretrained_model_loads_offline_without_retries(offline_hub, tmp_
     symlinked snapshot, refs/main): offline, fast, and with Hugging Face's log-probs."""
     from huggingface_hub import constants
 
-    from conftest import hub_cache_from_folder, make_gpt2_dir
+    from tests.helpers import hub_cache_from_folder, make_gpt2_dir
 
     src, hf = make_gpt2_dir(tmp_path / "gpt2", tied=tied)
     hub_cache_from_folder(src, tmp_path / "hub", "gpt2")

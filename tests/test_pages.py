@@ -1,5 +1,4 @@
 """Page tests with streamlit.testing.v1.AppTest: what a person sees, and bad input."""
-import base64
 import json
 import re
 import shutil
@@ -7,42 +6,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 
 from core import models
 from core.task_catalog import default_template
-
-APP = str(models.ZOO_DIR.parent.parent / "app.py")
-
-
-def _app(**params) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=180)
-    for k, v in params.items():
-        at.query_params[k] = v
-    return at.run()
-
-
-def _z(trace: dict) -> np.ndarray:
-    """A heatmap's z as an array (plotly 6+ may ship it as base64 typed-array data)."""
-    z = trace["z"]
-    if isinstance(z, dict) and "bdata" in z:
-        shape = tuple(int(n) for n in str(z["shape"]).split(","))
-        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"])).reshape(shape)
-    return np.array(z, dtype=float)
-
-
-def _plain(markdown: str) -> str:
-    """Markdown text with its backslash escapes removed (errors are escaped before display)."""
-    return re.sub(r"\\(.)", r"\1", markdown)
-
-
-def _figure(at: AppTest, title_part: str) -> dict:
-    for el in at.get("plotly_chart"):
-        spec = json.loads(el.proto.spec)
-        title = spec.get("layout", {}).get("title", {})
-        if title_part in (title.get("text", "") if isinstance(title, dict) else str(title)):
-            return spec
-    raise AssertionError(f"no chart titled {title_part!r}")
+from tests.helpers import figure_spec, heatmap_z, open_app, plain
 
 
 def _targets(row, q, kind):
@@ -74,9 +41,8 @@ def _default_tokens(model):
 
 
 def test_default_view_shows_the_induction_head(zoo_model):
-    at = _app()
+    at = open_app()
     assert not at.exception and not at.error
-    from core import attention
 
     scores = _independent_scores(zoo_model, _default_tokens(zoo_model))
     layer, head = divmod(int(scores.argmax()), zoo_model.cfg.n_heads)
@@ -88,17 +54,17 @@ def test_default_view_shows_the_induction_head(zoo_model):
 
 
 def test_heatmap_numbers_equal_a_plain_forward_pass(zoo_model):
-    at = _app()
+    at = open_app()
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
     prompt = at.sidebar.text_area[0].value
     _, cache = zoo_model.run_with_cache(zoo_model.to_tokens(prompt))
-    fig = _figure(at, f"L{layer}H{head} attention pattern")
-    np.testing.assert_allclose(_z(fig["data"][0]), cache["pattern", layer][0, head].numpy(), atol=1e-6)
+    fig = figure_spec(at, f"L{layer}H{head} attention pattern")
+    np.testing.assert_allclose(heatmap_z(fig["data"][0]), cache["pattern", layer][0, head].numpy(), atol=1e-6)
     assert fig["data"][0]["x"][1].startswith("1: ")
 
 
 def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
-    at = _app()
+    at = open_app()
     prompt = at.sidebar.text_area[0].value
     _, cache = zoo_model.run_with_cache(zoo_model.to_tokens(prompt))
     patterns = torch.stack([cache["pattern", l][0] for l in range(2)])  # [layer, head, q, k]
@@ -107,14 +73,14 @@ def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
     # head-score heatmaps and the header line
     for kind, title in (("previous_token", "Previous-token"), ("induction", "Induction"), ("duplicate_token", "Duplicate-token")):
         expected = _independent_scores(zoo_model, _default_tokens(zoo_model), kind)
-        np.testing.assert_allclose(_z(_figure(at, f"{title} score")["data"][0]), expected.numpy(), atol=1e-5)
+        np.testing.assert_allclose(heatmap_z(figure_spec(at, f"{title} score")["data"][0]), expected.numpy(), atol=1e-5)
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
     prev = _independent_scores(zoo_model, _default_tokens(zoo_model), "previous_token")[layer, head]
     assert f"previous-token {prev:.2f}" in at.markdown[0].value
 
     # all-heads overview: every panel is that head's pattern
     grid = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if "open head" in e.proto.spec)
-    z = _z(grid["data"][0])
+    z = heatmap_z(grid["data"][0])
     for l in range(2):
         for h in range(4):
             np.testing.assert_allclose(z[l * (n + 1) : l * (n + 1) + n, h * (n + 1) : h * (n + 1) + n], patterns[l, h].numpy(), atol=1e-6)
@@ -123,7 +89,7 @@ def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
     resid = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if "resid_pre 0" in e.proto.spec)
     manual = torch.stack([cache["blocks.0.hook_resid_pre"][0], cache["blocks.1.hook_resid_pre"][0],
                           cache["blocks.1.hook_resid_post"][0]]).pow(2).sum(-1).sqrt()
-    np.testing.assert_allclose(_z(resid["data"][0]), manual.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(heatmap_z(resid["data"][0]), manual.numpy(), rtol=1e-5)
 
     # CircuitsVis data: the selected layer's patterns and the prompt's tokens
     src = at.get("iframe")[0].proto.srcdoc
@@ -135,60 +101,60 @@ def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
 
 
 def test_prompt_change_redraws_and_goes_into_the_url():
-    at = _app()
+    at = open_app()
     at.sidebar.text_area[0].set_value("the cat sat on the mat").run()
     assert not at.exception
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
-    fig = _figure(at, f"L{layer}H{head} attention pattern")
-    assert len(_z(fig["data"][0])) == 7  # BOS + 6 words
+    fig = figure_spec(at, f"L{layer}H{head} attention pattern")
+    assert len(heatmap_z(fig["data"][0])) == 7  # BOS + 6 words
     assert at.query_params["prompt"] == "the cat sat on the mat"
 
 
 def test_link_reopens_the_same_view():
-    at = _app(model="ce-induction-2l", prompt="a red bird and a red bird", layer="0", head="2")
+    at = open_app(model="ce-induction-2l", prompt="a red bird and a red bird", layer="0", head="2")
     assert not at.exception
     assert at.sidebar.text_area[0].value == "a red bird and a red bird"
     assert (at.selectbox(key="layer").value, at.selectbox(key="head").value) == (0, 2)
-    assert _figure(at, "L0H2 attention pattern")
+    assert figure_spec(at, "L0H2 attention pattern")
 
 
 def test_out_of_range_head_in_url_falls_back_to_default():
-    at = _app(layer="99", head="-3")
+    at = open_app(layer="99", head="-3")
     assert not at.exception and at.selectbox(key="layer").value < 2
 
 
 def test_empty_prompt_is_a_clear_message():
-    at = _app()
+    at = open_app()
     at.sidebar.text_area[0].set_value("   ").run()
     assert not at.exception
     assert any("prompt is empty" in w.value for w in at.warning)
 
 
 def test_long_prompt_is_truncated_with_a_message(zoo_model):
-    at = _app(prompt=" ".join(["the cat sat"] * 100))
+    at = open_app(prompt=" ".join(["the cat sat"] * 100))
     assert not at.exception
     assert any("301 tokens long" in w.value and "first 128 tokens" in w.value for w in at.warning)
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
-    assert len(_z(_figure(at, f"L{layer}H{head} attention pattern")["data"][0])) == 128
+    assert len(heatmap_z(figure_spec(at, f"L{layer}H{head} attention pattern")["data"][0])) == 128
 
 
 def test_html_in_the_prompt_is_kept_verbatim_on_the_zoo_model():
     evil = "<script>alert(1)</script> <b>the</b> cat"
-    at = _app(prompt=evil)
+    at = open_app(prompt=evil)
     assert not at.exception
     assert at.sidebar.text_area[0].value == evil  # kept verbatim, not lost
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
-    labels = _figure(at, f"L{layer}H{head} attention pattern")["data"][0]["x"]
+    labels = figure_spec(at, f"L{layer}H{head} attention pattern")["data"][0]["x"]
     assert labels[1:4] == ["1: &lt;", "2: &lt;unk&gt;", "3: &gt;"]  # the zoo tokenizer splits markup
 
 
 def test_markup_tokens_are_shown_as_text_in_every_view(markup_gpt2_dir):
     """With a tokenizer that keeps '<script>alert(1)</script>' as one token."""
     evil = "<script>alert(1)</script> the <b>bold</b> cat"
-    at = _app(model=str(markup_gpt2_dir), prompt=evil)
+    at = open_app(model=str(markup_gpt2_dir), prompt=evil)
     assert not at.exception and not at.error
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
-    fig = _figure(at, f"L{layer}H{head} attention pattern")
+    fig = figure_spec(at, f"L{layer}H{head} attention pattern")
     assert fig["data"][0]["x"][1] == "1: &lt;script&gt;alert(1)&lt;/script&gt;"
     assert fig["data"][0]["x"][3] == "3: &lt;b&gt;bold&lt;/b&gt;"
     for el in at.get("plotly_chart"):
@@ -200,29 +166,29 @@ def test_markup_tokens_are_shown_as_text_in_every_view(markup_gpt2_dir):
 
 
 def test_unknown_model_is_a_clear_message():
-    at = _app(model="no-such-model-xyz")
+    at = open_app(model="no-such-model-xyz")
     assert not at.exception
-    assert any("Unknown model 'no-such-model-xyz'" in _plain(e.value) for e in at.error)
+    assert any("Unknown model 'no-such-model-xyz'" in plain(e.value) for e in at.error)
 
 
 def test_offline_pretrained_model_is_a_clear_message(offline_hub):
-    at = _app(model="gpt2-small")
+    at = open_app(model="gpt2-small")
     assert not at.exception
-    assert any("Cannot download 'gpt2-small'" in _plain(e.value) and "ce-induction-2l" in _plain(e.value) for e in at.error)
+    assert any("Cannot download 'gpt2-small'" in plain(e.value) and "ce-induction-2l" in plain(e.value) for e in at.error)
 
 
 def test_corrupt_model_folder_is_a_clear_message(tmp_path):
     bad = tmp_path / "broken-model"
     shutil.copytree(models.ZOO_DIR / models.DEFAULT_MODEL, bad)
     (bad / "model.safetensors").write_bytes(b"\x00" * 10)
-    at = _app(model=str(bad))
+    at = open_app(model=str(bad))
     assert not at.exception
-    assert any("model.safetensors is corrupt" in _plain(e.value) for e in at.error)
+    assert any("model.safetensors is corrupt" in plain(e.value) for e in at.error)
 
 
 def test_local_hf_checkpoint_can_be_explored(tiny_gpt2_dir):
     path, _ = tiny_gpt2_dir
-    at = _app(model=str(path), prompt="the king saw the king")
+    at = open_app(model=str(path), prompt="the king saw the king")
     assert not at.exception and not at.error
     assert at.selectbox(key="layer").value in (0, 1)
 
@@ -230,7 +196,7 @@ def test_local_hf_checkpoint_can_be_explored(tiny_gpt2_dir):
 def test_composition_control_shows_the_core_numbers(zoo_model):
     from core import attention
 
-    at = _app()
+    at = open_app()
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
     sources = [attention.parse_head(s) for s in at.multiselect[0].value]
     assert sources, "previous-token heads preselected"
@@ -260,7 +226,7 @@ def test_composition_control_shows_the_core_numbers(zoo_model):
 
 
 def test_markdown_in_a_model_name_is_shown_as_text():
-    at = _app(model="[click](http://example.com) *x*")
+    at = open_app(model="[click](http://example.com) *x*")
     assert not at.exception
     shown = [e.value for e in at.error]
     assert shown and all("](http" not in v and "\\[click\\]" in v for v in shown)
@@ -275,7 +241,7 @@ def test_default_prompts_are_in_vocabulary(zoo_model):
 
 def test_switching_model_in_the_sidebar_resets_the_view(tiny_gpt2_dir):
     path, _ = tiny_gpt2_dir
-    at = _app()
+    at = open_app()
     assert at.selectbox(key="layer").value == 1
     at.sidebar.selectbox(key="model_choice").set_value(session_other()).run()
     at.sidebar.text_input(key="model_other").input(str(path)).run()
@@ -294,7 +260,7 @@ def session_other():
 
 
 def test_the_sidebar_offers_every_embedded_model():
-    at = _app()
+    at = open_app()
     options = at.sidebar.selectbox(key="model_choice").options
     assert {"ce-induction-2l", "ce-circuits-3l-attn", "ce-circuits-3l-mlp"} <= set(options)
 
@@ -302,24 +268,24 @@ def test_the_sidebar_offers_every_embedded_model():
 def test_a_task_example_is_the_prompt_and_the_link_keeps_it():
     from core import tasks
 
-    at = _app(model="ce-circuits-3l-attn", source="ioi", example="3")
+    at = open_app(model="ce-circuits-3l-attn", source="ioi", example="3")
     assert not at.exception and not at.error and not at.warning
     model = models.load_model("ce-circuits-3l-attn")
     task = tasks.make_task("ioi", model, n=32, seed=0, split="held_out", template=default_template("ioi"))
     shown = at.sidebar.text[0].value
     assert shown == f"Clean: {task.clean_prompts[3]}\nCorrupted: {task.corrupted_prompts[3]}"
-    caption = _plain(at.sidebar.caption[0].value)
+    caption = plain(at.sidebar.caption[0].value)
     assert model.tokenizer.decode([int(task.answers[3])]) in caption and "logit difference" in caption
     assert at.query_params["source"] == "ioi" and at.query_params["example"] == "3"
     assert "prompt" not in at.query_params
     # The attention heatmap is drawn over the task example's tokens.
-    spec = _figure(at, "attention pattern")
+    spec = figure_spec(at, "attention pattern")
     labels = spec["data"][0]["x"]
     assert len(labels) == task.clean_tokens.shape[1]
 
 
 def test_switching_the_prompt_source_and_a_task_the_model_cannot_build():
-    at = _app(model="ce-induction-2l")
+    at = open_app(model="ce-induction-2l")
     at.sidebar.selectbox(key="source").set_value("greater_than").run()
     assert not at.exception
     assert any("cannot be built for this model" in w.value and "events" in w.value for w in at.warning)
@@ -334,7 +300,7 @@ def test_switching_the_prompt_source_and_a_task_the_model_cannot_build():
 
 def test_sidebar_state_survives_switching_pages():
     """Issue 16: the sidebar's model, prompt source, template and example stay when the page changes."""
-    at = _app(model="ce-circuits-3l-attn", source="ioi", template="friends_found", example="5")
+    at = open_app(model="ce-circuits-3l-attn", source="ioi", template="friends_found", example="5")
     for page in ("pages/attribution.py", "pages/patching.py", "pages/attention.py"):
         at.switch_page(page).run()
         assert not at.exception, page
@@ -342,7 +308,7 @@ def test_sidebar_state_survives_switching_pages():
         assert at.sidebar.selectbox(key="source").value == "ioi", page
         assert at.sidebar.selectbox(key="template").value == "friends_found", page
         assert at.sidebar.number_input(key="example").value == 5, page
-    at = _app(model="ce-circuits-3l-mlp", prompt="The keys on the cabinet")
+    at = open_app(model="ce-circuits-3l-mlp", prompt="The keys on the cabinet")
     at.switch_page("pages/attribution.py").run()
     assert at.sidebar.text_area(key="prompt").value == "The keys on the cabinet"
     assert at.sidebar.selectbox(key="model_choice").value == "ce-circuits-3l-mlp"
@@ -351,7 +317,7 @@ def test_sidebar_state_survives_switching_pages():
 def test_a_prompt_too_long_for_a_link_is_not_written_into_it():
     from core.ui.frame import MAX_URL_PROMPT
 
-    at = _app(model="ce-induction-2l")
+    at = open_app(model="ce-induction-2l")
     long_prompt = "the cat sat . " * (MAX_URL_PROMPT // 10)
     at.sidebar.text_area(key="prompt").set_value(long_prompt).run()
     assert not at.exception
@@ -364,7 +330,7 @@ def test_a_prompt_too_long_for_a_link_is_not_written_into_it():
 @pytest.mark.parametrize("name", ["x" * 300, "ce-induction-2l\x00", "/tmp/" + "y" * 300 + "/model"],
                          ids=["300-characters", "nul-byte", "long-path"])
 def test_impossible_model_names_are_clear_messages(name):
-    at = _app(model=name)
+    at = open_app(model=name)
     assert not at.exception
     assert at.error and ("not a model name or a folder path" in at.error[0].value or "Unknown model" in at.error[0].value)
 
@@ -375,7 +341,7 @@ def test_charts_and_controls_read_well_on_a_projector():
     from core import plots
 
     for page, extra in (("attention", {}), ("attribution", {}), ("patching", {"source": "ioi"})):
-        at = _app(page=page, model="ce-circuits-3l-attn", **extra)
+        at = open_app(page=page, model="ce-circuits-3l-attn", **extra)
         assert not at.exception
         for el in at.get("plotly_chart"):
             layout = json.loads(el.proto.spec)["layout"]
@@ -383,7 +349,7 @@ def test_charts_and_controls_read_well_on_a_projector():
             assert layout["xaxis"]["tickfont"]["size"] >= 14 and layout["yaxis"]["tickfont"]["size"] >= 14, page
     assert plots.metric_delta(-0.0001) is None and plots.metric_delta(0.0) is None
     assert plots.metric_delta(-0.0125) == "-0.013" and plots.metric_delta(0.5) == "+0.500"
-    at = _app(page="patching", model="ce-circuits-3l-attn", source="ioi")
+    at = open_app(page="patching", model="ce-circuits-3l-attn", source="ioi")
     for key, word in (("hi_what", "resid_pre"), ("hi_act", "z:"), ("hi_direction", "Denoising"), ("hi_method", "attribution")):
         widget = at.selectbox(key=key) if key in ("hi_what", "hi_act") else at.segmented_control(key=key)
         assert word in (widget.help or ""), key
@@ -393,9 +359,9 @@ def test_a_task_the_model_cannot_build_names_the_models_that_can_and_switches_in
     """Issue 16: IOI on the default model said it "cannot be built" without saying which model can."""
     from core import tasks
 
-    at = _app(model="ce-induction-2l", source="ioi")
+    at = open_app(model="ce-induction-2l", source="ioi")
     assert not at.exception
-    warning = _plain(at.warning[0].value)
+    warning = plain(at.warning[0].value)
     assert "cannot be built for this model" in warning
     can = []
     for name in ("ce-circuits-3l-attn", "ce-circuits-3l-mlp", "ce-induction-2l"):

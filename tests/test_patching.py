@@ -1,4 +1,5 @@
 """The batched patching engine against TransformerLens's own `patching` functions and hand hooks."""
+import numpy as np
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -276,3 +277,29 @@ def test_attribution_patching_tracks_exact_patching_on_ioi(attn_model):
     approx = patching.attribution_patch(attn_model, "z", task.corrupted_tokens, clean, task.metric)
     corr = torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1]
     assert float(corr) > 0.8
+
+
+def test_sweep_task_is_the_labelled_sweep_of_transformer_lens(attn_model):
+    """The notebook API: one call gives TL's numbers, normalised, with axis labels; a figure draws them."""
+    from core import plots
+
+    task = tasks.make_task("ioi", attn_model, n=4, seed=3, template="when_went")
+    result = patching.sweep_task(attn_model, task, "z", direction="noise")
+    with torch.no_grad():
+        _, corrupted = attn_model.run_with_cache(task.corrupted_tokens)
+        ref = tlp.get_act_patch_attn_head_out_all_pos(attn_model, task.clean_tokens, corrupted, task.metric)
+        clean_m = float(task.metric(attn_model(task.clean_tokens)))
+        corrupted_m = float(task.metric(attn_model(task.corrupted_tokens)))
+    torch.testing.assert_close(result.raw, ref, atol=1e-4, rtol=0)
+    assert result.normalised and result.baseline == 1.0
+    torch.testing.assert_close(result.values, (ref - corrupted_m) / (clean_m - corrupted_m), atol=1e-4, rtol=0)
+    assert result.dims == ("layer", "head") and result.labels == (("L0", "L1", "L2"), ("H0", "H1", "H2", "H3"))
+    fig = plots.figure(result)
+    np.testing.assert_allclose(np.array(fig.data[0].z), result.values.numpy(), atol=1e-6)
+    assert list(fig.data[0].x) == ["H0", "H1", "H2", "H3"] and fig.layout.title.text == result.title
+    # By position: labelled with the example's tokens; rows are heads, as the page draws them.
+    by_pos = patching.sweep_task(attn_model, task, "resid_pre", direction="denoise")
+    words = [attn_model.tokenizer.decode([int(t)]) for t in task.clean_tokens[0]]
+    assert by_pos.dims == ("layer", "pos") and by_pos.labels[1] == tuple(f"{p}: {w}" for p, w in enumerate(words))
+    with pytest.raises(patching.PatchingError, match="Unknown direction"):
+        patching.sweep_task(attn_model, task, "z", direction="sideways")

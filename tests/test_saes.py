@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import models, sae_index, saes
-from core.zoo import sae_data
+from core import corpus, models, sae_index, saes
+from tests.helpers import save_sae
 
 SAE_NAME = "ce-circuits-3l-mlp-res2-relu"
 
@@ -30,7 +30,7 @@ def loaded():
 @pytest.fixture(scope="module")
 def small_docs(mlp_lm, loaded):
     spec = dict(loaded.card["corpus"], documents=150)
-    return sae_data.documents(spec, mlp_lm.tokenizer)
+    return corpus.documents(spec, mlp_lm.tokenizer)
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def test_embedded_sae_reproduces_its_card(name):
     card = loaded.card
     model = models.load_model(card["model"])
     saes.check_fits(model, loaded)
-    docs = sae_data.documents(card["eval"], model.tokenizer)
+    docs = corpus.documents(card["eval"], model.tokenizer)
     q = saes.quality(model, loaded.sae, docs)
     assert q["tokens"] == card["tokens"]
     # The card rounds to 4 decimals (up to 5e-5 off). Another CPU sums in another order, so an
@@ -85,7 +85,7 @@ def test_embedded_sae_reproduces_its_card(name):
 
 @torch.no_grad()
 def test_quality_matches_a_hand_computation(mlp_lm, loaded):
-    docs = sae_data.documents(dict(loaded.card["eval"], documents=12), mlp_lm.tokenizer)
+    docs = corpus.documents(dict(loaded.card["eval"], documents=12), mlp_lm.tokenizer)
     q = saes.quality(mlp_lm, loaded.sae, docs, batch=5)
     sae, name = loaded.sae, loaded.hook_name
     l0 = n = 0
@@ -239,7 +239,7 @@ def test_corrupt_stale_or_incomplete_index_is_rebuilt(mlp_lm, loaded, small_docs
 
 def test_empty_corpus_is_refused(mlp_lm, loaded, tmp_path):
     for docs in ([], [[mlp_lm.tokenizer.bos_token_id]]):
-        with pytest.raises(sae_index.IndexError_, match="empty"):
+        with pytest.raises(sae_index.FeatureIndexError, match="empty"):
             sae_index.open_index(mlp_lm, loaded, docs, directory=tmp_path)
     with pytest.raises(saes.SAELoadError, match="empty"):
         saes.documents_from_text(mlp_lm, "\n  \n")
@@ -252,22 +252,9 @@ def test_empty_corpus_is_refused(mlp_lm, loaded, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _save_sae(folder, d_in, hook, d_sae=16, seed=0):
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook)))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.2)
-    sae.save_model(folder)
-    return sae
-
-
 def test_local_sae_round_trip_and_bad_folders(mlp_lm, tmp_path):
     good = tmp_path / "good"
-    sae = _save_sae(good, mlp_lm.cfg.d_model, "blocks.1.hook_resid_post")
+    sae = save_sae(good, mlp_lm.cfg.d_model, "blocks.1.hook_resid_post")
     loaded = saes.load_local(good)
     saes.check_fits(mlp_lm, loaded)
     assert torch.equal(loaded.sae.W_dec, sae.W_dec)
@@ -290,13 +277,13 @@ def test_local_sae_round_trip_and_bad_folders(mlp_lm, tmp_path):
 
 
 def test_sae_that_does_not_fit_the_model_is_refused(mlp_lm, tmp_path):
-    wide = saes.load_local(_save_sae(tmp_path / "wide", 768, "blocks.1.hook_resid_post") and tmp_path / "wide")
+    wide = saes.load_local(save_sae(tmp_path / "wide", 768, "blocks.1.hook_resid_post") and tmp_path / "wide")
     with pytest.raises(saes.SAELoadError, match="expects 768 numbers per token"):
         saes.check_fits(mlp_lm, wide)
-    deep = saes.load_local(_save_sae(tmp_path / "deep", mlp_lm.cfg.d_model, "blocks.9.hook_resid_pre") and tmp_path / "deep")
+    deep = saes.load_local(save_sae(tmp_path / "deep", mlp_lm.cfg.d_model, "blocks.9.hook_resid_pre") and tmp_path / "deep")
     with pytest.raises(saes.SAELoadError, match="does not have"):
         saes.check_fits(mlp_lm, deep)
-    mlp = saes.load_local(_save_sae(tmp_path / "mlp", mlp_lm.cfg.d_mlp, "blocks.0.mlp.hook_post") and tmp_path / "mlp")
+    mlp = saes.load_local(save_sae(tmp_path / "mlp", mlp_lm.cfg.d_mlp, "blocks.0.mlp.hook_post") and tmp_path / "mlp")
     saes.check_fits(mlp_lm, mlp)  # an MLP-neuron SAE fits at hook_post
 
 
@@ -357,11 +344,11 @@ def test_logit_effects_read_through_the_final_layernorm_like_a_folded_model(mlp_
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     # An MLP-neuron SAE writes through W_out; a hook_z SAE through W_O, head by head (centred W_out
     # and W_O in the folded copy: the final LayerNorm removes the mean either way).
-    mlp = _save_sae(tmp_path / "mlp", mlp_lm.cfg.d_mlp, "blocks.1.mlp.hook_post")
+    mlp = save_sae(tmp_path / "mlp", mlp_lm.cfg.d_mlp, "blocks.1.mlp.hook_post")
     expected = mlp.W_dec[3].detach() @ folded.blocks[1].mlp.W_out @ folded.W_U
     _same_up_to_a_constant(saes.logit_effects(mlp_lm, mlp, 3)[None], expected[None])
     n_heads, d_head = mlp_lm.cfg.n_heads, mlp_lm.cfg.d_head
-    z_sae = _save_sae(tmp_path / "z", n_heads * d_head, "blocks.2.attn.hook_z")
+    z_sae = save_sae(tmp_path / "z", n_heads * d_head, "blocks.2.attn.hook_z")
     W_O = folded.blocks[2].attn.W_O
     direction = sum(z_sae.W_dec[3, h * d_head:(h + 1) * d_head].detach() @ W_O[h] for h in range(n_heads))
     _same_up_to_a_constant(saes.logit_effects(mlp_lm, z_sae, 3)[None], (direction @ folded.W_U)[None])
@@ -371,7 +358,7 @@ def test_sae_and_neuron_logit_views_share_one_convention(mlp_lm, tmp_path):
     """A feature whose decoder row is neuron n's output row promotes the same tokens as neuron n."""
     from core import attribution
 
-    sae = _save_sae(tmp_path / "rows", mlp_lm.cfg.d_model, "blocks.2.hook_resid_post", d_sae=4)
+    sae = save_sae(tmp_path / "rows", mlp_lm.cfg.d_model, "blocks.2.hook_resid_post", d_sae=4)
     with torch.no_grad():
         sae.W_dec[1] = mlp_lm.W_out[2, 9]
     ids, weights = attribution.neuron_top_tokens(mlp_lm, 2, 9, k=10)
@@ -449,7 +436,7 @@ def test_training_script_runs_offline_and_is_seeded(tmp_path):
 
 def test_hook_z_sae_without_reshaping_and_other_dtypes(mlp_lm, tmp_path):
     n = mlp_lm.cfg.n_heads * mlp_lm.cfg.d_head
-    _save_sae(tmp_path / "z", n, "blocks.1.attn.hook_z")  # flat d_in, but no reshape_activations = hook_z
+    save_sae(tmp_path / "z", n, "blocks.1.attn.hook_z")  # flat d_in, but no reshape_activations = hook_z
     cfg = json.loads((tmp_path / "z" / "cfg.json").read_text())
     assert cfg.get("reshape_activations", "none") == "none"
     with pytest.raises(saes.SAELoadError, match="hook_z SAE needs reshape_activations"):
@@ -458,7 +445,7 @@ def test_hook_z_sae_without_reshaping_and_other_dtypes(mlp_lm, tmp_path):
     (tmp_path / "z" / "cfg.json").write_text(json.dumps(cfg))
     saes.check_fits(mlp_lm, saes.load_local(tmp_path / "z"))
     # A bfloat16 SAE fingerprints (the index key) without numpy's help.
-    sae = _save_sae(tmp_path / "bf", mlp_lm.cfg.d_model, "blocks.1.hook_resid_post").to(torch.bfloat16)
+    sae = save_sae(tmp_path / "bf", mlp_lm.cfg.d_model, "blocks.1.hook_resid_post").to(torch.bfloat16)
     assert len(sae_index.sae_fingerprint(sae)) > 16
 
 
@@ -626,7 +613,7 @@ def test_full_disk_is_a_message_and_leaves_no_temporary_files(mlp_lm, loaded, sm
         return con
 
     monkeypatch.setattr(sae_index.sqlite3, "connect", connect)
-    with pytest.raises(sae_index.IndexError_, match="disk is full") as caught:
+    with pytest.raises(sae_index.FeatureIndexError, match="disk is full") as caught:
         sae_index.open_index(mlp_lm, loaded, small_docs[10:40], directory=tmp_path)
     assert "Nothing was lost" in str(caught.value)
     assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
@@ -636,7 +623,7 @@ def test_full_disk_is_a_message_and_leaves_no_temporary_files(mlp_lm, loaded, sm
     # Through the background path: a failed build, with the same message, kept for the page to show.
     build = sae_index.request_index(mlp_lm, loaded, small_docs[10:40], directory=tmp_path)
     assert build.wait(300) and build.failed and "disk is full" in build.error
-    with pytest.raises(sae_index.IndexError_, match="disk is full"):
+    with pytest.raises(sae_index.FeatureIndexError, match="disk is full"):
         build.result()
     assert sae_index.current_build(build.path) is build  # not retried on every rerun…
     sae_index.forget_build(build.path)  # …until asked to ("Try again")

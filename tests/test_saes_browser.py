@@ -7,13 +7,13 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, server  # noqa: F401  (the fixture: a fresh app server)
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS  # the `server` fixture is in conftest.py
 
 pytestmark = [pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(),
                                  reason=f"Chromium not installed at {CHROMIUM}"), pytest.mark.slow]
 
 
-def test_search_results_fit_at_1280x720(server):  # noqa: F811
+def test_search_results_fit_at_1280x720(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import models, sae_index, saes
-from core.zoo import sae_data
-from tests.test_pages import _app, _figure, _plain, _z
+from core import corpus, models, sae_index, saes
+from tests.helpers import figure_spec, heatmap_z, open_app, plain, save_sae
 
 MLP_PROMPT = "The keys that the man holds"
 
@@ -27,7 +26,7 @@ def relu_sae():
 @torch.no_grad()
 def _corpus_acts(model, loaded):
     """[tokens, d_sae] over the SAE's zoo corpus (BOS left out), batched by hand, and the tokens."""
-    docs = sae_data.documents(loaded.card["corpus"], model.tokenizer)
+    docs = corpus.documents(loaded.card["corpus"], model.tokenizer)
     name = loaded.hook_name
     out, toks = [], []
     for i in range(0, len(docs), 100):
@@ -50,10 +49,10 @@ def _metric(at, label: str) -> str:
 
 
 def test_page_opens_on_the_embedded_sae_with_the_prompts_features(mlp_lm, relu_sae):
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     assert not at.exception and not at.error and not at.warning
     assert at.selectbox(key="sae_embedded").value == "ce-circuits-3l-mlp-res2-relu"
-    spec = _figure(at, "Strongest SAE features")
+    spec = figure_spec(at, "Strongest SAE features")
     tokens = mlp_lm.to_tokens(MLP_PROMPT)
     _, cache = mlp_lm.run_with_cache(tokens, names_filter=relu_sae.hook_name)
     direct = relu_sae.sae.encode(cache[relu_sae.hook_name][0]).detach()
@@ -61,7 +60,7 @@ def test_page_opens_on_the_embedded_sae_with_the_prompts_features(mlp_lm, relu_s
     # The features shown: each one of the 3 strongest at some token after BOS.
     top3 = {int(f) for row in direct[1:] for f, v in zip(row.topk(3).indices, row.topk(3).values) if v > 0}
     assert set(features) == top3
-    z = _z(spec["data"][0])  # [feature, pos]
+    z = heatmap_z(spec["data"][0])  # [feature, pos]
     assert np.allclose(z[:, 1:], direct[1:, features].T.numpy(), atol=1e-4)
     assert np.all(z[:, 0] == 0)  # BOS left out
     # Default feature: the strongest one at the last token, in the URL too.
@@ -71,7 +70,7 @@ def test_page_opens_on_the_embedded_sae_with_the_prompts_features(mlp_lm, relu_s
 
 
 def test_feature_dashboard_numbers_match_direct_encode_calls(mlp_lm, relu_sae):
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     at.segmented_control(key="sae_view").set_value("feature").run()
     assert not at.exception and not at.error and not at.warning
     f = int(at.number_input(key="sae_feature_input").value)
@@ -81,13 +80,13 @@ def test_feature_dashboard_numbers_match_direct_encode_calls(mlp_lm, relu_sae):
     assert _metric(at, "Density") == f"{float(fired.float().mean()):.3%}"
     assert _metric(at, "Max activation") == f"{float(col.max()):.3f}"
     assert _metric(at, "Mean when firing") == f"{float(col[fired].mean()):.3f}"
-    hist = _figure(at, f"Feature {f}: activation histogram")
-    assert sum(_z({"z": hist["data"][0]["y"]}) if isinstance(hist["data"][0]["y"], dict) else hist["data"][0]["y"]) == int(fired.sum())
+    hist = figure_spec(at, f"Feature {f}: activation histogram")
+    assert sum(heatmap_z({"z": hist["data"][0]["y"]}) if isinstance(hist["data"][0]["y"], dict) else hist["data"][0]["y"]) == int(fired.sum())
     # Through the final LayerNorm by hand: centre the decoder row, scale by ln_final.w, unembed.
     row = relu_sae.sae.W_dec[f].detach()
     effects = ((row - row.mean()) * mlp_lm.ln_final.w.detach()) @ mlp_lm.W_U.detach()
-    up = _figure(at, "Promoted tokens")
-    x = _z({"z": up["data"][0]["x"]}) if isinstance(up["data"][0]["x"], dict) else np.array(up["data"][0]["x"])
+    up = figure_spec(at, "Promoted tokens")
+    x = heatmap_z({"z": up["data"][0]["x"]}) if isinstance(up["data"][0]["x"], dict) else np.array(up["data"][0]["x"])
     assert np.allclose(x, effects.topk(10).values.numpy(), atol=1e-4)
     # Top contexts: the strongest activations in the corpus, in order.
     shown = [float(v) for v in re.findall(r"<b>([0-9.]+)</b> · document", _html(at))]
@@ -96,7 +95,7 @@ def test_feature_dashboard_numbers_match_direct_encode_calls(mlp_lm, relu_sae):
 
 
 def test_second_opening_reads_the_index(mlp_lm, relu_sae, monkeypatch):
-    first = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    first = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     first.segmented_control(key="sae_view").set_value("feature").run()
     f = first.number_input(key="sae_feature_input").value
 
@@ -104,7 +103,7 @@ def test_second_opening_reads_the_index(mlp_lm, relu_sae, monkeypatch):
         raise AssertionError("the index was rebuilt")
 
     monkeypatch.setattr(sae_index, "collect", no_build)
-    again = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, feature=str(f))
+    again = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, feature=str(f))
     again.segmented_control(key="sae_view").set_value("feature").run()
     assert not again.exception and not again.error
     assert _metric(again, "Max activation") == _metric(first, "Max activation")
@@ -112,7 +111,7 @@ def test_second_opening_reads_the_index(mlp_lm, relu_sae, monkeypatch):
 
 
 def test_search_ablation_and_own_text(mlp_lm, relu_sae):
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     at.segmented_control(key="sae_view").set_value("search").run()
     at.text_input(key="sae_search_token").set_value("keys").run()
     buttons = [b for b in at.button if b.key and b.key.startswith("sae_tok_")]
@@ -143,7 +142,7 @@ def test_search_ablation_and_own_text(mlp_lm, relu_sae):
     # Search: a multi-token entry and an id.
     at.segmented_control(key="sae_view").set_value("search").run()
     at.text_input(key="sae_search_logit").set_value("the keys").run()
-    assert any("2 tokens" in _plain(w.value) for w in at.warning)
+    assert any("2 tokens" in plain(w.value) for w in at.warning)
     at.text_input(key="sae_search_logit").set_value("are").run()
     effects = relu_sae.sae.W_dec.detach() @ mlp_lm.W_U.detach()[:, int(mlp_lm.to_tokens("are", prepend_bos=False)[0, 0])]
     logit_buttons = [b for b in at.button if b.key and b.key.startswith("sae_logit_")]
@@ -151,28 +150,27 @@ def test_search_ablation_and_own_text(mlp_lm, relu_sae):
 
 
 def test_bad_sae_input_gets_messages(tmp_path, tiny_gpt2_dir):
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     at.selectbox(key="sae_source").set_value("local").run()
-    assert any("Type the folder" in _plain(w.value) for w in at.warning)
+    assert any("Type the folder" in plain(w.value) for w in at.warning)
     at.text_input(key="sae_folder").set_value(str(tmp_path / "nowhere")).run()
-    assert any("no folder" in _plain(w.value) for w in at.warning)
-    from tests.test_saes import _save_sae
+    assert any("no folder" in plain(w.value) for w in at.warning)
 
-    _save_sae(tmp_path / "wide", 768, "blocks.1.hook_resid_post")
+    save_sae(tmp_path / "wide", 768, "blocks.1.hook_resid_post")
     at.text_input(key="sae_folder").set_value(str(tmp_path / "wide")).run()
-    assert any("expects 768 numbers per token" in _plain(w.value) for w in at.warning)
+    assert any("expects 768 numbers per token" in plain(w.value) for w in at.warning)
     assert not at.exception
     at.selectbox(key="sae_source").set_value("pretrained").run()
-    assert any("registry has no SAE" in _plain(w.value) for w in at.warning)
+    assert any("registry has no SAE" in plain(w.value) for w in at.warning)
     # A model with no embedded SAE names the ones that exist.
     folder, _ = tiny_gpt2_dir
-    other = _app(page="saes", model=str(folder), prompt="the cat")
-    assert any("No embedded SAE was trained" in _plain(w.value) for w in other.warning)
+    other = open_app(page="saes", model=str(folder), prompt="the cat")
+    assert any("No embedded SAE was trained" in plain(w.value) for w in other.warning)
     assert not other.exception
 
 
 def test_feature_and_sae_from_the_url(mlp_lm, relu_sae):
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, feature="999999")
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, feature="999999")
     assert not at.exception and not at.error
     tokens = mlp_lm.to_tokens(MLP_PROMPT)
     _, cache = mlp_lm.run_with_cache(tokens, names_filter=relu_sae.hook_name)
@@ -180,7 +178,7 @@ def test_feature_and_sae_from_the_url(mlp_lm, relu_sae):
     assert any("Feature 999999 does not exist" in i.value and f"showing feature {best}" in i.value for i in at.info)
     assert at.query_params["feature"] in (str(best), [str(best)])
     # A link names the SAE and the feature: both come back.
-    link = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, sae="ce-circuits-3l-mlp-res2-topk", feature="5")
+    link = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT, sae="ce-circuits-3l-mlp-res2-topk", feature="5")
     assert link.selectbox(key="sae_embedded").value == "ce-circuits-3l-mlp-res2-topk"
     link.segmented_control(key="sae_view").set_value("feature").run()
     assert link.number_input(key="sae_feature_input").value == 5 and not link.exception
@@ -188,10 +186,10 @@ def test_feature_and_sae_from_the_url(mlp_lm, relu_sae):
 
 def test_default_model_opens_on_its_embedded_sae():
     """A fresh start (no URL parameters): the default zoo model and its embedded SAE, dashboard and all."""
-    at = _app(page="saes")
+    at = open_app(page="saes")
     assert not at.exception and not at.error and not at.warning
     assert at.selectbox(key="sae_embedded").value == "ce-induction-2l-res1-topk"
-    _figure(at, "Strongest SAE features")
+    figure_spec(at, "Strongest SAE features")
     at.segmented_control(key="sae_view").set_value("feature").run()
     assert not at.exception and not at.error
     assert "Top activating contexts" in " ".join(m.value for m in at.markdown)
@@ -211,12 +209,12 @@ def built_indexes():
     for name in ("ce-circuits-3l-mlp-res2-relu", "ce-circuits-3l-mlp-res2-topk", "ce-induction-2l-res1-topk"):
         loaded = saes.load_embedded(name)
         model = models.load_model(loaded.card["model"])
-        sae_index.open_index(model, loaded, sae_data.documents(loaded.card["corpus"], model.tokenizer))
+        sae_index.open_index(model, loaded, corpus.documents(loaded.card["corpus"], model.tokenizer))
 
 
 def _index_of(model, loaded, directory):
     """The index file the page uses for an embedded SAE's corpus in `directory`."""
-    docs = [d for d in sae_data.documents(loaded.card["corpus"], model.tokenizer) if len(d) > 1]
+    docs = [d for d in corpus.documents(loaded.card["corpus"], model.tokenizer) if len(d) > 1]
     return sae_index.index_path(sae_index.index_key(model, loaded, docs), directory)
 
 
@@ -229,7 +227,7 @@ def _finish(at, path, timeout=300):
 
 
 def _infos(at) -> str:
-    return "\n".join(_plain(i.value) for i in at.info)
+    return "\n".join(plain(i.value) for i in at.info)
 
 
 @pytest.fixture()
@@ -254,18 +252,18 @@ def test_first_visit_builds_the_index_in_the_background(mlp_lm, relu_sae, tmp_pa
     gate, calls = held_collect
     monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
     path = _index_of(mlp_lm, relu_sae, tmp_path)
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     assert not at.exception and not at.error and not at.warning
     bars = at.get("progress")
-    assert len(bars) == 1 and "Building the feature index over the zoo corpus" in _plain(bars[0].proto.text)
-    _figure(at, "Strongest SAE features")  # the prompt's features meanwhile
+    assert len(bars) == 1 and "Building the feature index over the zoo corpus" in plain(bars[0].proto.text)
+    figure_spec(at, "Strongest SAE features")  # the prompt's features meanwhile
     at.segmented_control(key="sae_view").set_value("feature").run()
     assert not at.exception and "appear when the corpus index is built" in _infos(at)
-    _figure(at, "Promoted tokens")  # logit effects need no index
+    figure_spec(at, "Promoted tokens")  # logit effects need no index
     assert not [m for m in at.metric if m.label == "Density"]
     # Another tab asks for the same index: it waits on the same build. Leaving the page and coming
     # back, or a rerun, does not start another one either.
-    other = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    other = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     assert other.get("progress") and not other.exception
     at.switch_page("pages/attention.py").run()
     at.switch_page("pages/saes.py").run()
@@ -285,11 +283,11 @@ def test_first_visit_builds_the_index_in_the_background(mlp_lm, relu_sae, tmp_pa
 @pytest.mark.parametrize("folder", ["/tmp/" + "s" * 300, "/tmp/sae\x00folder", "/" + "/".join(["d" * 200] * 25)],
                          ids=["300-character-name", "nul-byte", "path-over-4096"])
 def test_impossible_sae_folders_are_messages(folder):
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     at.selectbox(key="sae_source").set_value("local").run()
     at.text_input(key="sae_folder").set_value(folder).run()
     assert not at.exception
-    assert any("NUL character" in _plain(w.value) or "too long for this machine's file system" in _plain(w.value)
+    assert any("NUL character" in plain(w.value) or "too long for this machine's file system" in plain(w.value)
                for w in at.warning)
 
 
@@ -308,12 +306,12 @@ def test_full_disk_is_a_message_in_the_page(mlp_lm, relu_sae, tmp_path, monkeypa
         return con
 
     monkeypatch.setattr(sae_index.sqlite3, "connect", connect)
-    at = _finish(_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT), path)
+    at = _finish(open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT), path)
     assert not at.exception and not at.error
-    message = "\n".join(_plain(w.value) for w in at.warning)
+    message = "\n".join(plain(w.value) for w in at.warning)
     assert "The disk is full" in message and "Nothing was lost" in message
     assert list(tmp_path.iterdir()) == []  # no temporary file, no journal
-    _figure(at, "Strongest SAE features")  # the page goes on without the index
+    figure_spec(at, "Strongest SAE features")  # the page goes on without the index
     # Space freed: "Try again" builds it.
     monkeypatch.setattr(sae_index.sqlite3, "connect", real_connect)
     at.button(key="sae_index_retry").click().run()
@@ -328,7 +326,7 @@ def test_damaged_index_file_is_rebuilt_not_a_traceback(mlp_lm, relu_sae, tmp_pat
 
     monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
     path = _index_of(mlp_lm, relu_sae, tmp_path)
-    at = _finish(_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT), path)
+    at = _finish(open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT), path)
     at.segmented_control(key="sae_view").set_value("feature").run()
     before = _metric(at, "Max activation")
     st = path.stat()
@@ -346,11 +344,10 @@ def test_damaged_index_file_is_rebuilt_not_a_traceback(mlp_lm, relu_sae, tmp_pat
 
 @pytest.mark.slow  # builds feature indexes
 def test_uploaded_corpus_file_name_is_shown_as_text(tmp_path, monkeypatch):
-    from tests.test_saes import _save_sae
 
     monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path / "data"))
-    _save_sae(tmp_path / "sae", 128, "blocks.1.hook_resid_post")
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    save_sae(tmp_path / "sae", 128, "blocks.1.hook_resid_post")
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     at.selectbox(key="sae_source").set_value("local").run()
     at.text_input(key="sae_folder").set_value(str(tmp_path / "sae")).run()
     name = "[x](javascript:alert(1)) **bold** $x^2$ <b>b</b>.txt"
@@ -367,11 +364,11 @@ def test_uploaded_corpus_file_name_is_shown_as_text(tmp_path, monkeypatch):
                                                               for s in shown)
     for s in shown:
         assert "**bold**" not in s and "](javascript" not in s and "$x^2$" not in s and "<b>" not in s
-        assert name in _plain(s)  # shown, as typed
+        assert name in plain(s)  # shown, as typed
 
 
 def test_jargon_on_the_page_has_a_one_line_explanation(mlp_lm):
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     card = next(c for c in at.caption if "explained variance" in c.value)
     for word in ("hook_resid_pre", "L0", "Explained variance", "Dead features"):
         assert word in card.proto.help, word
@@ -390,7 +387,7 @@ def test_search_results_fit_their_column(mlp_lm, relu_sae):
     """Issue 16 (9): at 1280×720 a search column is 263 px wide, about 40 characters of a button's
     label (measured in Chromium, tests/test_saes_browser.py); the old labels (57+ characters) lost
     their "(fires on N)". The count is in a short label now, the occurrences in a caption above."""
-    at = _app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
+    at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     at.segmented_control(key="sae_view").set_value("search").run()
     at.text_input(key="sae_search_token").set_value("keys").run()
     at.text_input(key="sae_search_logit").set_value("are").run()
@@ -414,12 +411,12 @@ def test_loading_a_model_builds_its_embedded_sae_indexes_in_the_background(monke
     """Issue 16: the embedded SAEs' indexes should not make the SAE page's first visitor wait. When
     the app first loads a model, the indexes of that model's embedded SAEs start building in the
     background; the SAE page then opens them without building again."""
-    from core import session
+    from core.ui import cache
 
-    monkeypatch.setenv(session.PREFETCH_ENV, "1")
+    monkeypatch.setenv(cache.PREFETCH_ENV, "1")
     monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
-    monkeypatch.setattr(session, "_prefetched", set())
-    at = _app(model="ce-circuits-3l-attn")  # the Attention page: no SAE asked for
+    monkeypatch.setattr(cache, "_prefetched", set())
+    at = open_app(model="ce-circuits-3l-attn")  # the Attention page: no SAE asked for
     assert not at.exception
     model = models.load_model("ce-circuits-3l-attn")
     names = saes.embedded_saes("ce-circuits-3l-attn")
@@ -427,7 +424,7 @@ def test_loading_a_model_builds_its_embedded_sae_indexes_in_the_background(monke
     deadline = 120
     for name in names:
         loaded = saes.load_embedded(name)
-        docs = sae_data.documents(loaded.corpus_spec, model.tokenizer)
+        docs = corpus.documents(loaded.corpus_spec, model.tokenizer)
         path = sae_index.index_path(sae_index.index_key(model, loaded, sae_index._clean_docs(docs)))
         # Requested by the model's first load, from a background thread: it may not have asked yet,
         # or may be done already (then the file is there).

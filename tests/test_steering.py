@@ -310,7 +310,8 @@ def test_generated_text_joins_word_pieces_as_the_tokenizer_does(lm):
 
 def test_word_piece_labels_on_a_byte_level_tokenizer(tmp_path):
     """GPT-2-style tokens carry their own spaces: nothing is marked, the text is the tokenizer's decode."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

@@ -4,8 +4,7 @@ import re
 import pytest
 import torch
 
-from core import tasks
-from core.zoo import corpus
+from core import corpus, tasks
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from core.models import ZOO_DIR
+from core.vocab import build_tokenizer, vocabulary
 from core.zoo import induction_card, train_induction
-from core.zoo.vocab import build_tokenizer, vocabulary
-
 
 MODEL_DIR = ZOO_DIR / "ce-induction-2l"
 

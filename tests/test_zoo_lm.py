@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
+from core import corpus
 from core.models import ZOO_DIR
-from core.zoo import corpus, lm_card, train_lm
-
+from core.zoo import lm_card, train_lm
 
 MODELS = ["ce-circuits-3l-attn", "ce-circuits-3l-mlp"]
 
