@@ -228,15 +228,18 @@ class DemoCheck:
     flip: AgreementFlip | None = None
 
 
-def default_demo_check(model: HookedTransformer) -> DemoCheck:
+def default_demo_check(model: HookedTransformer, activation_store=None) -> DemoCheck:
     """Does the page's default demonstration work on this model? Measured, not looked up by name:
     add `DEMO_ALPHA` × the default plural direction and count the held-out singular-subject agreement
-    prompts on which " are" beats " is". It works when steering raises that share by `DEMO_MIN_FLIP`."""
+    prompts on which " are" beats " is". It works when steering raises that share by `DEMO_MIN_FLIP`.
+    `activation_store`: where the unsteered run is read from (and kept for the page), if given."""
     name = model.cfg.model_name
     try:
         direction = default_direction(model)
         hooks = steering_hooks(model, direction, "add", DEMO_ALPHA)
-        flip = agreement_flip(model, hooks)
+        prompts = agreement_prompts(model)
+        base = None if activation_store is None else activation_store.get(model, prompts.tokens).logits
+        flip = agreement_flip(model, hooks, prompts, base_logits=base)
     except SteeringError as err:
         return DemoCheck(False, f"{err} So the default plural direction has nothing to act on in {name}.")
     gain = flip.steered - flip.unsteered

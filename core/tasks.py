@@ -182,12 +182,12 @@ DEMO_ORDER = ("ioi", "sva", "greater_than", "induction")  # the order a page pic
 MIN_DEMO_ACCURACY = 0.8
 
 
-def solves(model: HookedTransformer, task: "Task", min_accuracy: float = MIN_DEMO_ACCURACY) -> bool:
-    """Whether the model does the task: the answer beats the wrong token on at least `min_accuracy`
-    of the clean prompts, and the clean - corrupted gap makes normalised numbers meaningful."""
-    with torch.no_grad():
-        clean, corrupted = run(model, task.clean_tokens), run(model, task.corrupted_tokens)
-    return task.accuracy(clean) >= min_accuracy and normaliser(task, clean, corrupted).meaningful
+def solves(task: "Task", clean_logits: torch.Tensor, corrupted_logits: torch.Tensor,
+           min_accuracy: float = MIN_DEMO_ACCURACY) -> bool:
+    """Whether the model does the task, from its clean and corrupted runs' logits [batch, pos, d_vocab]:
+    the answer beats the wrong token on at least `min_accuracy` of the clean prompts, and the
+    clean - corrupted gap makes normalised numbers meaningful."""
+    return task.accuracy(clean_logits) >= min_accuracy and normaliser(task, clean_logits, corrupted_logits).meaningful
 
 
 @dataclass(frozen=True)

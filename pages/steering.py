@@ -38,15 +38,9 @@ HELP = {
 }
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def demo_check(_model, model_id: str):
-    """Whether the default plural direction flips agreement on this model (measured in core)."""
-    return steering.default_demo_check(_model)
-
-
 def demo_notice() -> None:
     """Where the default demonstration does not work on this model, say so and offer the model it needs."""
-    check = demo_check(model, model_id)
+    check = cache.demo_check(model)
     if check.works:
         return
     with st.container(border=True):

@@ -111,7 +111,8 @@ def demo_task(model: HookedTransformer) -> str | None:
             task = task_batch(model, name)
         except tasks.TaskError:
             continue
-        if tasks.solves(model, task):
+        runs = get_store()  # the page then reads the same runs: no second forward pass
+        if tasks.solves(task, runs.get(model, task.clean_tokens).logits, runs.get(model, task.corrupted_tokens).logits):
             return name
     return None
 
@@ -175,6 +176,14 @@ def probes(model: HookedTransformer, source: str, positive: tuple = (), negative
     from core import steering
 
     return steering.probes_with_control(model, source, list(positive), list(negative))
+
+
+@st.cache_data(show_spinner=False, max_entries=8, hash_funcs=BY_MODEL)
+def demo_check(model: HookedTransformer):
+    """`steering.default_demo_check`, once per model; its unsteered run stays in the activation store."""
+    from core import steering
+
+    return steering.default_demo_check(model, get_store())
 
 
 # ---------------------------------------------------------------------------------------------
