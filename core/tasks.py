@@ -389,15 +389,25 @@ def sva(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, split: 
                    clean, corrupted, answers, wrongs, tpl.name, {"attractor": attractor})
 
 
+INDUCTION_CORRUPTIONS = ("continuation", "match")
+
+
 def induction(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, split: Split = "held_out",
-              length: int = INDUCTION_LEN) -> Task:
+              length: int = INDUCTION_LEN, corruption: str = "continuation") -> Task:
     """Random tokens, then their first half again: the answer is the token that came next before.
 
-    Corrupted: that earlier token is replaced by another one (the wrong token), so induction
-    now predicts the wrong token. `split` is accepted for a uniform signature; random tokens
-    are never in any training set.
+    Corrupted ("continuation"): that earlier token is replaced by another one (the wrong token), so
+    induction now predicts the wrong token — the information that changes is the copied token
+    (the induction head's value path).
+    Corrupted ("match"): the earlier occurrence of the last token is replaced by a random token, so
+    there is nothing to match and no repeat to continue; the wrong token is a random token not in
+    the prompt — what changes is where the induction head looks (its key path, fed by the
+    previous-token head). `split` is accepted for a uniform signature; random tokens are never in
+    any training set.
     """
     _check_split(split)
+    if corruption not in INDUCTION_CORRUPTIONS:
+        raise TaskError(f"Unknown induction corruption {corruption!r}: {', '.join(INDUCTION_CORRUPTIONS)}.")
     if 1 + length + length // 2 > model.cfg.n_ctx:
         raise TaskError(f"Induction prompts of {length} tokens do not fit the model's context {model.cfg.n_ctx}.")
     special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
@@ -409,7 +419,11 @@ def induction(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, s
     for _ in range(n):
         x = rng.sample(allowed, length)
         w = rng.choice([t for t in allowed if t not in x[: k + 1]])
-        x_corrupt = x[:k] + [w] + x[k + 1 :]
+        if corruption == "continuation":
+            x_corrupt = x[:k] + [w] + x[k + 1 :]
+        else:  # the earlier x[k - 1] becomes a token found nowhere else in the prompt
+            u = rng.choice([t for t in allowed if t not in x and t != w])
+            x_corrupt = x[: k - 1] + [u] + x[k:]
         clean_rows.append([bos] + x + x[:k])
         corrupted_rows.append([bos] + x_corrupt + x[:k])
         answers.append(x[k])
@@ -418,7 +432,7 @@ def induction(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, s
     decode = lambda rows: [store.decode(model, r[1:]) for r in rows]  # noqa: E731
     return Task("induction", "Induction: repeat what followed last time", "logit_diff", clean_tokens, corrupted_tokens,
                 torch.tensor(answers), torch.tensor(wrongs), decode(clean_rows), decode(corrupted_rows),
-                template=f"random-{length}", info={"length": length})
+                template=f"random-{length}", info={"length": length, "corruption": corruption})
 
 
 BUILTIN: dict[str, Callable[..., Task]] = {"ioi": ioi, "greater_than": greater_than, "sva": sva, "induction": induction}
