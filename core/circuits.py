@@ -37,6 +37,7 @@ supports the clean behaviour.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Literal
@@ -264,7 +265,7 @@ class _CaptureZ:
 
 def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: int,
              ablated: torch.Tensor | None = None, patch: torch.Tensor | None = None,
-             receivers: list | None = None, outputs: list | None = None) -> torch.Tensor:
+             receivers: list | None = None, start: int = 0, cache: ActivationCache | None = None) -> torch.Tensor:
     """Final residual stream at the last position [rows, d_model] of `copies` copies of a batch.
 
     inputs: the first residual stream, rows = copies x prompts (copy-major).
@@ -272,30 +273,44 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
       ([prompts, pos, n_up, d_model]) instead of from this run; None = no edge patched.
     receivers: when a list, every downstream input tensor is appended to it (for gradients), in
       `graph.downstream` order, each [rows, pos, k, d_model].
-    outputs: when a list, every upstream output tensor is appended, each [rows, pos, k, d_model].
-    Call under `locked(model, use_split_qkv_input=True)` with a `_CaptureZ` hook on the model.
+    start, cache: positions before `start` are the clean run's in every copy (`Runs.start`): the
+      copies compute positions start.. only and read earlier keys and values from the clean `cache`.
+    Call inside `_Session(model)`.
     """
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
     capture = _active_capture(model)
-    resid = inputs.resid
+    resid = inputs.resid[:, start:]
     rows, n_pos, d = resid.shape
     prompts = rows // copies
-    outs = [resid[:, :, None]]
     cfg = model.cfg
+    attn_inputs = _Inputs(resid, None if inputs.shortformer is None else inputs.shortformer[:, start:], inputs.mask)
+    diffs = None  # [copies, prompts, pos, n_up, d]: this run's output minus the patch, node by node
+    if ablated is not None:
+        patch = patch[:, start:]
+        diffs = resid.new_zeros(copies, prompts, n_pos, graph.n_up, d)
+    written = 0
+
+    def write(out: torch.Tensor) -> None:  # out: [rows, pos, k, d], the next k upstream nodes
+        nonlocal written
+        k = out.shape[2]
+        if diffs is not None:
+            diffs[:, :, :, written:written + k] = (out.reshape(copies, prompts, n_pos, k, d)
+                                                   - patch[None, :, :, written:written + k])
+        written += k
 
     def minus_patched(x: torch.Tensor, stage: int) -> torch.Tensor:
         """x [rows, pos, k, d] (k receivers at `stage`) minus the patched edges' differences."""
         if ablated is None:
             return x
-        sl = graph.down_slice(stage)
         n = graph.n_up_before(stage)
-        a = ablated[:, :n, sl]
+        a = ablated[:, :n, graph.down_slice(stage)]
         if not bool(a.any()):
             return x
-        cur = torch.cat(outs, 2)[:, :, :n].reshape(copies, prompts, n_pos, n, d)
-        diff = cur - patch[None, :, :, :n]
-        delta = torch.einsum("cpsnd,cnk->cpskd", diff, a)
+        delta = torch.einsum("cpsnd,cnk->cpskd", diffs[:, :, :, :n], a)
         return x - delta.reshape(rows, n_pos, -1, d)
 
+    write(resid[:, :, None])
     for layer in range(cfg.n_layers):
         stage = 2 * layer + 1
         k_q, k_kv = cfg.n_heads, graph.n_kv_heads
@@ -304,9 +319,15 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
         if receivers is not None:
             x = x.clone()
             receivers.append(x)
+        entry = None
+        if start > 0:
+            k = cache[utils.get_act_name("k", layer)][:, :start]
+            v = cache[utils.get_act_name("v", layer)][:, :start]
+            entry = TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1),
+                                                      frozen=True)
         q_in, k_in, v_in = x[:, :, :k_q], x[:, :, k_q:k_q + k_kv], x[:, :, k_q + k_kv:]
-        attn_out, results = _attention(model, layer, q_in, k_in, v_in, inputs, capture.values)
-        outs.append(results)
+        attn_out, results = _attention(model, layer, q_in, k_in, v_in, attn_inputs, capture.values, entry)
+        write(results)
         resid = resid + attn_out
         if graph.has_mlp:
             m = minus_patched(resid[:, :, None], stage + 1)
@@ -314,14 +335,12 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
                 m = m.clone()
                 receivers.append(m)
             mlp_out = _mlp(model, layer, m[:, :, 0])
-            outs.append(mlp_out[:, :, None])
+            write(mlp_out[:, :, None])
             resid = resid + mlp_out
     final = minus_patched(resid[:, :, None], 2 * cfg.n_layers + 1)
     if receivers is not None:
         final = final.clone()
         receivers.append(final)
-    if outputs is not None:
-        outputs.extend(outs)
     return final[:, -1, 0]
 
 
@@ -384,7 +403,7 @@ class Runs:
     ablation: Ablation
     metric_label: str = "metric"
 
-    @property
+    @functools.cached_property
     def start(self) -> int:
         """First position where an ablated value differs from the clean one: every position before
         it is the same in every patched run (callers use 0 for a left-padded batch)."""
@@ -846,10 +865,12 @@ def evaluate_masks(model: HookedTransformer, runs: Runs, keeps: torch.Tensor,
     out = []
     with _Session(model):
         base = _embed(model, runs.clean_tokens)
+        start = 0 if base.mask is not None else runs.start
         for i in range(0, keeps.shape[0], chunk):
             k = keeps[i:i + chunk]
             ablated = (graph.valid[None] & ~k).to(runs.patch.dtype)
-            final = _forward(model, graph, base.repeat(k.shape[0]), k.shape[0], ablated, runs.patch)
+            final = _forward(model, graph, base.repeat(k.shape[0]), k.shape[0], ablated, runs.patch,
+                             start=start, cache=runs.clean_cache)
             out.append(_metric_per_copy(model, final, k.shape[0], runs.metric))
             if progress:
                 progress(min(1.0, (i + k.shape[0]) / keeps.shape[0]))
@@ -971,26 +992,23 @@ def acdc(model: HookedTransformer, runs: Runs, threshold: float = 0.01,
     drops = torch.full((graph.n_up, graph.n_down), float("nan"))
     norm = runs.normaliser
     scale = norm.gap if norm.meaningful else 1.0
-    current = float(evaluate_masks(model, runs, keep)[0])
     receivers = sorted(range(graph.n_down), key=lambda d: -int(graph.down_stage[d]))
     for i, d in enumerate(receivers):
         if not _reaches_owner(graph, d, _reaching(graph, keep)):
             keep[:, d] = False
-            continue
-        ups = keep[:, d].nonzero().flatten().tolist()
-        if ups:
-            trial = keep[None].repeat(len(ups), 1, 1)
-            for j, u in enumerate(ups):
-                trial[j, u, d] = False
-            m = evaluate_masks(model, runs, trial)
-            drop = (current - m) / scale
-            for j, u in enumerate(ups):
-                drops[u, d] = float(drop[j])
-            remove = [u for j, u in enumerate(ups) if float(drop[j]) < threshold]
-            if remove:
-                for u in remove:
-                    keep[u, d] = False
-                current = float(evaluate_masks(model, runs, keep)[0])
+        else:
+            ups = keep[:, d].nonzero().flatten().tolist()
+            if ups:
+                # copy 0: the current circuit; copy j: it without edge ups[j - 1]
+                trial = keep[None].repeat(len(ups) + 1, 1, 1)
+                for j, u in enumerate(ups):
+                    trial[j + 1, u, d] = False
+                m = evaluate_masks(model, runs, trial)
+                drop = (m[0] - m[1:]) / scale
+                for j, u in enumerate(ups):
+                    drops[u, d] = float(drop[j])
+                    if float(drop[j]) < threshold:
+                        keep[u, d] = False
         if progress:
             progress((i + 1) / len(receivers))
     raw = drops * scale
