@@ -16,6 +16,7 @@ from transformer_lens import head_detector
 from core import attention
 from core.models import load_model
 from core.paths import ZOO_DIR
+from core.zoo import circuit_card
 
 EVAL_SEED = 1234  # the training data uses other generators: these sequences are fresh
 EVAL_SEQ_LEN = attention.DEFAULT_SEQ_LEN
@@ -58,7 +59,7 @@ def _rows(table) -> dict:
 
 def write(model_dir: Path, metrics: dict) -> None:
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (model_dir / "MODEL_CARD.md").write_text(card_text(metrics))
+    (model_dir / "MODEL_CARD.md").write_text(circuit_card.with_section(card_text(metrics), model_dir))
 
 
 def card_text(m: dict) -> str:

@@ -20,6 +20,7 @@ from transformer_lens import patching
 
 from core import attention, tasks
 from core.models import load_model
+from core.zoo import circuit_card
 
 EVAL_SEED = 1234  # training draws from other generators: these prompts are fresh
 EVAL_BATCH = 128
@@ -238,7 +239,7 @@ def headline(m: dict) -> dict:
 def write(model_dir: Path, metrics: dict) -> None:
     model_dir = Path(model_dir)
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (model_dir / "MODEL_CARD.md").write_text(card_text(metrics))
+    (model_dir / "MODEL_CARD.md").write_text(circuit_card.with_section(card_text(metrics), model_dir))
 
 
 def _pct(x: float) -> str:
