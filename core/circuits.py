@@ -856,24 +856,28 @@ def evaluate_masks(model: HookedTransformer, runs: Runs, keeps: torch.Tensor,
                    progress: Progress | None = None) -> torch.Tensor:
     """[circuits] the task metric with every edge outside each mask patched; keeps: bool
     [circuits, n_up, n_down] (or one [n_up, n_down]). Circuits run as copies of one batch."""
+    with _Session(model):
+        return _evaluate(model, runs, keeps, _embed(model, runs.clean_tokens), progress)
+
+
+def _evaluate(model: HookedTransformer, runs: Runs, keeps: torch.Tensor, base: _Inputs,
+              progress: Progress | None = None) -> torch.Tensor:
+    """`evaluate_masks` inside a held `_Session`, from the clean run's first residual stream `base`."""
     graph = runs.graph
     if keeps.dim() == 2:
         keeps = keeps[None]
     prompts, n_pos = runs.clean_tokens.shape
-    d = runs.patch.shape[-1]
-    chunk = _chunk_copies(graph, prompts, n_pos, d)
+    chunk = _chunk_copies(graph, prompts, n_pos, runs.patch.shape[-1])
+    start = 0 if base.mask is not None else runs.start
     out = []
-    with _Session(model):
-        base = _embed(model, runs.clean_tokens)
-        start = 0 if base.mask is not None else runs.start
-        for i in range(0, keeps.shape[0], chunk):
-            k = keeps[i:i + chunk]
-            ablated = (graph.valid[None] & ~k).to(runs.patch.dtype)
-            final = _forward(model, graph, base.repeat(k.shape[0]), k.shape[0], ablated, runs.patch,
-                             start=start, cache=runs.clean_cache)
-            out.append(_metric_per_copy(model, final, k.shape[0], runs.metric))
-            if progress:
-                progress(min(1.0, (i + k.shape[0]) / keeps.shape[0]))
+    for i in range(0, keeps.shape[0], chunk):
+        k = keeps[i:i + chunk]
+        ablated = (graph.valid[None] & ~k).to(runs.patch.dtype)
+        final = _forward(model, graph, base.repeat(k.shape[0]), k.shape[0], ablated, runs.patch,
+                         start=start, cache=runs.clean_cache)
+        out.append(_metric_per_copy(model, final, k.shape[0], runs.metric))
+        if progress:
+            progress(min(1.0, (i + k.shape[0]) / keeps.shape[0]))
     return torch.cat(out)
 
 
@@ -946,27 +950,27 @@ class NodeCheck:
 
 
 def completeness(model: HookedTransformer, runs: Runs, circuit: Circuit,
-                 sets: list[Iterable[str]] | None = None) -> NodeCheck:
+                 sets: list[Iterable[str]] | None = None, progress: Progress | None = None) -> NodeCheck:
     """|F(C \\ K) − F(M \\ K)| for node sets K of the circuit (default: each node alone and
     the empty set): small when the circuit does what the whole model does even when knocked out."""
     nodes = [n for n in circuit.nodes() if n not in ("embed", "logits")]
     sets = [tuple(s) for s in sets] if sets is not None else [()] + [(n,) for n in nodes]
     full = runs.graph.valid
     masks = [knock_out(runs.graph, circuit.edges, s) for s in sets] + [knock_out(runs.graph, full, s) for s in sets]
-    m = evaluate_masks(model, runs, torch.stack(masks))
+    m = evaluate_masks(model, runs, torch.stack(masks), progress)
     c, f = m[:len(sets)], m[len(sets):]
     return NodeCheck(sets, c, f, _norm_abs(runs, c - f), runs.normaliser)
 
 
 def minimality(model: HookedTransformer, runs: Runs, circuit: Circuit,
-               base: Iterable[str] = ()) -> NodeCheck:
+               base: Iterable[str] = (), progress: Progress | None = None) -> NodeCheck:
     """|F(C \\ (K ∪ {v})) − F(C \\ K)| for every node v of the circuit, K = `base`: how much each
     node adds; a node scoring near 0 is not needed."""
     base = tuple(base)
     nodes = [n for n in circuit.nodes() if n not in ("embed", "logits") and n not in base]
     sets = [base + (v,) for v in nodes]
     masks = [knock_out(runs.graph, circuit.edges, s) for s in sets] + [knock_out(runs.graph, circuit.edges, base)]
-    m = evaluate_masks(model, runs, torch.stack(masks))
+    m = evaluate_masks(model, runs, torch.stack(masks), progress)
     without, ref = m[:-1], m[-1].expand(len(sets))
     return NodeCheck(sets, without, ref, _norm_abs(runs, without - ref), runs.normaliser)
 
@@ -993,6 +997,21 @@ def acdc(model: HookedTransformer, runs: Runs, threshold: float = 0.01,
     norm = runs.normaliser
     scale = norm.gap if norm.meaningful else 1.0
     receivers = sorted(range(graph.n_down), key=lambda d: -int(graph.down_stage[d]))
+    with _Session(model), torch.no_grad():
+        base = _embed(model, runs.clean_tokens)
+    _acdc_visit(model, runs, receivers, keep, drops, scale, threshold, base, progress)
+
+    raw = drops * scale
+    scores = EdgeScores(graph, "acdc", drops if norm.meaningful else raw, raw, norm, runs.ablation,
+                        runs.metric_label, {"threshold": threshold})
+    return Circuit(graph, prune(graph, keep), scores, "acdc", threshold=threshold)
+
+
+def _acdc_visit(model, runs: Runs, receivers: list[int], keep: torch.Tensor, drops: torch.Tensor, scale: float,
+                threshold: float, base: _Inputs, progress: Progress | None) -> None:
+    """ACDC's loop over receivers; updates `keep` and `drops` in place. The model's lock is taken
+    per receiver, so other sessions' forward passes interleave with a long search."""
+    graph = runs.graph
     for i, d in enumerate(receivers):
         if not _reaches_owner(graph, d, _reaching(graph, keep)):
             keep[:, d] = False
@@ -1003,7 +1022,8 @@ def acdc(model: HookedTransformer, runs: Runs, threshold: float = 0.01,
                 trial = keep[None].repeat(len(ups) + 1, 1, 1)
                 for j, u in enumerate(ups):
                     trial[j + 1, u, d] = False
-                m = evaluate_masks(model, runs, trial)
+                with _Session(model), torch.no_grad():
+                    m = _evaluate(model, runs, trial, base)
                 drop = (m[0] - m[1:]) / scale
                 for j, u in enumerate(ups):
                     drops[u, d] = float(drop[j])
@@ -1011,10 +1031,6 @@ def acdc(model: HookedTransformer, runs: Runs, threshold: float = 0.01,
                         keep[u, d] = False
         if progress:
             progress((i + 1) / len(receivers))
-    raw = drops * scale
-    scores = EdgeScores(graph, "acdc", drops if norm.meaningful else raw, raw, norm, runs.ablation,
-                        runs.metric_label, {"threshold": threshold})
-    return Circuit(graph, prune(graph, keep), scores, "acdc", threshold=threshold)
 
 
 def _reaching(graph: Graph, keep: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,19 @@ SWITCHES = {
 }
 
 
+# Every switch runs in CI; while developing (-m "not slow") four that between them exercise each
+# code path: LayerNorm + learned positions, shortformer + attention-only, grouped-query + rotary +
+# RMSNorm, left padding.
+QUICK = ("ln-standard", "shortformer-attn-only", "gqa-rotary", "left-padded")
+
+
+def switch_params() -> list:
+    """SWITCHES' names as pytest params, those outside QUICK marked slow."""
+    import pytest
+
+    return [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow, id=n) for n in SWITCHES]
+
+
 @functools.lru_cache(maxsize=1)
 def _tokenizer_dir() -> str:
     import tempfile

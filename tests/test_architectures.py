@@ -11,7 +11,7 @@ standard / shortformer / rotary / ALiBi positions, attention-only, GQA, soft cap
 """
 import pytest
 import torch
-from random_models import SWITCHES, random_model, random_tokens
+from random_models import SWITCHES, random_model, random_tokens, switch_params
 from transformer_lens import patching as tlp
 
 from core import attention, attribution, patching, store, tasks
@@ -19,7 +19,7 @@ from core import attention, attribution, patching, store, tasks
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=list(SWITCHES), ids=list(SWITCHES))
+@pytest.fixture(scope="module", params=switch_params())
 def switched(request):
     kw = dict(SWITCHES[request.param])
     return request.param, random_model(seed=3, **kw)

@@ -228,6 +228,7 @@ def test_on_ioi_the_heads_that_write_the_answer_are_the_name_movers():
     assert movers <= top5  # and every name mover is among the five strongest writers
 
 
+@pytest.mark.slow  # a secondary view of the page: CI runs it, development runs skip it
 def test_subword_and_year_answers_open_without_a_message():
     """Default answers are kept by id: a year continuation ("##53", shown "53") would not
     re-tokenize from its text."""

@@ -17,7 +17,7 @@ import torch
 
 from core import circuits as C
 from core import store
-from tests.random_models import SWITCHES, random_model, random_tokens
+from tests.random_models import SWITCHES, random_model, random_tokens, switch_params
 
 TOL = 1e-4
 
@@ -190,14 +190,7 @@ def _metric(answer=11, wrong=25):
     return lambda logits: (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
 
 
-# Every switch runs in CI; while developing (-m "not slow") four that between them exercise each
-# code path: LayerNorm + learned positions, shortformer + attention-only, grouped-query + rotary +
-# RMSNorm, left padding.
-QUICK = ("ln-standard", "shortformer-attn-only", "gqa-rotary", "left-padded")
-
-
-@pytest.fixture(scope="module", params=[n if n in QUICK else pytest.param(n, marks=pytest.mark.slow)
-                                        for n in SWITCHES])
+@pytest.fixture(scope="module", params=switch_params())
 def case(request):
     model = _model(request.param)
     clean, corrupted = _pair(request.param, model)

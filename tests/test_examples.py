@@ -4,12 +4,14 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from core import models, patching, tasks
 from tests.helpers import ROOT
 
 
+@pytest.mark.slow  # .ci/run also runs the example directly
 def test_notebook_example_runs_from_outside_the_repository(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # as after `pip install -e .` (CI runs it installed too)
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "notebook_patching.py"), "figure.html"],

@@ -335,6 +335,7 @@ def test_impossible_model_names_are_clear_messages(name):
     assert at.error and ("not a model name or a folder path" in at.error[0].value or "Unknown model" in at.error[0].value)
 
 
+@pytest.mark.slow  # a secondary view of the page: CI runs it, development runs skip it
 def test_charts_and_controls_read_well_on_a_projector():
     """Issue 16: tick labels and cell values were 10–11 px; an unchanged score showed a red "↓ -0.000";
     jargon had no explanation on screen."""

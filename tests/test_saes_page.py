@@ -367,6 +367,7 @@ def test_uploaded_corpus_file_name_is_shown_as_text(tmp_path, monkeypatch):
         assert name in plain(s)  # shown, as typed
 
 
+@pytest.mark.slow  # a secondary view of the page: CI runs it, development runs skip it
 def test_jargon_on_the_page_has_a_one_line_explanation(mlp_lm):
     at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     card = next(c for c in at.caption if "explained variance" in c.value)

@@ -137,6 +137,7 @@ def test_on_a_model_without_agreement_the_page_says_so_and_switches_in_one_click
 
 
 @torch.no_grad()
+@pytest.mark.slow  # a secondary view of the page: CI runs it, development runs skip it
 def test_at_alpha_4_the_chart_keeps_the_unsteered_prediction(lm, plural):
     at = open_app(page="steering", model="ce-circuits-3l-mlp")
     at.number_input(key="steer_alpha").set_value(4.0).run()
@@ -180,6 +181,7 @@ def test_generated_word_pieces_are_joined_as_the_tokenizer_joins_them(lm, plural
     assert at.code[-1].value == lm.tokenizer.decode(res.tokens[0, 1:].tolist())
 
 
+@pytest.mark.slow  # a secondary view of the page: CI runs it, development runs skip it
 def test_direction_names_and_a_full_disk_on_the_page(lm, tmp_path, monkeypatch):
     import safetensors
     import safetensors.torch
@@ -204,6 +206,7 @@ def test_direction_names_and_a_full_disk_on_the_page(lm, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a secondary view of the page: CI runs it, development runs skip it
 def test_the_words_of_the_field_have_a_one_line_explanation():
     at = open_app(page="steering", model="ce-circuits-3l-mlp")
     helps = {

@@ -170,6 +170,124 @@ def ablation_sweep(model: HookedTransformer, task: tasks.Task, target: str, laye
     return _results().get(key, lambda: patching.ablate_task(model, task, target, kind, layer, get_store(), progress))
 
 
+# ---------------------------------------------------------------------------------------------
+# Circuits (pages/circuits.py): runs, edge scores, curves, ACDC, path patching, weights
+# ---------------------------------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)
+def induction_task(model: HookedTransformer, corruption: str, n: int = TASK_BATCH, seed: int = 0) -> tasks.Task:
+    """The induction task as `task_batch` builds it (same n, seed, split), with the corruption chosen:
+    "match" (the earlier occurrence of the last token replaced: the key path) or "continuation"."""
+    return tasks.make_task("induction", model, n=n, seed=seed, split="held_out", corruption=corruption)
+
+
+@st.cache_resource(show_spinner=False)
+def _circuit_runs() -> KeyedCache:
+    """Runs hold a task's clean activation cache: a few, apart from the results."""
+    return KeyedCache(4)
+
+
+def circuit_runs(model: HookedTransformer, task: tasks.Task, ablation: str):
+    """`circuits.task_runs` (from the activation store), kept per model, task and ablation."""
+    from core import circuits
+
+    key = ("circuit_runs", model_key(model), task_key(task), ablation)
+    return _circuit_runs().get(key, lambda: circuits.task_runs(model, task, ablation, get_store()))
+
+
+def _score_key(model, task, ablation: str, method: str, steps: int) -> tuple:
+    return (model_key(model), task_key(task), ablation, method, steps if method == "eap-ig" else None)
+
+
+def edge_scores(model: HookedTransformer, task: tasks.Task, ablation: str, method: str, steps: int = 8, progress=None):
+    """`circuits.score_edges` (EAP, EAP-IG or exact), kept per model, task and choice."""
+    from core import circuits
+
+    key = ("edge_scores", *_score_key(model, task, ablation, method, steps))
+    return _results().get(key, lambda: circuits.score_edges(model, circuit_runs(model, task, ablation), method, steps,
+                                                            progress))
+
+
+def faithfulness_curve(model: HookedTransformer, task: tasks.Task, ablation: str, method: str, steps: int = 8,
+                       progress=None):
+    """`circuits.faithfulness_curve` of the top-N circuits of a method's scores, kept per choice."""
+    from core import circuits
+
+    key = ("curve", *_score_key(model, task, ablation, method, steps))
+    return _results().get(key, lambda: circuits.faithfulness_curve(
+        model, circuit_runs(model, task, ablation), edge_scores(model, task, ablation, method, steps), progress=progress))
+
+
+def circuit_key(circuit) -> str:
+    """A content hash of a circuit's edges (what its evaluation depends on, given the runs)."""
+    return hashlib.sha1(circuit.edges.cpu().numpy().tobytes()).hexdigest()
+
+
+def circuit_evaluation(model: HookedTransformer, task: tasks.Task, ablation: str, circuit):
+    """`circuits.evaluate` of one circuit, kept per model, task, ablation and edge set."""
+    from core import circuits
+
+    key = ("circuit_eval", model_key(model), task_key(task), ablation, circuit_key(circuit))
+    return _results().get(key, lambda: circuits.evaluate(model, circuit_runs(model, task, ablation), circuit))
+
+
+def acdc(model: HookedTransformer, task: tasks.Task, ablation: str, threshold: float, progress=None):
+    """`circuits.acdc` with threshold τ, kept per model, task, ablation and τ."""
+    from core import circuits
+
+    key = ("acdc", model_key(model), task_key(task), ablation, round(float(threshold), 6))
+    return _results().get(key, lambda: circuits.acdc(model, circuit_runs(model, task, ablation), threshold, progress))
+
+
+def minimality(model: HookedTransformer, task: tasks.Task, ablation: str, circuit):
+    """`circuits.minimality` of every node of a circuit, kept per edge set."""
+    from core import circuits
+
+    key = ("minimality", model_key(model), task_key(task), ablation, circuit_key(circuit))
+    return _results().get(key, lambda: circuits.minimality(model, circuit_runs(model, task, ablation), circuit))
+
+
+def completeness(model: HookedTransformer, task: tasks.Task, ablation: str, circuit, sets: tuple):
+    """`circuits.completeness` for node sets (a tuple of tuples), kept per edge set and sets."""
+    from core import circuits
+
+    key = ("completeness", model_key(model), task_key(task), ablation, circuit_key(circuit), sets)
+    return _results().get(key, lambda: circuits.completeness(model, circuit_runs(model, task, ablation), circuit,
+                                                             [list(s) for s in sets]))
+
+
+def path_patching(model: HookedTransformer, task: tasks.Task, receivers: tuple, input: str, progress=None):
+    """`path_patching.path_patch_task` (every head → logits, or → the receivers' q/k/v), kept per choice."""
+    from core import path_patching as pp
+
+    key = ("path_patch", model_key(model), task_key(task), tuple(sorted(receivers)), input)
+    return _results().get(key, lambda: pp.path_patch_task(model, task, list(receivers) or None, input, get_store(),
+                                                          progress))
+
+
+@st.cache_data(show_spinner=False, max_entries=24, hash_funcs=BY_MODEL)
+def composition(model: HookedTransformer, kind: str):
+    """`composition.composition_summary` (scores and the random baseline) of one kind, once per model."""
+    from core import composition as comp
+
+    return comp.composition_summary(model, kind)
+
+
+@st.cache_data(show_spinner=False, max_entries=8, hash_funcs=BY_MODEL)
+def copying_scores(model: HookedTransformer):
+    from core import composition as comp
+
+    return comp.copying_scores(model)
+
+
+@st.cache_data(show_spinner=False, max_entries=64, hash_funcs=BY_MODEL)
+def top_ov_mappings(model: HookedTransformer, layer: int, head: int, k: int = 10) -> list:
+    from core import composition as comp
+
+    return comp.top_ov_mappings(model, layer, head, k)
+
+
 @st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)
 def probes(model: HookedTransformer, source: str, positive: tuple = (), negative: tuple = ()):
     """`steering.probes_with_control`, once per model and labelled prompts."""

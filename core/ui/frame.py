@@ -50,6 +50,7 @@ PAGES = [
     PageSpec("patching", "pages/patching.py", "Head importance", "🧪", "Head importance"),
     PageSpec("saes", "pages/saes.py", "SAE features", "🧩", "SAE features"),
     PageSpec("steering", "pages/steering.py", "Steering", "🧭", "Steering and monitoring"),
+    PageSpec("circuits", "pages/circuits.py", "Circuits", "🕸️", "Circuits"),
 ]
 BY_KEY = {p.key: p for p in PAGES}
 LINK_KEYS = ("model", "prompt", "source", "example", "template")  # the sidebar's view, kept by page links
