@@ -21,12 +21,17 @@ Rows:
    `run_with_hooks` adding the sender's corrupted − clean output to the receiver's
    `hook_{q,k,v}_input` / `hook_mlp_in` / final residual stream; `--ref-edges` of them timed and
    scaled to 200, each costing one full forward pass), and the largest difference between the two.
-3. With --auto-circuit: auto-circuit's EAP (`benchmarks/auto_circuit_ref.py`; install with
+3. Path patching (`core.path_patching`, batched: copies join at the sender's layer) of every
+   sender head to the logits, against one plain `run_with_hooks` per sender (every other head's
+   z frozen at its clean value, as ARENA writes it; 6 senders timed and scaled to 144), and to
+   three receivers' queries.
+4. With --auto-circuit: auto-circuit's EAP (`benchmarks/auto_circuit_ref.py`; install with
    `pip install --no-deps --target .bench-deps -r benchmarks/requirements-auto-circuit.txt`) on the
    same model and pair: largest difference from ours over every edge, and the time ratio (its
    one-time model wrapping reported separately).
 
-Times are medians of --repeats (torch threads stated); every ratio is measured in the same run.
+Times are medians (min–max) of --repeats, taken round-robin so that a change of load on a shared
+machine hits every contender alike (torch threads stated); every ratio is measured in the same run.
 """
 from __future__ import annotations
 
@@ -64,13 +69,38 @@ def pair(seed: int = 1, length: int = 15, diff_at: int = 10):
     return clean, corrupted, answer, wrong
 
 
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Time each function `repeats` times, round-robin (so a change of machine load hits all of them
+    alike), after one untimed warm-up call each: ({name: [seconds]}, {name: last result})."""
+    times = {k: [] for k in fns}
+    out = {k: f() for k, f in fns.items()}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for k, f in fns.items():
+            start = time.perf_counter()
+            out[k] = f()
+            times[k].append(time.perf_counter() - start)
+    return times, out
+
+
+def fmt(ts: list[float]) -> str:
+    return f"{statistics.median(ts):.3f} s ({min(ts):.3f}–{max(ts):.3f})"
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    return f"{statistics.median(a) / statistics.median(b):.2f}x"
+
+
+def plain_path_to_logits(model, clean, clean_cache, corr_cache, metric, layer: int, head: int) -> float:
+    """Path patching sender (layer, head) -> logits the plain way: one run_with_hooks."""
+    def hook(z, hook):
+        lay = int(hook.name.split(".")[1])
+        z = clean_cache[hook.name].clone()
+        if lay == layer:
+            z[:, :, head] = corr_cache[hook.name][:, :, head]
+        return z
+
+    with torch.no_grad():
+        return float(metric(model.run_with_hooks(clean, fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), hook)])))
 
 
 def reference_edge(model, clean, co, cr, metric, up: str, down: str) -> float:
@@ -142,18 +172,17 @@ def main() -> None:
             out = metric(model(clean))
             torch.autograd.grad(out, leaf["x"])
 
-    median_time(forward_backward, 1)  # warm-up
-    t_fb, _ = median_time(forward_backward, args.repeats)
-    t_fbi, _ = median_time(forward_backward_to_input, args.repeats)
-    C.edge_attribution(model, runs)  # warm-up
-    t_eap, eap = median_time(lambda: C.edge_attribution(model, runs), args.repeats)
-    print(f"\n1. EAP, every edge: {t_eap:.3f} s; one forward + backward pass: {t_fb:.3f} s with every weight's "
-          f"gradient (ratio {t_eap / t_fb:.2f}x), {t_fbi:.3f} s with the input's gradient only "
-          f"(ratio {t_eap / t_fbi:.2f}x)")
+    fns = {"fb": forward_backward, "fbi": forward_backward_to_input, "eap": lambda: C.edge_attribution(model, runs)}
+    t, out = interleaved(fns, args.repeats)
+    eap, t_eap = out["eap"], statistics.median(t["eap"])
+    print(f"\n1. EAP, every edge: {fmt(t['eap'])}; one forward + backward pass with every weight's gradient "
+          f"{fmt(t['fb'])} (EAP / it: {ratio(t['eap'], t['fb'])}), with the input's gradient only {fmt(t['fbi'])} "
+          f"(EAP / it: {ratio(t['eap'], t['fbi'])})")
 
     order = eap.order()[:args.top]
     pairs = [divmod(int(i), runs.graph.n_down) for i in order]
-    t_exact, exact = median_time(lambda: C.edge_patching(model, runs, pairs), max(1, args.repeats // 2))
+    t, out = interleaved({"exact": lambda: C.edge_patching(model, runs, pairs)}, max(1, args.repeats // 2))
+    t_exact, exact = statistics.median(t["exact"]), out["exact"]
     flagged = gpt2_small_shaped()
     flagged.set_use_split_qkv_input(True)
     flagged.set_use_attn_result(True)
@@ -167,9 +196,31 @@ def main() -> None:
         ref = base - reference_edge(flagged, clean, co, cr, metric, runs.graph.upstream[u], runs.graph.downstream[d])
         worst = max(worst, abs(ref - float(exact.raw[u, d])))
     t_ref = (time.perf_counter() - t0) / len(sample) * len(pairs)
-    print(f"2. exact patching of the top {len(pairs)} edges: ours {t_exact:.3f} s; one hooked TL pass per edge "
+    print(f"2. exact patching of the top {len(pairs)} edges: ours {fmt(t['exact'])}; one hooked TL pass per edge "
           f"{t_ref:.2f} s ({len(sample)} timed, scaled); {t_ref / t_exact:.1f}x faster; "
           f"max |difference| {worst:.2e} over {len(sample)} edges")
+
+    # 3. Path patching, every sender head -> logits and -> three receivers' queries, against one
+    # plain run_with_hooks per sender (ARENA's way: every other head's z frozen at its clean value).
+    from core import path_patching as pp
+
+    _, clean_cache = model.run_with_cache(clean)
+    _, corr_cache = model.run_with_cache(corrupted)
+    receivers = [(9, 6), (9, 9), (10, 0)]
+    t, out = interleaved({
+        "logits": lambda: pp.path_patch_to_logits(model, clean, corrupted, metric, clean_cache, corr_cache),
+        "q": lambda: pp.path_patch_to_heads(model, clean, corrupted, metric, receivers, "q", clean_cache, corr_cache),
+    }, max(1, args.repeats // 2))
+    senders = [(layer, head) for layer in (0, 4, 8) for head in (0, 6)]
+    t0 = time.perf_counter()
+    worst = 0.0
+    for layer, head in senders:
+        ref = plain_path_to_logits(model, clean, clean_cache, corr_cache, metric, layer, head)
+        worst = max(worst, abs(ref - float(out["logits"][layer, head])))
+    t_ref = (time.perf_counter() - t0) / len(senders) * model.cfg.n_layers * model.cfg.n_heads
+    print(f"3. path patching, every head -> logits: ours {fmt(t['logits'])}; one plain hooked pass per sender "
+          f"{t_ref:.1f} s ({len(senders)} timed, scaled to 144); {t_ref / statistics.median(t['logits']):.0f}x faster; "
+          f"max |difference| {worst:.1e}. Every head -> the queries of L9H6, L9H9, L10H0: ours {fmt(t['q'])}")
 
     if args.auto_circuit:
         from benchmarks import auto_circuit_ref
@@ -179,7 +230,7 @@ def main() -> None:
                                                               return_wrap_seconds=True)
         g = runs.graph
         diff = max(abs(v - float(eap.raw[g.up_index(u), g.down_index(d)])) for (u, d), v in ac_scores.items())
-        print(f"3. auto-circuit EAP: {t_ac:.3f} s (+ {t_wrap:.2f} s wrapping the model once); ours {t_eap:.3f} s; "
+        print(f"4. auto-circuit EAP: {t_ac:.3f} s (+ {t_wrap:.2f} s wrapping the model once); ours {t_eap:.3f} s; "
               f"ours is {t_ac / t_eap:.2f}x its speed; {len(ac_scores)} edges, max |difference| {diff:.2e}")
 
 

@@ -271,7 +271,7 @@ def test_a_shared_link_survives_clicking_through_every_page(server):
         for label, path, title in (("Logit attribution", "/attribution", "Logit attribution"),
                                    ("Head importance", "/patching", "Head importance"),
                                    ("SAE features", "/saes", "SAE features"), ("Steering", "/steering", "Steering and monitoring"),
-                                   ("Attention", "/attention", "Attention patterns")):
+                                   ("Circuits", "/circuits", "Circuits"), ("Attention", "/attention", "Attention patterns")):
             page.get_by_role("link", name=label).first.click()
             page.wait_for_url(re.compile(f".*{path}\\?.*"), timeout=60_000)
             # The new page's own run has drawn its title and finished (not the old page still showing).

@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS  # the `server` fixture is in conftest.py
 
 SHOTS = Path(os.environ.get("CE_CIRCUITS_SHOTS", "/tmp"))
+README_SHOTS = Path(os.environ.get("CE_SCREENSHOT_DIR", Path(__file__).resolve().parent / ".screenshots"))
 GRAPH = "on paths from the embeddings to the logits"
 pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}"),
               pytest.mark.slow]
@@ -116,6 +117,13 @@ def test_screenshots_at_1920x1080_and_acdc(server):
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})  # the README's screenshot
+        _open(page, server)
+        page.evaluate(POINT, ["head", 1, 1])
+        page.wait_for_timeout(800)
+        README_SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(README_SHOTS / "circuits_graph.png"))
+        page.close()
         page = browser.new_page(viewport={"width": 1920, "height": 1080})
         _open(page, server)
         page.screenshot(path=str(SHOTS / "circuits_1920x1080.png"))
@@ -126,8 +134,7 @@ def test_screenshots_at_1920x1080_and_acdc(server):
                                    ("Estimate vs exact", "against exact edge patching", "compare"),
                                    ("Is this the mechanism?", "Minimality: what each node adds", "mechanism")):
             _view(page, label, ready, name, "1920x1080")
-        page.get_by_text("ACDC", exact=True).first.click()
-        page.get_by_role("button", name="Run ACDC with τ = 0.020").click()
+        page.get_by_text("ACDC", exact=True).first.click()  # 81 edges: it runs at once, no button
         page.get_by_text("ACDC circuit (τ = 0.020)").first.wait_for(timeout=180_000)
         _idle(page)
         page.wait_for_timeout(1200)
