@@ -144,6 +144,31 @@ class Graph:
         idx = (self.down_stage == stage).nonzero().flatten()
         return slice(int(idx[0]), int(idx[-1]) + 1)
 
+    @functools.cached_property
+    def owners(self) -> tuple[list, dict]:
+        """See `_owners`."""
+        owner: list = []
+        inputs: dict[int, list[int]] = {}
+        for dn, name in enumerate(self.downstream):
+            if name == "logits":
+                owner.append(None)
+                continue
+            if name.endswith(" MLP"):
+                ups = [self.up_index(name)]
+            else:
+                node = name.split(".")[0]
+                layer, rest = node[1:].split("KV") if "KV" in node else node[1:].split("H")
+                layer, h = int(layer), int(rest)
+                if "KV" in node:  # a key/value head feeds the query heads of its group
+                    group = self.n_heads // self.n_kv_heads
+                    ups = [self.up_index(f"L{layer}H{q}") for q in range(h * group, (h + 1) * group)]
+                else:
+                    ups = [self.up_index(f"L{layer}H{h}")]
+            owner.append(ups[0] if len(ups) == 1 else ups)
+            for u in ups:
+                inputs.setdefault(u, []).append(dn)
+        return owner, inputs
+
     def head_of_up(self, up: int) -> tuple[int, int] | None:
         name = self.upstream[up]
         if name == "embed" or name.endswith("MLP"):
@@ -518,7 +543,10 @@ class EdgeScores:
     def rank(self, up: str, down: str) -> int:
         """1-based rank of an edge by |score|."""
         flat = self.graph.up_index(up) * self.graph.n_down + self.graph.down_index(down)
-        return int((self.order() == flat).nonzero()[0]) + 1
+        hit = (self.order() == flat).nonzero()
+        if not len(hit):
+            raise CircuitError(f"The edge {up} → {down} has no score (it does not exist or was not computed).")
+        return int(hit[0]) + 1
 
 
 def _scores(runs: Runs, method: str, raw: torch.Tensor, info: dict | None = None) -> EdgeScores:
@@ -534,8 +562,10 @@ def edge_attribution(model: HookedTransformer, runs: Runs, method: Literal["eap"
 
     EAP: Σ_pos (out_U(clean) − out_U(patch)) · ∂M/∂input_D on the clean run: one forward and one
     backward pass. EAP-IG: the gradient averaged over `steps` runs whose first residual stream
-    is corrupted + α (clean − corrupted), α = 1/steps, 2/steps, .., 1 (a right Riemann sum of
-    the integrated gradient), all in one batch.
+    is ablated + α (clean − ablated), α = 1/steps, 2/steps, .., 1 (a right Riemann sum of the
+    integrated gradient; "ablated" is the embeddings' patch value: each prompt's corrupted
+    embeddings for resample ablation, their mean for mean ablation), in one batch where memory
+    allows (MAX_ELEMENTS), else a few steps at a time.
     """
     if method not in ("eap", "eap-ig"):
         raise CircuitError(f"Unknown attribution method {method!r}: 'eap' or 'eap-ig'.")
@@ -543,33 +573,49 @@ def edge_attribution(model: HookedTransformer, runs: Runs, method: Literal["eap"
         raise CircuitError("EAP-IG needs at least one step.")
     graph = runs.graph
     k = 1 if method == "eap" else steps
-    grads = None
+    prompts, n_pos = runs.clean_tokens.shape
+    d_model = runs.patch.shape[-1]
+    # Steps run together in one batch where the receivers' inputs and gradients fit MAX_ELEMENTS.
+    per_step = prompts * n_pos * graph.n_down * d_model
+    chunk = max(1, min(k, MAX_ELEMENTS // max(per_step, 1)))
+    g = None
     with _Session(model):
-        inputs = _embed(model, runs.clean_tokens)
-        if method == "eap-ig":
-            corrupt = _embed(model, runs.corrupted_tokens).resid
-            alphas = torch.arange(1, k + 1, dtype=inputs.resid.dtype, device=inputs.resid.device) / k
-            start = (corrupt[None] + alphas[:, None, None, None] * (inputs.resid - corrupt)[None])
-            inputs = inputs.repeat(k)
-            inputs.resid = start.reshape(inputs.resid.shape)
-        with torch.enable_grad():
+        clean_inputs = _embed(model, runs.clean_tokens)
+    start0 = runs.patch[:, :, 0].to(clean_inputs.resid.dtype)  # the embeddings' ablated value
+    alphas = torch.arange(1, k + 1, dtype=clean_inputs.resid.dtype) / k
+    for i in range(0, k, chunk):
+        a = alphas[i:i + chunk]
+        inputs = clean_inputs.repeat(len(a))
+        if method == "eap-ig":  # ablated + α (clean − ablated), for each α of this chunk
+            inputs.resid = (start0[None] + a[:, None, None, None] * (clean_inputs.resid - start0)[None]
+                            ).reshape(inputs.resid.shape)
+        with _Session(model), torch.enable_grad():
             inputs.resid = inputs.resid.detach().requires_grad_(True)
             receivers: list[torch.Tensor] = []
-            final = _forward(model, graph, inputs, k, receivers=receivers)
+            final = _forward(model, graph, inputs, len(a), receivers=receivers)
             logits = final_logits(model, final[:, None])
-            prompts = runs.clean_tokens.shape[0]
-            total = sum(runs.metric(logits[c * prompts:(c + 1) * prompts]) for c in range(k)) / k
+            total = sum(runs.metric(logits[c * prompts:(c + 1) * prompts]) for c in range(len(a))) / k
             grads = torch.autograd.grad(total, receivers)
-    if progress:
-        progress(0.9)
-    g = torch.cat(grads, 2).detach()  # [k * prompts, pos, n_down, d]
-    g = g.reshape(k, prompts, *g.shape[1:]).sum(0)  # the 1/k is in `total`
+        part = torch.cat(grads, 2).detach()  # [len(a) * prompts, pos, n_down, d]
+        part = part.reshape(len(a), prompts, *part.shape[1:]).sum(0)  # the 1/k is in `total`
+        g = part if g is None else g + part
+        if progress:
+            progress(0.9 * (i + len(a)) / k)
     diff = (runs.clean_outputs - runs.patch).to(g.dtype)  # [prompts, pos, n_up, d]
     n_up, n_down = graph.n_up, graph.n_down
     raw = diff.permute(2, 0, 1, 3).reshape(n_up, -1) @ g.permute(2, 0, 1, 3).reshape(n_down, -1).T
     if progress:
         progress(1.0)
     return _scores(runs, method, raw, {"steps": k} if method == "eap-ig" else {})
+
+
+def _start(model: HookedTransformer, runs: "Runs", base: _Inputs) -> int:
+    """Where patched copies may start: `runs.start` where earlier keys and values can be read from
+    the clean cache (core.patching.reuses_prefix: causal attention, keys final at hook_k, no
+    ALiBi, no padding), else 0."""
+    from core.patching import reuses_prefix
+
+    return runs.start if base.mask is None and reuses_prefix(model) else 0
 
 
 @torch.no_grad()
@@ -602,7 +648,7 @@ def edge_patching(model: HookedTransformer, runs: Runs, edges: Iterable[tuple[in
     done = 0
     with _Session(model):
         base = _embed(model, runs.clean_tokens)
-        start = 0 if base.mask is not None else runs.start
+        start = _start(model, runs, base)
         for i in range(0, len(pairs), per_chunk):
             chunk = pairs[i:i + per_chunk]
             metrics = _additive(model, graph, runs, base, chunk, diff, start)
@@ -686,15 +732,18 @@ def _additive(model, graph: Graph, runs: Runs, base: _Inputs, pairs: list[tuple[
 # ---------------------------------------------------------------------------------------------
 
 
-def prune(graph: Graph, keep: torch.Tensor) -> torch.Tensor:
+def prune(graph: Graph, keep: torch.Tensor, feed: bool = True) -> torch.Tensor:
     """Keep only edges on a path from the embeddings to the logits (bool [n_up, n_down]).
 
-    An edge out of a node that no kept edge feeds carries (for resample ablation exactly) the
-    node's ablated value; an edge into a node that reaches no logits changes nothing measured.
+    An edge into a node that reaches no logits changes nothing measured (exact for any ablation).
+    With `feed` (right for resample ablation only), an edge out of a node that no kept edge
+    feeds goes too: every input of that node is its corrupted value, so its output is its
+    corrupted output, which is what the edge carries when ablated. Under mean ablation that node
+    computes f(mean input), not the mean of f, so `feed=False` keeps those edges.
     """
     keep = keep & graph.valid
     while True:
-        fed = _fed(graph, keep)
+        fed = _fed(graph, keep) if feed else torch.ones(graph.n_up, dtype=torch.bool)
         reaches = _reaching(graph, keep)
         into_live = torch.tensor([_reaches_owner(graph, dn, reaches) for dn in range(graph.n_down)])
         new = keep & fed[:, None] & into_live[None]
@@ -722,38 +771,10 @@ def _owner(graph: Graph, down: int) -> int | None:
     return _owners(graph)[0][down]
 
 
-_OWNER_CACHE: dict[int, tuple[list, dict]] = {}
-
-
 def _owners(graph: Graph) -> tuple[list, dict]:
-    """(owner upstream index of each downstream input, downstream inputs of each upstream node)."""
-    key = id(graph)
-    hit = _OWNER_CACHE.get(key)
-    if hit is not None and hit[2] is graph:
-        return hit[0], hit[1]
-    owner: list[int | None] = []
-    inputs: dict[int, list[int]] = {}
-    for dn, name in enumerate(graph.downstream):
-        if name == "logits":
-            owner.append(None)
-            continue
-        if name.endswith(" MLP"):
-            ups = [graph.up_index(name)]
-        else:
-            node, _ = name.split(".")
-            layer, rest = node[1:].split("KV") if "KV" in node else node[1:].split("H")
-            layer, h = int(layer), int(rest)
-            if "KV" in node:  # a key/value head feeds the query heads of its group
-                group = graph.n_heads // graph.n_kv_heads
-                ups = [graph.up_index(f"L{layer}H{q}") for q in range(h * group, (h + 1) * group)]
-            else:
-                ups = [graph.up_index(f"L{layer}H{h}")]
-        owner.append(ups[0] if len(ups) == 1 else ups)
-        for u in ups:
-            inputs.setdefault(u, []).append(dn)
-    # A grouped key/value input has several owners: it reaches the logits if any of them does.
-    _OWNER_CACHE[key] = (owner, inputs, graph)
-    return owner, inputs
+    """(owner upstream index of each downstream input — a list for a grouped key/value input,
+    None for the logits —, downstream inputs of each upstream node), kept on the graph."""
+    return graph.owners
 
 
 def _reaches_owner(graph, dn, reaches) -> bool:
@@ -835,9 +856,11 @@ def discover(scores: EdgeScores, n: int | None = None, threshold: float | None =
     if n is not None:
         keep = top_edges(scores, n, absolute)
     else:
-        v = scores.values.nan_to_num(0.0)
-        keep = (v.abs() if absolute else v) >= threshold
-    return Circuit(scores.graph, prune(scores.graph, keep), scores, scores.method, requested=n, threshold=threshold)
+        v = scores.values
+        keep = ((v.abs() if absolute else v) >= threshold) & ~torch.isnan(v)
+    graph = scores.graph
+    return Circuit(graph, prune(graph, keep, feed=scores.ablation == "resample"), scores, scores.method,
+                   requested=n, threshold=threshold)
 
 
 @dataclass(frozen=True)
@@ -866,9 +889,11 @@ def _evaluate(model: HookedTransformer, runs: Runs, keeps: torch.Tensor, base: _
     graph = runs.graph
     if keeps.dim() == 2:
         keeps = keeps[None]
+    if keeps.shape[0] == 0:
+        raise CircuitError("No circuit to evaluate.")
     prompts, n_pos = runs.clean_tokens.shape
     chunk = _chunk_copies(graph, prompts, n_pos, runs.patch.shape[-1])
-    start = 0 if base.mask is not None else runs.start
+    start = _start(model, runs, base)
     out = []
     for i in range(0, keeps.shape[0], chunk):
         k = keeps[i:i + chunk]
@@ -1004,7 +1029,7 @@ def acdc(model: HookedTransformer, runs: Runs, threshold: float = 0.01,
     raw = drops * scale
     scores = EdgeScores(graph, "acdc", drops if norm.meaningful else raw, raw, norm, runs.ablation,
                         runs.metric_label, {"threshold": threshold})
-    return Circuit(graph, prune(graph, keep), scores, "acdc", threshold=threshold)
+    return Circuit(graph, prune(graph, keep, feed=runs.ablation == "resample"), scores, "acdc", threshold=threshold)
 
 
 def _acdc_visit(model, runs: Runs, receivers: list[int], keep: torch.Tensor, drops: torch.Tensor, scale: float,

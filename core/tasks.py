@@ -399,11 +399,11 @@ def induction(model: HookedTransformer, n: int = DEFAULT_BATCH, seed: int = 0, s
     Corrupted ("continuation"): that earlier token is replaced by another one (the wrong token), so
     induction now predicts the wrong token — the information that changes is the copied token
     (the induction head's value path).
-    Corrupted ("match"): the earlier occurrence of the last token is replaced by a random token, so
-    there is nothing to match and no repeat to continue; the wrong token is a random token not in
-    the prompt — what changes is where the induction head looks (its key path, fed by the
-    previous-token head). `split` is accepted for a uniform signature; random tokens are never in
-    any training set.
+    Corrupted ("match"): the earlier occurrence of the last token is replaced by a token found
+    nowhere else in the prompt, so there is nothing to match and no repeat to continue; the wrong
+    token is a random token other than the answer and the tokens before it — what changes is
+    where the induction head looks (its key path, fed by the previous-token head).
+    `split` is accepted for a uniform signature; random tokens are never in any training set.
     """
     _check_split(split)
     if corruption not in INDUCTION_CORRUPTIONS:

@@ -77,7 +77,7 @@ if task.name == "induction":
 
 ABLATIONS = {"resample": "Resample", "mean": "Mean"}
 METHODS = {"exact": "Exact", "eap": "EAP", "eap-ig": "EAP-IG", "acdc": "ACDC"}
-DEFAULT_METHOD = "exact" if graph.n_edges <= 1000 else "eap-ig"
+DEFAULT_METHOD = "exact" if graph.n_edges <= 1000 else "eap"  # EAP-IG on GPT-2 small: minutes
 if state.get("_circ_method_for") != view.model_id:  # a new model: the method that fits its size
     state["_circ_method_for"] = view.model_id
     state["circ_method"] = DEFAULT_METHOD
@@ -103,7 +103,8 @@ if method == "eap-ig":
 elif method == "acdc":
     tau = c3.slider("ACDC threshold τ", 0.0, 0.2, 0.02, step=0.005, format="%.3f", key="circ_tau",
                     persist_state="session", help="An edge is removed when removing it lowers the metric by less than τ "
-                    "(a share of the clean − corrupted gap). Larger τ: a smaller circuit.")
+                    "(a share of the clean − corrupted gap; in the metric's own units where the gap is too small to "
+                    "normalise). Larger τ: a smaller circuit.")
 
 # ---------------------------------------------------------------------------------------------
 # 2. The runs, the scores and the faithfulness curve
@@ -117,8 +118,10 @@ norm = runs.normaliser
 problem = norm.problem(task.metric_label)
 st.caption(ui.md_escape(
     f"{task.description}, {len(task)} prompt(s). Metric: {task.metric_label}, mean over the prompts: clean run "
-    f"{norm.clean:+.4f}, corrupted run {norm.corrupted:+.4f}. An edge's score is the share of that gap it carries"
-    + (" (positive: it supports the clean behaviour)." if norm.meaningful else ".")
+    f"{norm.clean:+.4f}, corrupted run {norm.corrupted:+.4f}. "
+    + ("An edge's score is the share of that gap it carries (positive: it supports the clean behaviour)."
+       if norm.meaningful else f"An edge's score is how much patching it lowers the {task.metric_label} (not "
+       "normalised: the gap is too small).")
 ))
 if abs(norm.gap) < 1e-9:
     stop(problem)
@@ -172,7 +175,8 @@ with left:
             except CircuitError as err:
                 stop(ui.md_escape(str(err)))
             st.caption(f"ACDC (Conmy et al. 2023) visited the {graph.n_down} receivers from the logits back and removed "
-                       f"every edge whose removal lowered the metric by less than τ = {tau:.3f} of the gap.")
+                       f"every edge whose removal lowered the metric by less than τ = {tau:.3f}"
+                       + (" of the gap." if norm.meaningful else f" (in {task.metric_label})."))
         else:
             st.info(f"ACDC tries removing every edge, one receiver at a time ({graph.n_down} receivers, "
                     f"{graph.n_edges} edges): press the button to run it.")

@@ -469,3 +469,82 @@ def test_threads_sharing_a_model_get_the_sequential_numbers(zoo_model):
         t.join()
     assert errors == []
     assert not zoo_model.cfg.use_split_qkv_input  # the switch is restored
+
+
+@pytest.mark.parametrize("change", [{"use_qk_norm": True, "normalization_type": "RMS"}, {"clip_qkv": 0.5}],
+                         ids=["qk-norm", "clip-qkv"])
+def test_models_whose_keys_change_after_hook_k_start_from_position_0(change):
+    """QK norm and clipping act after hook_k: the clean cache's keys are not the final ones, so
+    patched copies cannot read the unchanged prefix from it (core.patching.reuses_prefix)."""
+    model = random_model(seed=5, positional_embedding_type="rotary", **change)
+    clean, corrupted = _pair("ln-standard", model)
+    metric = _metric()
+    runs = C.runs_from_tokens(model, clean, corrupted, metric)
+    assert runs.start == 3  # the pair first differs at position 3
+    ref_model = _flagged(model)
+    g = runs.graph
+    got = C.evaluate_masks(model, runs, torch.stack([g.valid, torch.zeros_like(g.valid)]))
+    with torch.no_grad():
+        assert float(got[0]) == pytest.approx(float(metric(model(clean))), abs=TOL)
+        assert float(got[1]) == pytest.approx(float(metric(model(corrupted))), abs=TOL)
+    scores = C.edge_patching(model, runs)
+    outputs = (_ref_outputs(ref_model, clean), _ref_outputs(ref_model, corrupted))
+    for up, down in [("embed", "L1H0.k"), ("L0H2", "L1H1.q"), ("L0 MLP", "L1H3.v"), ("L1H1", "logits")]:
+        ref = _ref_edge(ref_model, clean, outputs, metric, up, down)
+        assert float(scores.raw[g.up_index(up), g.down_index(down)]) == pytest.approx(ref, abs=TOL), (up, down)
+    keep = (torch.rand(g.valid.shape, generator=torch.Generator().manual_seed(2)) < 0.5) & g.valid
+    assert float(C.evaluate_masks(model, runs, keep)[0]) == pytest.approx(
+        _ref_evaluate(ref_model, clean, corrupted, metric, keep), abs=TOL)
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean"])
+def test_pruning_never_changes_what_a_circuit_measures(ablation):
+    """Pruned edges carry what they would carry ablated: under resample an unfed node outputs its
+    corrupted value; under mean ablation it does not, so only the reaches-the-logits rule applies."""
+    model = _model("ln-standard")
+    clean, corrupted = _pair("ln-standard", model)
+    runs = C.runs_from_tokens(model, clean, corrupted, _metric(), ablation=ablation)
+    g = runs.graph
+    gen = torch.Generator().manual_seed(3)
+    keeps = [(torch.rand(g.valid.shape, generator=gen) < p) & g.valid for p in (0.05, 0.15, 0.4)]
+    keeps.append(torch.zeros_like(g.valid))
+    for h in range(4):  # every head -> logits, nothing feeding them
+        keeps[-1][g.up_index(f"L1H{h}"), g.down_index("logits")] = True
+    pruned = [C.prune(g, k, feed=ablation == "resample") for k in keeps]
+    before = C.evaluate_masks(model, runs, torch.stack(keeps))
+    after = C.evaluate_masks(model, runs, torch.stack(pruned))
+    assert torch.allclose(before, after, atol=1e-5), (before, after)
+    circuit = C.discover(C.edge_patching(model, runs), n=10)
+    assert circuit.edges.sum() <= 10
+
+
+def test_unscored_edges_are_not_ranked_or_kept():
+    model = _model("ln-standard")
+    clean, corrupted = _pair("ln-standard", model)
+    runs = C.runs_from_tokens(model, clean, corrupted, _metric())
+    g = runs.graph
+    some = C.edge_patching(model, runs, edges=[(g.up_index("L0H1"), g.down_index("logits"))])
+    assert some.rank("L0H1", "logits") == 1
+    with pytest.raises(C.CircuitError, match="no score"):
+        some.rank("L0H2", "logits")
+    assert C.discover(some, threshold=0.0).n_edges <= 1  # NaN edges are not "above" a threshold
+    with pytest.raises(C.CircuitError, match="No circuit"):
+        C.evaluate_masks(model, runs, torch.zeros(0, g.n_up, g.n_down, dtype=torch.bool))
+
+
+def test_eap_ig_under_mean_ablation_starts_from_the_mean_embeddings():
+    """EAP-IG's path runs from the ablated embeddings to the clean ones, so with one step it is
+    EAP and with many its sum approaches M(clean) − M(every input ablated)."""
+    model = _model("no-norm")
+    clean, corrupted = _pair("no-norm", model)
+    runs = C.runs_from_tokens(model, clean, corrupted, _metric(), ablation="mean")
+    one = C.edge_attribution(model, runs, "eap-ig", steps=1)
+    eap = C.edge_attribution(model, runs, "eap")
+    assert torch.allclose(one.raw.nan_to_num(), eap.raw.nan_to_num(), atol=1e-6)
+    ig = C.edge_attribution(model, runs, "eap-ig", steps=16)
+    embed_edges = ig.raw[0].nan_to_num().sum()  # every edge out of the embeddings: the whole input
+    g = runs.graph
+    only_embed_ablated = g.valid.clone()
+    only_embed_ablated[0] = False
+    drop = runs.clean - float(C.evaluate_masks(model, runs, only_embed_ablated)[0])
+    assert float(embed_edges) == pytest.approx(drop, abs=0.05 * abs(drop) + 1e-4)
