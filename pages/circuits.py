@@ -210,8 +210,9 @@ if evaluation is not None:
     m2.metric("Circuit metric", f"{metric:+.3f}", f"clean {norm.clean:+.3f}, corrupted {norm.corrupted:+.3f}",
               delta_color="off", delta_arrow="off",
               help=f"{task.metric_label} with every edge outside the circuit ablated ({ABLATIONS[ablation].lower()}).")
-    m3.metric("Faithfulness", f"{round(faith, 2) + 0.0:.2f}", "of the behaviour kept", delta_color="off",  # + 0.0: no "-0.00"
-              delta_arrow="off",
+    shown = f"{round(faith, 2) + 0.0:.2f}" if norm.meaningful else "n/a"  # + 0.0: no "-0.00"
+    m3.metric("Faithfulness", shown, "of the behaviour kept" if norm.meaningful else "the gap is too small to divide by",
+              delta_color="off", delta_arrow="off",
               help="(circuit − corrupted) / (clean − corrupted): 1 = the circuit alone does all the model does, "
               "0 = nothing.")
 

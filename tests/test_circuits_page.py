@@ -408,3 +408,12 @@ def test_the_ioi_model_opens_on_its_ioi_circuit():
     assert at.selectbox(key="circ_pair").value == "demo" and "IOI" in at.selectbox(key="circ_pair").format_func("demo")
     assert float(_metrics(at)["Faithfulness"]) >= 0.8
     assert len(_midpoints(_graph(at))) >= 5
+
+
+def test_a_behaviour_the_model_barely_shows_gets_no_faithfulness_number():
+    """ce-circuits-3l-mlp barely separates induction's clean and match-broken runs (gap ≈ 0.1):
+    the page says so, and faithfulness (a division by that gap) is not shown as a number."""
+    at = open_app(page="circuits", model="ce-circuits-3l-mlp", source="induction")
+    assert not at.exception
+    assert any("does not show this behaviour" in w.value for w in at.warning)
+    assert _metrics(at)["Faithfulness"] == "n/a"
