@@ -302,8 +302,6 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
       copies compute positions start.. only and read earlier keys and values from the clean `cache`.
     Call inside `_Session(model)`.
     """
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
     capture = _active_capture(model)
     resid = inputs.resid[:, start:]
     rows, n_pos, d = resid.shape
@@ -344,12 +342,7 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
         if receivers is not None:
             x = x.clone()
             receivers.append(x)
-        entry = None
-        if start > 0:
-            k = cache[utils.get_act_name("k", layer)][:, :start]
-            v = cache[utils.get_act_name("v", layer)][:, :start]
-            entry = TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1),
-                                                      frozen=True)
+        entry = _prefix_entry(cache, layer, start, copies)
         q_in, k_in, v_in = x[:, :, :k_q], x[:, :, k_q:k_q + k_kv], x[:, :, k_q + k_kv:]
         attn_out, results = _attention(model, layer, q_in, k_in, v_in, attn_inputs, capture.values, entry)
         write(results)
@@ -367,6 +360,18 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
         final = final.clone()
         receivers.append(final)
     return final[:, -1, 0]
+
+
+def _prefix_entry(cache: ActivationCache | None, layer: int, start: int, copies: int):
+    """The clean run's keys and values of positions before `start` at `layer`, for `copies` copies
+    (a frozen TL key-value cache entry), or None when `start` is 0."""
+    if start == 0:
+        return None
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    k = cache[utils.get_act_name("k", layer)][:, :start]
+    v = cache[utils.get_act_name("v", layer)][:, :start]
+    return TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1), frozen=True)
 
 
 _CAPTURES: dict[int, _CaptureZ] = {}
@@ -668,8 +673,6 @@ def _additive(model, graph: Graph, runs: Runs, base: _Inputs, pairs: list[tuple[
     same in every copy (nothing patched differs there): copies compute positions start.. only and
     read the earlier keys and values from the clean cache.
     """
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
     cache = runs.clean_cache
     prompts = runs.clean_tokens.shape[0]
     cfg = model.cfg
@@ -700,12 +703,7 @@ def _additive(model, graph: Graph, runs: Runs, base: _Inputs, pairs: list[tuple[
             lo = graph.down_slice(stage).start
             for r, u, dn in joined:
                 x[r:r + prompts, :, dn - lo] += diff[:, start:, u]
-            entry = None
-            if start > 0:
-                k = cache[utils.get_act_name("k", layer)][:, :start]
-                v = cache[utils.get_act_name("v", layer)][:, :start]
-                entry = TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1),
-                                                          frozen=True)
+            entry = _prefix_entry(cache, layer, start, copies)
             inputs = _Inputs(resid, None if base.shortformer is None else base.shortformer[:, start:], base.mask)
             attn_out, _ = _attention(model, layer, x[:, :, :kq], x[:, :, kq:kq + kkv], x[:, :, kq + kkv:],
                                      inputs.repeat_extras(copies), capture.values, entry)

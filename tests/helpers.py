@@ -196,3 +196,16 @@ def make_markup_gpt2_dir(folder):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(vocab))).save_pretrained(folder)
     return folder
+
+
+# Buttons and page links cut off by their column (a label that does not fit on a 1280×720 projector).
+CLIPPED = """() => [...document.querySelectorAll('[data-testid="stButtonGroup"] button, [data-testid="stPageLink"] a')]
+    .filter(b => b.offsetParent !== null && b.innerText.trim())
+    .filter(b => {
+        const box = (b.closest('[data-testid="stColumn"]') || b.closest('[data-testid="stElementContainer"]'))
+            .getBoundingClientRect();
+        const r = b.getBoundingClientRect();
+        return r.right > box.right + 1 || b.scrollWidth > b.clientWidth + 1
+            || [...b.querySelectorAll('*')].some(c => c.scrollWidth > c.clientWidth + 1);
+    })
+    .map(b => b.innerText.trim())"""

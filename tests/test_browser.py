@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT  # the `server` fixture is in conftest.py
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, CLIPPED, ROOT  # the `server` fixture is in conftest.py
 
 SHOTS = Path(os.environ.get("CE_SCREENSHOT_DIR", ROOT / "tests" / ".screenshots"))
 pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}"),
@@ -296,18 +296,6 @@ def test_a_shared_link_survives_clicking_through_every_page(server):
         assert page.get_by_text("Page not found").count() == 0
         assert "/attention" in page.url and "model=ce-circuits-3l-mlp" in page.url
         browser.close()
-
-
-CLIPPED = """() => [...document.querySelectorAll('[data-testid="stButtonGroup"] button, [data-testid="stPageLink"] a')]
-    .filter(b => b.offsetParent !== null && b.innerText.trim())
-    .filter(b => {
-        const box = (b.closest('[data-testid="stColumn"]') || b.closest('[data-testid="stElementContainer"]'))
-            .getBoundingClientRect();
-        const r = b.getBoundingClientRect();
-        return r.right > box.right + 1 || b.scrollWidth > b.clientWidth + 1
-            || [...b.querySelectorAll('*')].some(c => c.scrollWidth > c.clientWidth + 1);
-    })
-    .map(b => b.innerText.trim())"""
 
 
 def test_nothing_is_cut_off_and_the_pattern_axis_is_in_view_at_1280x720(server):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS  # the `server` fixture is in conftest.py
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, CLIPPED  # the `server` fixture is in conftest.py
 
 SHOTS = Path(os.environ.get("CE_CIRCUITS_SHOTS", "/tmp"))
 README_SHOTS = Path(os.environ.get("CE_SCREENSHOT_DIR", Path(__file__).resolve().parent / ".screenshots"))
@@ -29,19 +29,6 @@ POINT = """([kind, a, b]) => {
     }
     return null;
 }"""
-
-
-# Buttons and links cut off by their column (the check of tests/test_browser.py, for this page).
-CLIPPED = """() => [...document.querySelectorAll('[data-testid="stButtonGroup"] button, [data-testid="stPageLink"] a')]
-    .filter(b => b.offsetParent !== null && b.innerText.trim())
-    .filter(b => {
-        const box = (b.closest('[data-testid="stColumn"]') || b.closest('[data-testid="stElementContainer"]'))
-            .getBoundingClientRect();
-        const r = b.getBoundingClientRect();
-        return r.right > box.right + 1 || b.scrollWidth > b.clientWidth + 1
-            || [...b.querySelectorAll('*')].some(c => c.scrollWidth > c.clientWidth + 1);
-    })
-    .map(b => b.innerText.trim())"""
 
 
 def _idle(page, timeout_ms: int = 180_000) -> None:
