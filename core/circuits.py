@@ -46,6 +46,7 @@ import torch
 from transformer_lens import ActivationCache, HookedTransformer, utils
 
 from core.attribution import final_logits
+from core.patching import prefix_entry, reuses_prefix
 from core.store import locked
 
 if TYPE_CHECKING:
@@ -342,7 +343,7 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
         if receivers is not None:
             x = x.clone()
             receivers.append(x)
-        entry = _prefix_entry(cache, layer, start, copies)
+        entry = prefix_entry(cache, layer, start, copies)
         q_in, k_in, v_in = x[:, :, :k_q], x[:, :, k_q:k_q + k_kv], x[:, :, k_q + k_kv:]
         attn_out, results = _attention(model, layer, q_in, k_in, v_in, attn_inputs, capture.values, entry)
         write(results)
@@ -360,18 +361,6 @@ def _forward(model: HookedTransformer, graph: Graph, inputs: _Inputs, copies: in
         final = final.clone()
         receivers.append(final)
     return final[:, -1, 0]
-
-
-def _prefix_entry(cache: ActivationCache | None, layer: int, start: int, copies: int):
-    """The clean run's keys and values of positions before `start` at `layer`, for `copies` copies
-    (a frozen TL key-value cache entry), or None when `start` is 0."""
-    if start == 0:
-        return None
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-    k = cache[utils.get_act_name("k", layer)][:, :start]
-    v = cache[utils.get_act_name("v", layer)][:, :start]
-    return TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1), frozen=True)
 
 
 _CAPTURES: dict[int, _CaptureZ] = {}
@@ -618,8 +607,6 @@ def _start(model: HookedTransformer, runs: "Runs", base: _Inputs) -> int:
     """Where patched copies may start: `runs.start` where earlier keys and values can be read from
     the clean cache (core.patching.reuses_prefix: causal attention, keys final at hook_k, no
     ALiBi, no padding), else 0."""
-    from core.patching import reuses_prefix
-
     return runs.start if base.mask is None and reuses_prefix(model) else 0
 
 
@@ -703,7 +690,7 @@ def _additive(model, graph: Graph, runs: Runs, base: _Inputs, pairs: list[tuple[
             lo = graph.down_slice(stage).start
             for r, u, dn in joined:
                 x[r:r + prompts, :, dn - lo] += diff[:, start:, u]
-            entry = _prefix_entry(cache, layer, start, copies)
+            entry = prefix_entry(cache, layer, start, copies)
             inputs = _Inputs(resid, None if base.shortformer is None else base.shortformer[:, start:], base.mask)
             attn_out, _ = _attention(model, layer, x[:, :, :kq], x[:, :, kq:kq + kkv], x[:, :, kq + kkv:],
                                      inputs.repeat_extras(copies), capture.values, entry)

@@ -271,6 +271,16 @@ def padding_mask(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor
     return utils.get_attention_mask(tok, tokens, model.cfg.default_prepend_bos).to(model.cfg.device)
 
 
+def prefix_entry(cache, layer: int, start: int, copies: int) -> TransformerLensKeyValueCacheEntry | None:
+    """The cached run's keys and values of positions before `start` at `layer`, repeated for
+    `copies` copies (a frozen TL key-value cache entry), or None when `start` is 0."""
+    if start == 0:
+        return None
+    k = cache[utils.get_act_name("k", layer)][:, :start]
+    v = cache[utils.get_act_name("v", layer)][:, :start]
+    return TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1), frozen=True)
+
+
 def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], start: int, n_prompts: int,
                mask: torch.Tensor | None = None):
     """Final residual stream [len(comps) * n_prompts, positions start.., d_model] of the patched copies.
@@ -297,11 +307,7 @@ def _run_chunk(model, base_tokens, base_cache, source, comps: list[Component], s
             x = x.repeat(len(joiners), 1, 1)
             resid = x if resid is None else torch.cat([resid, x])
         copies = resid.shape[0] // n_prompts
-        entry = None
-        if start > 0:
-            k = base_cache[utils.get_act_name("k", layer)][:, :start]
-            v = base_cache[utils.get_act_name("v", layer)][:, :start]
-            entry = TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1), frozen=True)
+        entry = prefix_entry(base_cache, layer, start, copies)
         hooks = []
         for name in {comps[j].hook_name for j in joiners}:
             mine = [j for j in joiners if comps[j].hook_name == name]

@@ -47,10 +47,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer, utils
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from core.attribution import final_logits
-from core.patching import DEFAULT_MAX_TOKENS, MAX_LOGITS, padding_mask, reuses_prefix
+from core.patching import DEFAULT_MAX_TOKENS, MAX_LOGITS, padding_mask, prefix_entry, reuses_prefix
 from core.store import locked
 
 if TYPE_CHECKING:
@@ -191,11 +190,7 @@ def _run_blocks(model, tokens, clean_cache, start: int, n_prompts: int, mask, jo
             x = clean_cache[utils.get_act_name("resid_pre", layer)][:, start:].repeat(n, 1, 1)
             resid = x if resid is None else torch.cat([resid, x])
         copies = resid.shape[0] // n_prompts
-        entry = None
-        if start > 0:
-            k = clean_cache[utils.get_act_name("k", layer)][:, :start]
-            v = clean_cache[utils.get_act_name("v", layer)][:, :start]
-            entry = TransformerLensKeyValueCacheEntry(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1), frozen=True)
+        entry = prefix_entry(clean_cache, layer, start, copies)
         pos = None if shortformer is None else shortformer.repeat(copies, 1, 1)
         copy_mask = None if mask is None else mask.repeat(copies, 1)
         with model.hooks(fwd_hooks=layer_hooks(layer, copies), reset_hooks_end=True):
