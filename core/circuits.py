@@ -371,7 +371,8 @@ def _active_capture(model: HookedTransformer) -> _CaptureZ:
 
 
 class _Session:
-    """The model locked with split q/k/v inputs and the z-capturing hook installed."""
+    """The model locked with split q/k/v inputs and the z-capturing hook installed. Sweeps take one
+    per batch chunk (hooks cleared and the split switch set again each time), never one per sweep."""
 
     def __init__(self, model: HookedTransformer):
         self.model = model
@@ -641,14 +642,15 @@ def edge_patching(model: HookedTransformer, runs: Runs, edges: Iterable[tuple[in
     with _Session(model):
         base = _embed(model, runs.clean_tokens)
         start = _start(model, runs, base)
-        for i in range(0, len(pairs), per_chunk):
-            chunk = pairs[i:i + per_chunk]
+    for i in range(0, len(pairs), per_chunk):
+        chunk = pairs[i:i + per_chunk]
+        with _Session(model):  # the lock per chunk: other sessions' runs go between two chunks
             metrics = _additive(model, graph, runs, base, chunk, diff, start)
-            for (u, d), m in zip(chunk, metrics.tolist()):
-                raw[u, d] = runs.clean - m
-            done += len(chunk)
-            if progress:
-                progress(done / len(pairs))
+        for (u, d), m in zip(chunk, metrics.tolist()):
+            raw[u, d] = runs.clean - m
+        done += len(chunk)
+        if progress:
+            progress(done / len(pairs))
     return _scores(runs, "exact", raw)
 
 
@@ -865,12 +867,14 @@ def evaluate_masks(model: HookedTransformer, runs: Runs, keeps: torch.Tensor,
     """[circuits] the task metric with every edge outside each mask patched; keeps: bool
     [circuits, n_up, n_down] (or one [n_up, n_down]). Circuits run as copies of one batch."""
     with _Session(model):
-        return _evaluate(model, runs, keeps, _embed(model, runs.clean_tokens), progress)
+        base = _embed(model, runs.clean_tokens)
+    return _evaluate(model, runs, keeps, base, progress)
 
 
 def _evaluate(model: HookedTransformer, runs: Runs, keeps: torch.Tensor, base: _Inputs,
               progress: Progress | None = None) -> torch.Tensor:
-    """`evaluate_masks` inside a held `_Session`, from the clean run's first residual stream `base`."""
+    """`evaluate_masks` from the clean run's first residual stream `base`. Takes the model's lock
+    (a `_Session`) per chunk of circuits, so call it outside one."""
     graph = runs.graph
     if keeps.dim() == 2:
         keeps = keeps[None]
@@ -878,14 +882,16 @@ def _evaluate(model: HookedTransformer, runs: Runs, keeps: torch.Tensor, base: _
         raise CircuitError("No circuit to evaluate.")
     prompts, n_pos = runs.clean_tokens.shape
     chunk = _chunk_copies(graph, prompts, n_pos, runs.patch.shape[-1])
-    start = _start(model, runs, base)
+    with _Session(model):  # the tokenizer's padding side, read under the lock
+        start = _start(model, runs, base)
     out = []
     for i in range(0, keeps.shape[0], chunk):
         k = keeps[i:i + chunk]
         ablated = (graph.valid[None] & ~k).to(runs.patch.dtype)
-        final = _forward(model, graph, base.repeat(k.shape[0]), k.shape[0], ablated, runs.patch,
-                         start=start, cache=runs.clean_cache)
-        out.append(_metric_per_copy(model, final, k.shape[0], runs.metric))
+        with _Session(model):
+            final = _forward(model, graph, base.repeat(k.shape[0]), k.shape[0], ablated, runs.patch,
+                             start=start, cache=runs.clean_cache)
+            out.append(_metric_per_copy(model, final, k.shape[0], runs.metric))
         if progress:
             progress(min(1.0, (i + k.shape[0]) / keeps.shape[0]))
     return torch.cat(out)
@@ -1020,7 +1026,8 @@ def acdc(model: HookedTransformer, runs: Runs, threshold: float = 0.01,
 def _acdc_visit(model, runs: Runs, receivers: list[int], keep: torch.Tensor, drops: torch.Tensor, scale: float,
                 threshold: float, base: _Inputs, progress: Progress | None) -> None:
     """ACDC's loop over receivers; updates `keep` and `drops` in place. The model's lock is taken
-    per receiver, so other sessions' forward passes interleave with a long search."""
+    per batch chunk of each receiver's trials, so other sessions' forward passes interleave with a
+    long search."""
     graph = runs.graph
     for i, d in enumerate(receivers):
         if not _reaches_owner(graph, d, _reaching(graph, keep)):
@@ -1032,7 +1039,7 @@ def _acdc_visit(model, runs: Runs, receivers: list[int], keep: torch.Tensor, dro
                 trial = keep[None].repeat(len(ups) + 1, 1, 1)
                 for j, u in enumerate(ups):
                     trial[j + 1, u, d] = False
-                with _Session(model), torch.no_grad():
+                with torch.no_grad():  # _evaluate takes the lock per chunk
                     m = _evaluate(model, runs, trial, base)
                 drop = (m[0] - m[1:]) / scale
                 for j, u in enumerate(ups):

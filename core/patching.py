@@ -209,24 +209,30 @@ def patch_components(
         chunks += [(start, idx[j : j + per]) for j in range(0, len(idx), per)]
     work = [len(idx) * (n_pos - start) for start, idx in chunks]
     done = 0.0
-    with locked(model), torch.inference_mode():
+    # The model's lock is taken per chunk, not per sweep: other sessions' forward passes run
+    # between two chunks (each chunk re-establishes the model's state: `locked` clears hooks and
+    # sets the split q/k/v switch; the padding side and cfg flags were read above).
+    with torch.inference_mode():
         if unchanged:
-            value = metric(_base_logits(model, base_cache, read)).detach().float().cpu()
+            with locked(model):
+                value = metric(_base_logits(model, base_cache, read)).detach().float().cpu()
             for i in unchanged:
                 out[i] = value
         for (start, idx), w in zip(chunks, work):
-            resid = _run_chunk(model, base_tokens, base_cache, src, [components[i] for i in idx], start, n_prompts, mask)
-            resid = resid[:, -1:] if read == "last" else resid
-            # Unembed a few copies at a time: logits are [rows, read positions, d_vocab].
-            per_unembed = max(1, MAX_LOGITS // (n_prompts * resid.shape[1] * model.cfg.d_vocab))
-            for j0 in range(0, len(idx), per_unembed):
-                j1 = min(len(idx), j0 + per_unembed)
-                logits = final_logits(model, resid[j0 * n_prompts : j1 * n_prompts])
-                for j in range(j0, j1):
-                    r = (j - j0) * n_prompts
-                    out[idx[j]] = metric(logits[r : r + n_prompts]).detach().float().cpu()
+            with locked(model):
+                resid = _run_chunk(model, base_tokens, base_cache, src, [components[i] for i in idx], start,
+                                   n_prompts, mask)
+                resid = resid[:, -1:] if read == "last" else resid
+                # Unembed a few copies at a time: logits are [rows, read positions, d_vocab].
+                per_unembed = max(1, MAX_LOGITS // (n_prompts * resid.shape[1] * model.cfg.d_vocab))
+                for j0 in range(0, len(idx), per_unembed):
+                    j1 = min(len(idx), j0 + per_unembed)
+                    logits = final_logits(model, resid[j0 * n_prompts : j1 * n_prompts])
+                    for j in range(j0, j1):
+                        r = (j - j0) * n_prompts
+                        out[idx[j]] = metric(logits[r : r + n_prompts]).detach().float().cpu()
             done += w
-            if progress is not None:
+            if progress is not None:  # outside the lock: a progress bar may draw
                 progress(done / sum(work))
     if progress is not None and not chunks:
         progress(1.0)

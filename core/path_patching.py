@@ -264,10 +264,13 @@ def _sweep(model: HookedTransformer, clean_tokens, corrupted_tokens, metric: Met
     work = [len(senders) * (n_pos - start) for start, senders in chunks]
     done = 0
 
-    with locked(model), torch.inference_mode():
+    # The model's lock is taken per chunk of senders, not per sweep, so other sessions' forward
+    # passes run between two chunks; `locked` clears hooks on entry and exit of each.
+    with torch.inference_mode():
         if unchanged:  # the corrupted z is the clean z: the run is the clean run
             resid = clean_cache[utils.get_act_name("resid_post", cfg.n_layers - 1)]
-            value = _metrics(model, resid, n_prompts, metric)[0]
+            with locked(model):
+                value = _metrics(model, resid, n_prompts, metric)[0]
             for layer, head in unchanged:
                 out[layer, head] = value
         for (start, senders), w in zip(chunks, work):
@@ -291,23 +294,25 @@ def _sweep(model: HookedTransformer, clean_tokens, corrupted_tokens, metric: Met
                     hooks.append((utils.get_act_name(input, layer), record))
                 return hooks
 
+            def step2_hooks(layer, copies, recorded=recorded):
+                if layer not in receivers:
+                    return []
+                heads = receivers[layer]
+
+                def patch(act, hook, layer=layer, heads=heads):
+                    act[:, :, heads] = recorded[layer]
+                    return act
+
+                return [(utils.get_act_name(input, layer), patch)]
+
             end = cfg.n_layers if receivers is None else last_receiver + 1
-            resid = _run_blocks(model, clean_tokens, clean_cache, start, n_prompts, mask, joins, end, step1_hooks)
-            if receivers is not None:
-                def step2_hooks(layer, copies, recorded=recorded):
-                    if layer not in receivers:
-                        return []
-                    heads = receivers[layer]
-
-                    def patch(act, hook, layer=layer, heads=heads):
-                        act[:, :, heads] = recorded[layer]
-                        return act
-
-                    return [(utils.get_act_name(input, layer), patch)]
-
-                resid = _run_blocks(model, clean_tokens, clean_cache, start, n_prompts, mask,
-                                    {first_receiver: len(senders)}, cfg.n_layers, step2_hooks)
-            for (layer, head), value in zip(senders, _metrics(model, resid, n_prompts, metric)):
+            with locked(model):
+                resid = _run_blocks(model, clean_tokens, clean_cache, start, n_prompts, mask, joins, end, step1_hooks)
+                if receivers is not None:
+                    resid = _run_blocks(model, clean_tokens, clean_cache, start, n_prompts, mask,
+                                        {first_receiver: len(senders)}, cfg.n_layers, step2_hooks)
+                values = _metrics(model, resid, n_prompts, metric)
+            for (layer, head), value in zip(senders, values):
                 out[layer, head] = value
             done += w
             if progress is not None:

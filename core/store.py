@@ -3,7 +3,9 @@
 TransformerLens hooks live on the model object, and Streamlit serves every browser session
 from its own thread against the same cached model. So every forward pass on a model (plain,
 cached or hooked) runs here, under that model's lock, and hooks are always removed afterwards,
-on error too. Concurrent callers get exactly the results they would get alone.
+on error too. Concurrent callers get exactly the results they would get alone. A long sweep takes
+the lock once per batch chunk, and the lock is first come, first served, so another session's
+forward pass waits for the chunk in progress, never for the whole sweep.
 
 The same lock covers every other use of state that TransformerLens keeps on the model:
 `to_tokens` rewrites `model.cfg.default_prepend_bos` and the tokenizer's `padding_side` while it
@@ -20,7 +22,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -33,17 +35,82 @@ MAX_BYTES_ENV = "CIRCUIT_EXPLORER_STORE_BYTES"
 
 HookFn = Callable[..., torch.Tensor | None]
 
-_locks: "weakref.WeakKeyDictionary[HookedTransformer, threading.Lock]" = weakref.WeakKeyDictionary()
+class FairLock:
+    """A lock handed to its waiters in the order they came (first come, first served).
+
+    A plain `threading.Lock` is not fair: a thread that releases it and asks again at once (a
+    sweep going from one batch chunk to the next) nearly always gets it back before a waiting
+    thread wakes up, so a long sweep would starve every other session's forward pass even though
+    it lets go between chunks. Here a release hands the lock straight to the longest waiter, and
+    a newcomer queues behind every waiter. Not re-entrant.
+    """
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._held = False
+        self._waiters: deque[threading.Lock] = deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        with self._guard:
+            if not self._held and not self._waiters:
+                self._held = True
+                return True
+            if not blocking:
+                return False
+            ticket = threading.Lock()
+            ticket.acquire()
+            self._waiters.append(ticket)
+        if ticket.acquire(timeout=timeout if timeout >= 0 else -1):
+            return True
+        with self._guard:  # timed out, unless a release handed the lock over meanwhile
+            try:
+                self._waiters.remove(ticket)
+            except ValueError:
+                return True
+            return False
+
+    def release(self) -> None:
+        with self._guard:
+            if not self._held:
+                raise RuntimeError("release of an unlocked FairLock")
+            if self._waiters:
+                self._waiters.popleft().release()  # ownership passes on; the lock stays held
+            else:
+                self._held = False
+
+    def locked(self) -> bool:
+        with self._guard:
+            return self._held
+
+    def waiting(self) -> int:
+        """Threads queued for the lock now."""
+        with self._guard:
+            return len(self._waiters)
+
+    def __enter__(self) -> "FairLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_locks: "weakref.WeakKeyDictionary[HookedTransformer, FairLock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 _held = threading.local()  # ids of the models whose lock this thread holds
 
 
-def model_lock(model: HookedTransformer) -> threading.Lock:
-    """The lock every forward pass on `model` holds (one per model object)."""
+def model_lock(model: HookedTransformer) -> FairLock:
+    """The lock every forward pass on `model` holds (one per model object, first come first served).
+
+    Long sweeps (patching, path patching, edge patching, ACDC, SAE index builds) hold it per batch
+    chunk, not per sweep, so other sessions' forward passes run between two chunks: a plain run
+    waits at most for the chunk in progress, however long the sweep.
+    """
     with _locks_guard:
         lock = _locks.get(model)
         if lock is None:
-            lock = _locks[model] = threading.Lock()
+            lock = _locks[model] = FairLock()
         return lock
 
 
