@@ -239,3 +239,26 @@ def residual_norms(cache: ActivationCache, n_layers: int) -> torch.Tensor:
     rows = [cache["resid_pre", layer][0] for layer in range(n_layers)]
     rows.append(cache["resid_post", n_layers - 1][0])
     return torch.stack(rows).float().norm(dim=-1)
+
+
+@torch.no_grad()
+def induction_strength(model: HookedTransformer, batch: int = DEFAULT_BATCH) -> dict:
+    """How much induction a model does, for comparing models side by side: its strongest induction
+    head and that head's score, and its mean next-token loss on the first (random, unpredictable) and
+    on the repeated half of the same repeated random tokens (seed 0), with its size.
+
+    A model with an induction circuit predicts the repeated half far better than the first.
+    """
+    seq_len = min(DEFAULT_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
+    tokens = repeated_random_tokens(model, seq_len, batch, seed=0)
+    logits, cache = store.run_with_cache(model, tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    scores = head_scores_from_patterns(stacked_patterns(cache, model.cfg.n_layers), tokens, "induction")
+    layer, head = strongest_head(scores)
+    logp = F.log_softmax(logits[:, :seq_len].float(), dim=-1)  # positions 0..seq_len-1 predict the first half
+    first = -logp.gather(-1, tokens[:, 1 : seq_len + 1].unsqueeze(-1)).mean()
+    return {
+        "model": model.cfg.model_name, "layers": model.cfg.n_layers, "heads": model.cfg.n_heads,
+        "d_model": model.cfg.d_model, "parameters": sum(p.numel() for p in model.parameters()),
+        "head": f"L{layer}H{head}", "score": float(scores[layer, head]),
+        "first_half_loss": float(first), "repeated_half_loss": float(repeated_half_loss(logits, tokens, seq_len)),
+    }

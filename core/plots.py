@@ -247,6 +247,25 @@ def composition_bar(rows: Sequence, head_label: str) -> go.Figure:
     return fig
 
 
+def induction_models(rows: Sequence[dict]) -> go.Figure:
+    """Models side by side (rows of `attention.induction_strength`): the strongest induction head's
+    score, and the loss on the first (random) and the repeated half of the same sequences."""
+    names = [r["model"] for r in rows]
+    sizes = [f"{r['model']}<br>{r['parameters']:,} parameters, {r['layers']} layers" for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("strongest induction head's score", "loss per token (nats)"))
+    fig.add_trace(go.Bar(x=names, y=[r["score"] for r in rows], name="induction score", customdata=[
+        [size, r["head"]] for size, r in zip(sizes, rows)], text=[r["head"] for r in rows], textposition="outside",
+        hovertemplate="%{customdata[0]}<br>head %{customdata[1]}: score %{y:.3f}<extra></extra>"), row=1, col=1)
+    for key, label in (("first_half_loss", "first half (random)"), ("repeated_half_loss", "repeated half")):
+        fig.add_trace(go.Bar(x=names, y=[r[key] for r in rows], name=label, customdata=sizes,
+                             hovertemplate="%{customdata}<br>" + label + ": %{y:.3f} nats<extra></extra>"), row=1, col=2)
+    fig.update_yaxes(range=[0, 1.1], title_text="score", row=1, col=1)
+    fig.update_yaxes(title_text="nats", row=1, col=2)
+    fig.update_layout(barmode="group", height=380, margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
 def _script_safe_json(value) -> str:
     """JSON that cannot end a <script> element or open a comment inside one."""
     return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -2,7 +2,8 @@
 import streamlit as st
 
 from core import attention, plots
-from core.ui import cache
+from core.models import zoo_models
+from core.ui import cache, charts, frame, widgets
 from core.ui import state as ui
 
 view = ui.page_view()
@@ -33,12 +34,12 @@ c3.markdown(
 )
 ui.set_url(layer=layer, head=head)
 
-tab_head, tab_all, tab_cv, tab_scores, tab_resid = st.tabs(
-    ["Selected head", "All heads", "Interactive (CircuitsVis)", "Head scores", "Residual norm"]
+tab_head, tab_all, tab_cv, tab_scores, tab_resid, tab_models = st.tabs(
+    list(frame.ATTENTION_TABS), key="tab", bind="query-params"  # in the URL: a link opens a tab
 )
 
 with tab_head:
-    st.plotly_chart(
+    charts.show(
         plots.pattern_heatmap(patterns[layer, head], prompt.str_tokens, f"L{layer}H{head} attention pattern"),
         width="stretch",
         key="pattern_heatmap",
@@ -46,7 +47,7 @@ with tab_head:
 
 with tab_all:
     st.caption("Every head on this prompt (rows: layers, columns: heads). Click a head to open it.")
-    st.plotly_chart(
+    charts.show(
         plots.all_heads_grid(patterns, prompt.str_tokens, selected=(layer, head)),
         width="stretch",
         key="all_heads",
@@ -65,8 +66,9 @@ with tab_cv:
 with tab_scores:
     cols = st.columns(3)
     for col, (kind, label) in zip(cols, attention.HEAD_TYPE_LABELS.items()):
-        col.plotly_chart(
-            plots.head_score_heatmap(scores[kind], label, selected=(layer, head)), width="stretch", key=f"score_{kind}"
+        charts.show(
+            plots.head_score_heatmap(scores[kind], label, selected=(layer, head)), width="stretch", key=f"score_{kind}",
+            where=col,
         )
     st.caption(
         f"Measured on {attention.DEFAULT_BATCH} sequences of BOS + {seq_len} random tokens repeated "
@@ -88,7 +90,7 @@ with tab_scores:
         )
         sources = [attention.parse_head(s) for s in chosen]
         on = st.segmented_control(
-            f"…from this input of L{layer}H{head}", ["Q", "K", "V"], default="K", key="ablate_on"
+            f"…from this input of L{layer}H{head}", ["Q", "K", "V"], default="K", key="ablate_on", bind="query-params"
         )
         others = [h for h in attention.induction_heads(scores["induction"], layer) if h != head]
         also: list[int] = []
@@ -111,7 +113,7 @@ with tab_scores:
                       plots.metric_delta(picked.target_score - base.target_score))
             m2.metric("Repeated-half loss (nats)", f"{picked.loss:.3f}", plots.metric_delta(picked.loss - base.loss),
                       delta_color="inverse")
-            st.plotly_chart(plots.composition_bar(table, f"L{layer}H{head}"), width="stretch", key="composition")
+            charts.show(plots.composition_bar(table, f"L{layer}H{head}"), width="stretch", key="composition")
             st.caption(
                 "The chosen heads' outputs (z·W_O, no bias) are subtracted from one input of this head "
                 "only (and of the other induction heads, if ticked), via TransformerLens split q/k/v "
@@ -124,6 +126,29 @@ with tab_scores:
 with tab_resid:
     st.caption("L2 norm of the residual stream at each layer's input and after the last layer.")
     norms = attention.residual_norms(run.cache, n_layers)
-    st.plotly_chart(plots.residual_norm_heatmap(norms, prompt.str_tokens), width="stretch", key="resid")
+    charts.show(plots.residual_norm_heatmap(norms, prompt.str_tokens), width="stretch", key="resid")
+
+with tab_models:
+    st.caption(
+        "Every embedded model, and the loaded one, on the same 32 sequences of random tokens repeated twice: the "
+        "strongest induction head and its score, and the mean next-token loss on each half. The first half is "
+        "random (no model can do better than guess); a model with an induction circuit copies the second."
+    )
+    names = list(dict.fromkeys(zoo_models() + [view.model_name]))
+    rows = []
+    with widgets.progress_bar("Measuring induction on each model") as report:
+        for i, name in enumerate(names):
+            other = model if name == view.model_name else cache.get_model(name)
+            rows.append(cache.induction_strength(other))
+            report((i + 1) / len(names))
+    charts.show(plots.induction_models(rows), width="stretch", key="induction_models")
+    st.dataframe(
+        [{"model": r["model"] + (" (loaded)" if r["model"] == model.cfg.model_name else ""),
+          "parameters": r["parameters"], "layers × heads": f"{r['layers']} × {r['heads']}", "d_model": r["d_model"],
+          "strongest induction head": r["head"], "score": round(r["score"], 3),
+          "first-half loss (nats)": round(r["first_half_loss"], 3),
+          "repeated-half loss (nats)": round(r["repeated_half_loss"], 3)} for r in rows],
+        hide_index=True, width="stretch",
+    )
 
 ui.sidebar_footer()

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from core import attribution, plots
-from core.ui import cache, widgets
+from core.ui import cache, charts, frame, widgets
 from core.ui import state as ui
 
 view = ui.page_view()
@@ -37,6 +37,8 @@ if target.error:
     st.stop()
 answers, wrongs, label = target.answers, target.wrongs, target.label
 model_value = float(attribution.target(model, run.logits, answers, wrongs).mean())
+charts.note_metric(label)
+charts.note("model's value" + (" (mean)" if whole_task else ""), model_value)
 cap = model.cfg.output_logits_soft_cap if model.cfg.output_logits_soft_cap > 0 else None
 st.caption(
     ui.md_escape(
@@ -57,12 +59,12 @@ if cap is not None:
 value_name = "pre-cap value above" if cap is not None else "model's value above"
 
 tab_comp, tab_heads, tab_acc, tab_lens, tab_neurons = st.tabs(
-    ["By component", "By head", "Accumulated residual", "Logit lens", "Neurons"]
+    list(frame.ATTRIBUTION_TABS), key="tab", bind="query-params"  # in the URL: a link opens a tab
 )
 
 with tab_comp:
     comp = attribution.by_component(model, run.cache, answers, wrongs)
-    st.plotly_chart(
+    charts.show(
         plots.attribution_bar(comp.labels, comp.mean(), label, "Direct effect of each component"),
         width="stretch", key="attr_components",
     )
@@ -75,7 +77,7 @@ with tab_comp:
 with tab_heads:
     heads = attribution.by_head(model, run.cache, answers, wrongs)
     grid = attribution.head_grid(model, heads)
-    event = st.plotly_chart(
+    event = charts.show(
         plots.head_attribution_heatmap(grid, label, "Direct effect of each head"),
         width="stretch", key="attr_heads", on_select="rerun", selection_mode="points",
     )
@@ -95,7 +97,7 @@ with tab_heads:
 
 with tab_acc:
     acc = attribution.accumulated(model, run.cache, answers, wrongs)
-    st.plotly_chart(plots.accumulated_line(acc.labels, acc.mean() + acc.bias.mean(), label), width="stretch", key="attr_acc")
+    charts.show(plots.accumulated_line(acc.labels, acc.mean() + acc.bias.mean(), label), width="stretch", key="attr_acc")
     st.caption(
         "The residual stream before each layer and after the last, read like the final logits with this "
         "run's final LayerNorm scale (TransformerLens's `accumulated_resid` + `apply_ln_to_stack`). The last "
@@ -110,9 +112,9 @@ with tab_lens:
     lens = attribution.logit_lens(model, run.cache, answer=answer_id, k=5, batch_index=i)
     str_tokens = [decode(model, int(t)) for t in tokens[i]]
     top_tokens = [[[decode(model, int(t)) for t in pos] for pos in layer] for layer in lens.top_ids.tolist()]
-    st.plotly_chart(plots.logit_lens_heatmap(lens.labels, top_tokens, lens.top_probs, str_tokens),
-                    width="stretch", key="attr_lens")
-    st.plotly_chart(
+    charts.show(plots.logit_lens_heatmap(lens.labels, top_tokens, lens.top_probs, str_tokens),
+                width="stretch", key="attr_lens")
+    charts.show(
         plots.answer_by_layer(lens.labels, lens.answer_prob[:, -1], lens.answer_rank[:, -1], decode(model, answer_id)),
         width="stretch", key="attr_lens_answer",
     )
@@ -128,7 +130,7 @@ with tab_neurons:
     else:
         layer = st.selectbox("MLP layer", range(n_layers), index=n_layers - 1, key="attr_neuron_layer", persist_state="session")
         table = attribution.top_neurons(model, run.cache, layer, answers, wrongs, k=20)
-        st.plotly_chart(
+        charts.show(
             plots.neuron_bar(table.neurons, table.effects, table.activations,
                              [", ".join(decode(model, t) for t in ids) for ids in table.top_tokens], layer, label),
             width="stretch", key="attr_neurons",

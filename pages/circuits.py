@@ -9,7 +9,7 @@ from core import circuit_plots as cp
 from core import circuits, plots
 from core.circuits import CircuitError
 from core.path_patching import PathPatchingError
-from core.ui import cache, widgets
+from core.ui import cache, charts, frame, widgets
 from core.ui import state as ui
 
 state = st.session_state
@@ -201,7 +201,7 @@ with right:
         fig = cp.faithfulness_figure(curve, n, float(evaluation.faithfulness[0]), FAITHFUL,
                                      f"Faithfulness of the top-N circuits ({METHODS[method]} scores)",
                                      chosen_label=f"N = {n}")
-    st.plotly_chart(fig, width="stretch", key="circ_curve")
+    charts.show(fig, width="stretch", key="circ_curve")
 if evaluation is not None:
     metric, faith = float(evaluation.metric[0]), float(evaluation.faithfulness[0])
     m1, m2, m3 = st.columns(3)
@@ -255,8 +255,8 @@ if method == "acdc":
     title = f"ACDC circuit (τ = {tau:.3f}): {circuit.n_edges} edges"
 else:
     title = f"Top {n} edges by {METHODS[method]} score: {circuit.n_edges} on paths from the embeddings to the logits"
-st.plotly_chart(cp.circuit_figure(circuit, title), width="stretch", key="circ_graph", on_select=on_graph_click,
-                selection_mode="points")
+charts.show(cp.circuit_figure(circuit, title), width="stretch", key="circ_graph", on_select=on_graph_click,
+            selection_mode="points")
 hidden = cp.hidden_summary(circuit)
 st.caption(
     (hidden + " " if hidden else "")
@@ -275,16 +275,16 @@ e3.caption("PNG: the camera button in the graph's toolbar (hover the graph).")
 # ---------------------------------------------------------------------------------------------
 # 4. One view at a time (tabs would run every view's computation on every rerun)
 # ---------------------------------------------------------------------------------------------
-VIEWS = {"paths": "Path patching", "weights": "Weights", "compare": "Estimate vs exact", "mechanism": "Is this the mechanism?"}
+VIEWS = frame.CIRCUIT_VIEWS  # kept in the URL (bind): a link or a lesson opens a view
 if state.get("circ_detail") not in VIEWS:
     state["circ_detail"] = "paths"
-detail = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, key="circ_detail", persist_state="session",
+detail = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, key="circ_detail", persist_state="session", bind="query-params",
                               required=True, label_visibility="collapsed") or "paths"
 
 
 def show_heads(fig, key: str) -> None:
     """A layer × head heatmap; a click on a cell opens that head on the Attention page."""
-    event = st.plotly_chart(fig, width="stretch", key=key, on_select="rerun", selection_mode="points")
+    event = charts.show(fig, width="stretch", key=key, on_select="rerun", selection_mode="points")
     clicked = plots.clicked_head(event, n_layers, n_heads)
     if clicked is not None:
         ui.open_head_on_attention_page(*clicked)
@@ -379,7 +379,7 @@ def weights_view() -> None:
         except ValueError as err:
             st.warning(ui.md_escape(str(err)))
         else:
-            st.plotly_chart(cp.composition_heatmap(summary), width="stretch", key="circ_comp")
+            charts.show(cp.composition_heatmap(summary), width="stretch", key="circ_comp")
             above = int(summary.above_baseline().sum())
             st.caption(f"‖W_OV(sender) · W(receiver)‖ / (‖W_OV‖ ‖W‖), Frobenius norms, from the weights alone. Random baseline "
                        f"({len(summary.samples)} pairs of random heads of this model's shapes): mean {summary.mean:.3f}, "
@@ -402,7 +402,7 @@ def weights_view() -> None:
                "a token raises that token's logit (copying, as induction heads do).")
     layer, head = cp.head_of(chosen)
     with c1:
-        st.plotly_chart(cp.copying_heatmap(copying, (layer, head)), width="stretch", key="circ_copying")
+        charts.show(cp.copying_heatmap(copying, (layer, head)), width="stretch", key="circ_copying")
     try:
         mappings = cache.top_ov_mappings(model, layer, head, 10)
     except ValueError as err:
@@ -439,7 +439,7 @@ def compare_view() -> None:
     c2.metric(f"Top-{agree['top']} overlap", f"{agree['top_overlap']:.0%}",
               help=f"Share of the exact top {agree['top']} edges (by |score|) that the estimate also ranks in its top {agree['top']}.")
     c3.metric("Edges compared", f"{agree['edges']}")
-    st.plotly_chart(cp.edge_scatter(exact, estimate, agree, label), width="stretch", key="circ_scatter")
+    charts.show(cp.edge_scatter(exact, estimate, agree, label), width="stretch", key="circ_scatter")
     st.caption("Each point is one edge. On the dotted line the estimate (one forward and one backward pass for every "
                "edge) equals exact edge patching (one patched run per edge). Points far from it are edges where the model "
                "is not linear between the clean and corrupted inputs; EAP-IG's averaged gradient usually brings them closer.")
@@ -456,7 +456,7 @@ def mechanism_view() -> None:
     if not nodes:
         st.info("The circuit has no node between the embeddings and the logits to knock out.")
         return
-    st.plotly_chart(cp.minimality_bar(check), width="stretch", key="circ_minimality")
+    charts.show(cp.minimality_bar(check), width="stretch", key="circ_minimality")
     st.caption("Minimality (Wang et al. 2022): for each node v, |F(C ∖ {v}) − F(C)|, how much the circuit's metric moves "
                "when v is knocked out of it (its outgoing edges ablated); a node near 0 adds nothing, so a minimal "
                "circuit has none (grey: under 0.05).")

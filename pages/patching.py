@@ -3,7 +3,7 @@ import streamlit as st
 
 from core import attribution, patching, plots, tasks
 from core.patching import PatchingError
-from core.ui import cache, widgets
+from core.ui import cache, charts, frame, widgets
 from core.ui import state as ui
 
 view = ui.page_view()
@@ -42,6 +42,9 @@ with st.spinner("Running the clean and corrupted prompts…"):
     corrupted_run = store.get(model, task.corrupted_tokens)
 norm = tasks.normaliser(task, clean_run.logits, corrupted_run.logits)
 problem = norm.problem(task.metric_label)
+charts.note_metric(task.metric_label)
+charts.note("metric, clean run (mean)", norm.clean)
+charts.note("metric, corrupted run (mean)", norm.corrupted)
 st.caption(ui.md_escape(
     f"{task.description}, {len(task)} prompt(s). Metric: {task.metric_label}, mean over the prompts: "
     f"clean run {norm.clean:+.4f}, corrupted run {norm.corrupted:+.4f}."
@@ -77,29 +80,26 @@ def head_links(grid, baseline: float) -> None:
 def show(fig, key: str, clickable: bool = True) -> None:
     """Draw a chart; a click on a head cell opens that head on the Attention page."""
     if not clickable:
-        st.plotly_chart(fig, width="stretch", key=key)
+        charts.show(fig, width="stretch", key=key)
         return
-    clicked = plots.clicked_head(st.plotly_chart(fig, width="stretch", key=key, on_select="rerun",
-                                                 selection_mode="points"), n_layers, n_heads)
+    clicked = plots.clicked_head(charts.show(fig, width="stretch", key=key, on_select="rerun",
+                                             selection_mode="points"), n_layers, n_heads)
     if clicked is not None:
         ui.open_head_on_attention_page(*clicked)
 
 
 # One view at a time (tabs would run both sweeps on every rerun).
-VIEWS = {"patch": "Patching", "ablate": "Ablation"}
+VIEWS = frame.PATCH_VIEWS  # these controls are kept in the URL (bind): a link or a lesson opens them
 view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, default="patch", key="hi_view",
-                                   persist_state="session", label_visibility="collapsed", required=True) or "patch"
+                                   persist_state="session", bind="query-params", label_visibility="collapsed", required=True) or "patch"
 
 # ---------------------------------------------------------------------------------------------
 # Patching: exact (batched), attribution patching, or both side by side
 # ---------------------------------------------------------------------------------------------
-WHAT = {"heads": "Attention heads", "resid_pre": "Residual stream (resid_pre)", "attn_out": "Attention layer outputs",
-        "mlp_out": "MLP layer outputs"}
+WHAT = dict(frame.PATCH_WHAT)
 if model.cfg.attn_only:
     WHAT.pop("mlp_out")
-ACTS = {"z": "output (z)", "q": "query (q)", "k": "key (k)", "v": "value (v)", "pattern": "attention pattern"}
-DIRECTIONS = {"denoise": "Denoise: clean → corrupted", "noise": "Noise: corrupted → clean"}
-METHODS = {"exact": "Exact", "attribution": "Estimate", "compare": "Both"}
+ACTS, DIRECTIONS, METHODS = frame.PATCH_ACTS, frame.PATCH_DIRECTIONS, frame.PATCH_METHODS
 HELP = {
     "what": "What to patch. Attention heads: one head at a time. Residual stream (resid_pre): everything the "
             "model has computed so far at one layer and position, as it enters that layer. Layer outputs: what a "
@@ -116,23 +116,25 @@ HELP = {
 
 def patching_view() -> None:
     c1, c2, c3 = st.columns(3)
-    if st.session_state.get("hi_what") not in WHAT:
+    if "hi_what" in st.session_state and st.session_state["hi_what"] not in WHAT:  # MLPs on an attention-only model
         st.session_state["hi_what"] = "heads"
     what = c1.selectbox("Patch", list(WHAT), format_func=WHAT.get, key="hi_what", persist_state="session",
+                        bind="query-params",
                         help=HELP["what"])
     by_pos = False
     act = what
     if what == "heads":
         act = c2.selectbox("Head activation", list(ACTS), format_func=ACTS.get, key="hi_act", persist_state="session",
+                           bind="query-params",
                            help=HELP["act"])
-        by_pos = c3.toggle("By position", key="hi_by_pos", persist_state="session",
+        by_pos = c3.toggle("By position", key="hi_by_pos", persist_state="session", bind="query-params",
                            help="One cell per head and position instead of one per head (all positions at once).")
     d1, d2 = st.columns([3, 2])
     direction = d1.segmented_control("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, default="denoise",
-                                     key="hi_direction", persist_state="session", required=True,
+                                     key="hi_direction", persist_state="session", required=True, bind="query-params",
                                      help=HELP["direction"]) or "denoise"
     method = d2.segmented_control("Method", list(METHODS), format_func=METHODS.get, default="exact",
-                                  key="hi_method", persist_state="session", required=True, help=HELP["method"]) or "exact"
+                                  key="hi_method", persist_state="session", required=True, bind="query-params", help=HELP["method"]) or "exact"
     sweep = f"{act}_by_pos" if what == "heads" and by_pos else act
     results = {}
     for m in (["exact", "attribution"] if method == "compare" else [method]):
@@ -140,7 +142,7 @@ def patching_view() -> None:
             results[m] = cache.patching_sweep(model, task, sweep, direction, m, example, progress)
     if method == "compare":
         exact, estimate = results["exact"], results["attribution"]
-        st.plotly_chart(plots.exact_vs_attribution(
+        charts.show(plots.exact_vs_attribution(
             exact.values, estimate.values, patching.component_names(exact),
             f"Attribution patching against exact patching (r = {patching.agreement(exact, estimate):.3f})"),
             width="stretch", key="hi_scatter")
@@ -207,18 +209,18 @@ def ablation_view() -> None:
                 show(plots.head_heatmap(loss.reshape(n_layers, n_heads), "Loss change", "Δ loss (nats)"), "hi_abl_loss")
             head_links(delta.reshape(n_layers, n_heads), 0.0)
         elif target == "mlps":
-            st.plotly_chart(plots.ablation_bar([f"MLP {l}" for l in range(n_layers)], ablation_norm(result.metric).tolist()
+            charts.show(plots.ablation_bar([f"MLP {l}" for l in range(n_layers)], ablation_norm(result.metric).tolist()
                                                if ablation_norm.meaningful else delta.tolist(), loss.tolist(),
                                                "MLP layers ablated", None if ablation_norm.meaningful else
                                                f"Δ {task.metric_label} from the clean run"),
-                            width="stretch", key="hi_abl_mlps")
+                        width="stretch", key="hi_abl_mlps")
         else:
             top = delta.abs().topk(min(20, delta.numel())).indices.tolist()
             metric = ablation_norm(result.metric) if ablation_norm.meaningful else delta
-            st.plotly_chart(plots.ablation_bar([f"N{n}" for n in top], [float(metric[n]) for n in top],
+            charts.show(plots.ablation_bar([f"N{n}" for n in top], [float(metric[n]) for n in top],
                                                [float(loss[n]) for n in top], f"The 20 neurons of MLP {layer} that matter most",
                                                None if ablation_norm.meaningful else f"Δ {task.metric_label} from the clean run"),
-                            width="stretch", key="hi_abl_neurons")
+                        width="stretch", key="hi_abl_neurons")
 
 
 try:

@@ -4,7 +4,7 @@ import json
 import streamlit as st
 
 from core import plots, sae_index, saes, steering
-from core.ui import cache, widgets
+from core.ui import cache, charts, frame, widgets
 from core.ui import state as ui
 
 view = ui.page_view()
@@ -193,7 +193,7 @@ if state.get("_sae_for") != loaded.sae_id:  # first run with this SAE: the URL's
     state["_sae_for"] = loaded.sae_id
 ui.set_url(feature=int(state["sae_feature"]))
 
-VIEWS = {"prompt": "This prompt", "feature": "Feature dashboard", "search": "Search"}
+VIEWS = frame.SAE_VIEWS  # kept in the URL (bind): a link or a lesson opens a view
 LOGIT_EFFECT_HELP = (
     "`W_dec[f]` is the direction the feature adds to the residual stream (its row of the decoder). Multiplied "
     "by the final LayerNorm's weight and the unembedding `W_U` it gives one number per token: how much one unit "
@@ -214,7 +214,7 @@ def open_clicked() -> None:
 
 
 view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, default="prompt", key="sae_view",
-                                   persist_state="session", label_visibility="collapsed", required=True) or "prompt"
+                                   persist_state="session", bind="query-params", label_visibility="collapsed", required=True) or "prompt"
 
 
 def prompt_view() -> None:
@@ -229,7 +229,7 @@ def prompt_view() -> None:
         return
     chosen = sorted(chosen, key=lambda f: -float(acts[:, f].max()))[:30]
     fig = plots.prompt_features_heatmap(acts[:, chosen], view.prompt.str_tokens, chosen)
-    st.plotly_chart(fig, width="stretch", key="sae_prompt_map", on_select=open_clicked, selection_mode="points")
+    charts.show(fig, width="stretch", key="sae_prompt_map", on_select=open_clicked, selection_mode="points")
     st.caption(f"The {len(chosen)} features that are among the {k} strongest at some token (BOS left out). "
                f"Activations of {loaded.hook_name} encoded by the SAE; click a cell to open its feature.")
     f = int(state["sae_feature"])
@@ -258,8 +258,8 @@ def feature_view() -> None:
             m2.metric("Max activation", f"{stats.max_act:.3f}")
             m3.metric("Mean when firing", f"{stats.mean_act:.3f}")
             if stats.n_fire:
-                st.plotly_chart(plots.activation_histogram(stats.hist_edges, stats.hist_counts, f, stats.density),
-                                width="stretch", key="sae_hist")
+                charts.show(plots.activation_histogram(stats.hist_edges, stats.hist_counts, f, stats.density),
+                            width="stretch", key="sae_hist")
         elif docs is not None:
             st.info("Density, the activation histogram and the top contexts appear when the corpus index is built "
                     "(progress above); the logit effects, your own text and the ablation work now.")
@@ -271,9 +271,9 @@ def feature_view() -> None:
             st.caption("Logit effects (`W_dec · W_U`): how much one unit of this feature raises or lowers each token's "
                        "logit directly.", help=LOGIT_EFFECT_HELP)
             up, down = effects.topk(n), (-effects).topk(n)
-            st.plotly_chart(plots.logit_effect_bars([decode(t) for t in up.indices.tolist()], up.values.tolist(),
+            charts.show(plots.logit_effect_bars([decode(t) for t in up.indices.tolist()], up.values.tolist(),
                                                     "Promoted tokens", "#2ca02c"), width="stretch", key="sae_up")
-            st.plotly_chart(plots.logit_effect_bars([decode(t) for t in down.indices.tolist()], (-down.values).tolist(),
+            charts.show(plots.logit_effect_bars([decode(t) for t in down.indices.tolist()], (-down.values).tolist(),
                                                     "Suppressed tokens", "#d62728"), width="stretch", key="sae_down")
     with right:
         if index is not None:

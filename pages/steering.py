@@ -4,7 +4,7 @@ import streamlit as st
 
 from core import plots, saes, steering
 from core.steering import SteeringError
-from core.ui import cache, frame
+from core.ui import cache, charts, frame
 from core.ui import state as ui
 
 view = ui.page_view()
@@ -85,9 +85,9 @@ def describe(d) -> str:
 
 
 demo_notice()
-VIEWS = {"build": "Directions", "steer": "Steer", "monitor": "Monitor", "probe": "Probes"}
+VIEWS = frame.STEER_VIEWS  # kept in the URL (bind): a link or a lesson opens a view
 view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, default="steer", key="steer_view",
-                                   persist_state="session", label_visibility="collapsed", required=True) or "steer"
+                                   persist_state="session", bind="query-params", label_visibility="collapsed", required=True) or "steer"
 
 
 def build_view() -> None:
@@ -214,9 +214,9 @@ def steer_view() -> None:
     tokens = ui.to_tokens(model, prompt)
     shift = steering.next_token_shift(model, tokens, hooks, base_logits=cache.get_store().get(model, tokens).logits)
     rows = shift["rows"]  # the unsteered top 10 and the steered top 10 together
-    st.plotly_chart(plots.distribution_shift_bars([decode(r["token"]) for r in rows], [r["before"] for r in rows],
+    charts.show(plots.distribution_shift_bars([decode(r["token"]) for r in rows], [r["before"] for r in rows],
                                                   [r["after"] for r in rows], "Next token, unsteered and steered"),
-                    width="stretch", key="steer_shift")
+                width="stretch", key="steer_shift")
     st.caption(ui.md_escape(
         f"Top next token {decode(shift['top_before'])!r} → {decode(shift['top_after'])!r}; KL(unsteered ‖ steered) "
         f"= {shift['kl']:.4f} nats. The bars: the 10 most likely next tokens without steering and the 10 most likely "
@@ -277,9 +277,9 @@ def monitor_view() -> None:
 
     def draw(result) -> None:
         labels = steering.token_labels(model, result.tokens[0].tolist())  # '##98': a piece glued to the token before
-        chart.plotly_chart(plots.monitor_lines(labels, result.projections, [w.direction.name for w in watches],
-                                               [w.threshold for w in watches], result.tripped_at, result.prompt_len),
-                           width="stretch", key=f"steer_monitor_{len(labels)}")
+        charts.show(plots.monitor_lines(labels, result.projections, [w.direction.name for w in watches],
+                                        [w.threshold for w in watches], result.tripped_at, result.prompt_len),
+                    width="stretch", key=f"steer_monitor_{len(labels)}", where=chart)
 
     try:
         result = steering.monitored_generate(model, tokens, int(n_new), watches, on_step=draw)
@@ -315,8 +315,8 @@ def probe_view() -> None:
     except (SteeringError, ValueError) as err:
         st.warning(ui.md_escape(str(err)))
         return
-    st.plotly_chart(plots.probe_accuracy_lines(names, real.test_accuracy, shuffled.test_accuracy, real.train_accuracy),
-                    width="stretch", key="steer_probe_chart")
+    charts.show(plots.probe_accuracy_lines(names, real.test_accuracy, shuffled.test_accuracy, real.train_accuracy),
+                width="stretch", key="steer_probe_chart")
     st.caption(ui.md_escape(
         f"Labels: {meaning}. Logistic regression (L2) on the residual stream at the last token, per layer; "
         f"{real.n_train} training and {real.n_test} held-out prompts. The control trains on the same prompts with "

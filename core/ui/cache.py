@@ -85,6 +85,12 @@ def head_scores(model: HookedTransformer, seq_len: int, batch: int) -> dict:
     return {k: v.clone() for k, v in attention.head_scores(model, tokens).items()}
 
 
+@st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)
+def induction_strength(model: HookedTransformer) -> dict:
+    """`attention.induction_strength`, once per model (the Attention page's "Across models" tab)."""
+    return attention.induction_strength(model)
+
+
 @st.cache_data(show_spinner=False, max_entries=256, hash_funcs=BY_MODEL)
 def composition_table(model: HookedTransformer, seq_len: int, batch: int, sources: tuple, target: tuple,
                       also: tuple) -> list:
@@ -363,39 +369,102 @@ def text_documents(model: HookedTransformer, data: bytes) -> list[list[int]]:
     return saes.documents_from_text(model, data.decode("utf-8", errors="replace"))
 
 
-_prefetched: set[str] = set()
+_prefetched: set[str] = set()  # model keys whose embedded SAEs were queued (and "*" once all were)
 _prefetched_guard = threading.Lock()
 PREFETCH_ENV = "CIRCUIT_EXPLORER_PREFETCH_INDEXES"  # "0" leaves every index to its first visit
+_prefetch_queue: list[tuple[str, HookedTransformer | str]] = []  # (embedded SAE, its model, or the model's name)
+_prefetch_status: dict[str, object] = {}  # embedded SAE -> "queued", its sae_index.Build, or an error message
+_prefetch_worker: threading.Thread | None = None
 
 
-def prefetch_embedded_indexes(model: HookedTransformer) -> None:
-    """Start building, in the background, the feature indexes of every embedded SAE of this model,
-    once per model object: called when a model is first loaded, so that the SAE page finds them
-    built (or being built, with progress) instead of making its first visitor wait.
+def prefetch_embedded_indexes(model: HookedTransformer | None = None) -> None:
+    """Build, in the background, the feature index of every embedded SAE, once per server process:
+    the SAEs of `model` first (called when a model is first loaded, which on a new server is its
+    first page view), then every other embedded SAE of the zoo. The SAE page then finds its index
+    built, or being built with progress (`embedded_index_progress`), instead of making its first
+    visitor wait.
 
-    The SAEs are read and their corpora generated in a daemon thread too (the corpus generator
-    tokenises under the store's lock); `sae_index.request_index` runs one build at a time and
-    shares each with every session that asks for it.
+    One daemon worker thread owns the queue and requests one index at a time
+    (`sae_index.request_index`, which shares each build with every session asking for it and runs
+    at most one build at a time), so a build never depends on the session that started it: it goes
+    on when that student navigates away or closes the tab. The other zoo models are loaded in the
+    worker for their build (small; dropped afterwards: the index file is keyed by weights, not by
+    the model object). `CIRCUIT_EXPLORER_PREFETCH_INDEXES=0` (the tests) switches it off.
     """
+    global _prefetch_worker
     if os.environ.get(PREFETCH_ENV, "1") == "0":
         return
-    key = model_key(model)
+    from core.models import zoo_models as _zoo
+
     with _prefetched_guard:
-        if key in _prefetched:
+        first: list[tuple[str, HookedTransformer | str]] = []
+        if model is not None and model_key(model) not in _prefetched:
+            _prefetched.add(model_key(model))
+            first = [(name, model) for name in saes.embedded_saes(model.cfg.model_name)
+                     if not _prefetch_started(name)]
+        rest: list[tuple[str, HookedTransformer | str]] = []
+        if "*" not in _prefetched:
+            _prefetched.add("*")
+            mine = {name for name, _ in first}
+            rest = [(name, zoo_name) for zoo_name in _zoo() for name in saes.embedded_saes(zoo_name)
+                    if name not in mine and not _prefetch_started(name)]
+        if not first and not rest:
             return
-        _prefetched.add(key)
+        queued = {name for name, _ in first}
+        _prefetch_queue[:] = first + [q for q in _prefetch_queue if q[0] not in queued] + rest
+        for name, _ in first + rest:
+            _prefetch_status.setdefault(name, "queued")
+        if _prefetch_worker is None or not _prefetch_worker.is_alive():
+            _prefetch_worker = threading.Thread(target=_prefetch_work, name="prefetch-sae-indexes", daemon=True)
+            _prefetch_worker.start()
 
-    def work() -> None:
-        from core import sae_index
 
-        for name in saes.embedded_saes(model.cfg.model_name):
-            try:
-                loaded = saes.load_embedded(name)
-                saes.check_fits(model, loaded)
-                with store.shared_state(model):
-                    docs = corpus.documents(loaded.corpus_spec, model.tokenizer)
-                sae_index.request_index(model, loaded, docs)
-            except Exception:  # noqa: BLE001 - the page says what is wrong when that SAE is chosen
-                continue
+def _prefetch_started(name: str) -> bool:
+    """Whether the worker has requested this SAE's index already (caller holds _prefetched_guard)."""
+    return name in _prefetch_status and _prefetch_status[name] != "queued"
 
-    threading.Thread(target=work, name=f"prefetch-{key}", daemon=True).start()
+
+def _prefetch_work() -> None:
+    from core import sae_index
+    from core.models import load_model as _load
+
+    while True:
+        with _prefetched_guard:
+            if not _prefetch_queue:
+                return
+            name, model = _prefetch_queue.pop(0)
+        try:
+            loaded = saes.load_embedded(name)
+            if isinstance(model, str):
+                model = _load(model)
+            saes.check_fits(model, loaded)
+            with store.shared_state(model):
+                docs = corpus.documents(loaded.corpus_spec, model.tokenizer)
+            build = sae_index.request_index(model, loaded, docs)
+            with _prefetched_guard:
+                _prefetch_status[name] = build
+            build.wait()  # one at a time, in queue order
+        except Exception as err:  # noqa: BLE001 - the page says what is wrong when that SAE is chosen
+            with _prefetched_guard:
+                _prefetch_status[name] = f"{type(err).__name__}: {err}"
+        del model
+
+
+def embedded_index_progress() -> dict[str, tuple[float, str]]:
+    """Every embedded SAE whose feature index this server builds ahead, and how far it is:
+    {SAE name: (share done 0..1, text)}, in build order. Text: "queued", the build's own phase and
+    time left (sae_index's progress text), "ready", or "failed: ...". Empty when prefetching is
+    off (`CIRCUIT_EXPLORER_PREFETCH_INDEXES=0`) or not started yet. Cheap: for a page to poll."""
+    with _prefetched_guard:
+        status = dict(_prefetch_status)
+    out: dict[str, tuple[float, str]] = {}
+    for name, s in status.items():
+        if s == "queued":
+            out[name] = (0.0, "queued")
+        elif isinstance(s, str):
+            out[name] = (0.0, f"failed: {s}")
+        elif s.done:
+            out[name] = (1.0, "ready") if not s.failed else (0.0, f"failed: {s.error}")
+        else:
+            out[name] = s.status()
+    return out

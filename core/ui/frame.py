@@ -13,12 +13,14 @@ copied link reopens it; `?page=…` on the root URL opens that page.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import streamlit as st
 
 from core import task_catalog
 from core.models import DEFAULT_MODEL, zoo_models
+from core.ui import charts
 
 OTHER = "Other (TransformerLens name or local folder)…"
 PRETRAINED_SUGGESTIONS = ["gpt2-small"]
@@ -42,18 +44,44 @@ class PageSpec:
     label: str  # in the navigation
     icon: str
     title: str  # at the top of the page
+    # Controls kept in the URL (Streamlit's bind="query-params"): widget key -> {value: label}, the
+    # option values a lesson names and the labels the URL shows. Pages take their options from here;
+    # core/lessons.py checks a lesson's views against it; tests/test_lessons.py checks the widgets.
+    bound: dict = field(default_factory=dict)
 
 
+def _same(*labels: str) -> dict:
+    return {label: label for label in labels}
+
+
+ATTENTION_TABS = _same("Selected head", "All heads", "Interactive (CircuitsVis)", "Head scores", "Residual norm",
+                       "Across models")
+ATTRIBUTION_TABS = _same("By component", "By head", "Accumulated residual", "Logit lens", "Neurons")
+PATCH_WHAT = {"heads": "Attention heads", "resid_pre": "Residual stream (resid_pre)", "attn_out": "Attention layer outputs",
+              "mlp_out": "MLP layer outputs"}
+PATCH_ACTS = {"z": "output (z)", "q": "query (q)", "k": "key (k)", "v": "value (v)", "pattern": "attention pattern"}
+PATCH_DIRECTIONS = {"denoise": "Denoise: clean → corrupted", "noise": "Noise: corrupted → clean"}
+PATCH_METHODS = {"exact": "Exact", "attribution": "Estimate", "compare": "Both"}
+PATCH_VIEWS = {"patch": "Patching", "ablate": "Ablation"}
+SAE_VIEWS = {"prompt": "This prompt", "feature": "Feature dashboard", "search": "Search"}
+STEER_VIEWS = {"build": "Directions", "steer": "Steer", "monitor": "Monitor", "probe": "Probes"}
+CIRCUIT_VIEWS = {"paths": "Path patching", "weights": "Weights", "compare": "Estimate vs exact",
+                 "mechanism": "Is this the mechanism?"}
 PAGES = [
-    PageSpec("attention", "pages/attention.py", "Attention", "👀", "Attention patterns"),
-    PageSpec("attribution", "pages/attribution.py", "Logit attribution", "🎯", "Logit attribution"),
-    PageSpec("patching", "pages/patching.py", "Head importance", "🧪", "Head importance"),
-    PageSpec("saes", "pages/saes.py", "SAE features", "🧩", "SAE features"),
-    PageSpec("steering", "pages/steering.py", "Steering", "🧭", "Steering and monitoring"),
-    PageSpec("circuits", "pages/circuits.py", "Circuits", "🕸️", "Circuits"),
+    PageSpec("attention", "pages/attention.py", "Attention", "👀", "Attention patterns",
+             {"tab": ATTENTION_TABS, "ablate_on": _same("Q", "K", "V")}),
+    PageSpec("attribution", "pages/attribution.py", "Logit attribution", "🎯", "Logit attribution",
+             {"tab": ATTRIBUTION_TABS}),
+    PageSpec("patching", "pages/patching.py", "Head importance", "🧪", "Head importance",
+             {"hi_view": PATCH_VIEWS, "hi_what": PATCH_WHAT, "hi_act": PATCH_ACTS, "hi_by_pos": {True: "true", False: "false"},
+              "hi_direction": PATCH_DIRECTIONS, "hi_method": PATCH_METHODS}),
+    PageSpec("saes", "pages/saes.py", "SAE features", "🧩", "SAE features", {"sae_view": SAE_VIEWS}),
+    PageSpec("steering", "pages/steering.py", "Steering", "🧭", "Steering and monitoring", {"steer_view": STEER_VIEWS}),
+    PageSpec("circuits", "pages/circuits.py", "Circuits", "🕸️", "Circuits", {"circ_detail": CIRCUIT_VIEWS}),
+    PageSpec("lessons", "pages/lessons.py", "Lessons", "🎓", "Lessons"),
 ]
 BY_KEY = {p.key: p for p in PAGES}
-LINK_KEYS = ("model", "prompt", "source", "example", "template")  # the sidebar's view, kept by page links
+LINK_KEYS = ("model", "prompt", "source", "example", "template", "present", "lesson")  # the sidebar's view, kept by page links
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,14 @@ class Choices:
     text: str
     template: str | None
     example: int
+
+
+_slots = threading.local()  # containers the frame keeps for later parts of this thread's run
+
+
+def lesson_slot():
+    """The top of the sidebar, kept for the lesson panel (None outside a framed run)."""
+    return getattr(_slots, "lesson", None)
 
 
 def default_prompt(model_name: str) -> str:
@@ -128,6 +164,7 @@ def _init_state() -> None:
     if state.get("_url_loaded"):
         return
     state["_url_loaded"] = True
+    charts.seed_from_url()
     zoo = zoo_models()
     requested = st.query_params.get("model", zoo[0] if zoo else DEFAULT_MODEL)
     if requested in zoo + PRETRAINED_SUGGESTIONS:
@@ -189,6 +226,7 @@ def sidebar() -> Choices:
     _init_state()
     zoo = zoo_models()
     with st.sidebar:
+        _slots.lesson = st.container()  # a lesson's step, when the URL names one (core/ui/lessons.py)
         links = st.container()  # filled last, with the view the widgets below say
         st.header("Model and prompt")
         choice = st.selectbox(
@@ -217,6 +255,7 @@ def sidebar() -> Choices:
             template = _template_picker(source)
             example = int(st.number_input(f"Example (0–{TASK_BATCH - 1})", 0, TASK_BATCH - 1, key="example", step=1,
                                           persist_state="session"))
+        charts.toggle()
     if source == TEXT_SOURCE:
         long_prompt = len(text) > MAX_URL_PROMPT
         set_url(model=name or None, prompt=None if long_prompt or not text else text, source=None, example=None,
@@ -248,8 +287,10 @@ LAYOUT_CSS = """<style>
 
 def draw(spec: PageSpec | None) -> Choices:
     """The frame's own elements: the sidebar, then the page's title; returns the sidebar's choices."""
+    charts.begin_run(spec.title if spec is not None else None)
     st.html(LAYOUT_CSS)
     choices = sidebar()
+    charts.draw_top()  # presentation mode: its styles, the caption line, "Exit presentation"
     if spec is not None:
         st.title(spec.title)
         set_url(page=spec.key)

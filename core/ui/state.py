@@ -17,7 +17,7 @@ from core import store, tasks
 from core.models import ModelLoadError
 from core.prompts import Prompt, PromptError, prepare_prompt, prompt_from_tokens
 from core.store import model_key
-from core.ui import cache, frame
+from core.ui import cache, charts, frame
 
 TEXT_SOURCE, PROMPT_SOURCES = frame.TEXT_SOURCE, frame.PROMPT_SOURCES
 url_int, set_url = frame.url_int, frame.set_url
@@ -55,6 +55,7 @@ def run_page(page, choices: frame.Choices) -> None:
     Called by the frame (app.py) on every run; the page reads the view with `page_view()`.
     """
     view = build_view(choices)
+    lesson_panel(view)
     if not show_problems(view):
         sidebar_footer()
         return
@@ -63,6 +64,16 @@ def run_page(page, choices: frame.Choices) -> None:
         page.run()
     finally:
         _current.view = None
+
+
+def lesson_panel(view: View) -> None:
+    """Follow a lesson button's page switch; draw the step the URL names (`?lesson=2.4`) in the
+    sidebar (core/ui/lessons.py)."""
+    if st.query_params.get("lesson") or "_lesson_goto" in st.session_state:
+        from core.ui import lessons
+
+        lessons.follow()
+        lessons.panel(view)
 
 
 def page_view() -> View:
@@ -74,6 +85,7 @@ def page_view() -> View:
     view = getattr(_current, "view", None)
     if view is None:
         view = build_view(frame.draw_for_unframed_page())
+        lesson_panel(view)
         if not show_problems(view):
             sidebar_footer()
             st.stop()
@@ -107,6 +119,8 @@ def build_view(choices: frame.Choices) -> View:
             if others:
                 prompt_error += f" Embedded models that have it: {', '.join(others)}."
                 suggested = others
+    charts.note_view(model=name, prompt=task.clean_prompts[choices.example] if task is not None else choices.text,
+                     metric=task.metric_label if task is not None else None)
     if model is not None:
         cache.prefetch_embedded_indexes(model)
     with st.sidebar:
@@ -133,8 +147,9 @@ def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
 
 
 def sidebar_footer() -> None:
-    """What the shared activation store holds; pages call this last, after their runs."""
+    """What the shared activation store holds, and "Export this view"; pages call this last, after their runs."""
     st.sidebar.caption(f"Activation store: {cache.get_store().describe()}")
+    charts.export_view_button()
 
 
 def select_head(n_layers: int, n_heads: int, default: tuple[int, int]) -> None:
