@@ -128,27 +128,30 @@ with tab_resid:
     norms = attention.residual_norms(run.cache, n_layers)
     charts.show(plots.residual_norm_heatmap(norms, prompt.str_tokens), width="stretch", key="resid")
 
-with tab_models:
-    st.caption(
-        "Every embedded model, and the loaded one, on the same 32 sequences of random tokens repeated twice: the "
-        "strongest induction head and its score, and the mean next-token loss on each half. The first half is "
-        "random (no model can do better than guess); a model with an induction circuit copies the second."
-    )
-    names = list(dict.fromkeys(zoo_models() + [view.model_name]))
-    rows = []
-    with widgets.progress_bar("Measuring induction on each model") as report:
-        for i, name in enumerate(names):
-            other = model if name == view.model_name else cache.get_model(name)
-            rows.append(cache.induction_strength(other))
-            report((i + 1) / len(names))
-    charts.show(plots.induction_models(rows), width="stretch", key="induction_models")
-    st.dataframe(
-        [{"model": r["model"] + (" (loaded)" if r["model"] == model.cfg.model_name else ""),
-          "parameters": r["parameters"], "layers × heads": f"{r['layers']} × {r['heads']}", "d_model": r["d_model"],
-          "strongest induction head": r["head"], "score": round(r["score"], 3),
-          "first-half loss (nats)": round(r["first_half_loss"], 3),
-          "repeated-half loss (nats)": round(r["repeated_half_loss"], 3)} for r in rows],
-        hide_index=True, width="stretch",
-    )
+with tab_models:  # measured only while open (the tab is bound to the URL, so Streamlit knows which is)
+    if not tab_models.open:
+        st.caption("Open this tab to measure induction on every model.")
+    else:
+        st.caption(
+            "Every embedded model, and the loaded one, on the same 32 sequences of random tokens repeated twice: the "
+            "strongest induction head and its score, and the mean next-token loss on each half. The first half is "
+            "random (no model can do better than guess); a model with an induction circuit copies the second."
+        )
+        names = list(dict.fromkeys(zoo_models() + [view.model_name]))
+        rows = []
+        with widgets.progress_bar("Measuring induction on each model") as report:
+            for i, name in enumerate(names):
+                other = model if name == view.model_name else cache.get_model(name)
+                rows.append(cache.induction_strength(other))
+                report((i + 1) / len(names))
+        charts.show(plots.induction_models(rows), width="stretch", key="induction_models")
+        st.dataframe(
+            [{"model": r["model"] + (" (loaded)" if r["model"] == model.cfg.model_name else ""),
+              "parameters": r["parameters"], "layers × heads": f"{r['layers']} × {r['heads']}", "d_model": r["d_model"],
+              "strongest induction head": r["head"], "score": round(r["score"], 3),
+              "first-half loss (nats)": round(r["first_half_loss"], 3),
+              "repeated-half loss (nats)": round(r["repeated_half_loss"], 3)} for r in rows],
+            hide_index=True, width="stretch",
+        )
 
 ui.sidebar_footer()

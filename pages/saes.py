@@ -168,6 +168,12 @@ if docs is not None:
     if index is not None:
         st.caption(f"Feature index: {index.n_tokens:,} tokens of {corpus_md}, built once in {index.build_seconds:.1f} s "
                    f"({index.tokens_per_second:,.0f} tokens/s) and kept on disk (SQLite).")
+ahead = cache.embedded_index_progress()  # the server builds every embedded SAE's index ahead, one at a time
+if ahead and any(text != "ready" for _, text in ahead.values()):
+    ready = sum(text == "ready" for _, text in ahead.values())
+    with st.expander(f"Feature indexes built ahead for every embedded SAE: {ready} of {len(ahead)} ready"):
+        for name, (share, text) in ahead.items():
+            st.progress(min(max(share, 0.0), 1.0), text=ui.md_escape(f"{name}: {text}"))
 else:
     st.info("Without a corpus the dashboards show logit effects and your own text only: upload a text file to see "
             "each feature's top activating contexts.")

@@ -94,6 +94,7 @@ def test_default_view_explains_the_top_prediction_against_the_runner_up(attn_lm)
     assert acc["y"][-1] == pytest.approx(float(diff[0]), abs=1e-4)
 
 
+@pytest.mark.slow  # a secondary view: CI runs it
 def test_a_changed_answer_costs_no_forward_pass(attn_lm):
     at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
     misses = _misses(at)

@@ -410,6 +410,7 @@ def test_the_ioi_model_opens_on_its_ioi_circuit():
     assert len(_midpoints(_graph(at))) >= 5
 
 
+@pytest.mark.slow  # a secondary view: CI runs it
 def test_a_behaviour_the_model_barely_shows_gets_no_faithfulness_number():
     """ce-circuits-3l-mlp barely separates induction's clean and match-broken runs (gap ≈ 0.1):
     the page says so, and faithfulness (a division by that gap) is not shown as a number."""

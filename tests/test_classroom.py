@@ -132,6 +132,7 @@ def test_a_plain_run_started_during_a_sweep_runs_between_two_of_its_chunks(model
     assert not model.cfg.use_split_qkv_input
 
 
+@pytest.mark.slow  # the handshake test above is the quick check
 @pytest.mark.parametrize("name", SWEEP_NAMES[:1] + SWEEP_NAMES[2:])
 def test_a_plain_run_during_a_sweep_waits_at_most_about_one_chunk(model, name):
     sweep = _sweeps(model)[name]

@@ -38,6 +38,7 @@ def svg_size(data: bytes) -> tuple[float, float]:
 
 
 @needs_chromium
+@pytest.mark.slow  # starts Chromium through kaleido
 def test_png_and_svg_have_the_requested_size():
     pytest.importorskip("kaleido")
     fig = _figure()

@@ -314,6 +314,7 @@ def test_sidebar_state_survives_switching_pages():
     assert at.sidebar.selectbox(key="model_choice").value == "ce-circuits-3l-mlp"
 
 
+@pytest.mark.slow  # a secondary view: CI runs it
 def test_a_prompt_too_long_for_a_link_is_not_written_into_it():
     from core.ui.frame import MAX_URL_PROMPT
 

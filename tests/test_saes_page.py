@@ -94,6 +94,7 @@ def test_feature_dashboard_numbers_match_direct_encode_calls(mlp_lm, relu_sae):
     assert len(shown) == 10
 
 
+@pytest.mark.slow  # a secondary view: CI runs it
 def test_second_opening_reads_the_index(mlp_lm, relu_sae, monkeypatch):
     first = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     first.segmented_control(key="sae_view").set_value("feature").run()
@@ -110,6 +111,7 @@ def test_second_opening_reads_the_index(mlp_lm, relu_sae, monkeypatch):
     assert again.number_input(key="sae_feature_input").value == f
 
 
+@pytest.mark.slow  # a secondary view: CI runs it
 def test_search_ablation_and_own_text(mlp_lm, relu_sae):
     at = open_app(page="saes", model="ce-circuits-3l-mlp", prompt=MLP_PROMPT)
     at.segmented_control(key="sae_view").set_value("search").run()
@@ -417,6 +419,12 @@ def test_loading_a_model_builds_its_embedded_sae_indexes_in_the_background(monke
     monkeypatch.setenv(cache.PREFETCH_ENV, "1")
     monkeypatch.setenv(sae_index.DATA_ENV, str(tmp_path))
     monkeypatch.setattr(cache, "_prefetched", set())
+    monkeypatch.setattr(cache, "_prefetch_queue", [])
+    monkeypatch.setattr(cache, "_prefetch_status", {})
+    monkeypatch.setattr(cache, "_prefetch_worker", None)
+    # The worker builds the loaded model's SAEs first, then every other embedded SAE: keep this test
+    # to the loaded model's (tests/test_classroom.py checks the order over the whole zoo).
+    monkeypatch.setattr(models, "zoo_models", lambda: ["ce-circuits-3l-attn"])
     at = open_app(model="ce-circuits-3l-attn")  # the Attention page: no SAE asked for
     assert not at.exception
     model = models.load_model("ce-circuits-3l-attn")
@@ -438,3 +446,6 @@ def test_loading_a_model_builds_its_embedded_sae_indexes_in_the_background(monke
             assert build.wait(deadline) and not build.failed, name
         assert path.exists() and str(path).startswith(str(tmp_path))
         assert sae_index.request_index(model, loaded, docs).done  # a visit now finds it ready
+    assert all(text == "ready" for _, text in cache.embedded_index_progress().values())
+    if cache._prefetch_worker is not None:
+        cache._prefetch_worker.join(deadline)  # nothing left writing into tmp_path after the test

@@ -122,6 +122,7 @@ def test_a_saved_direction_of_the_wrong_size_is_refused(lm, tmp_path, monkeypatc
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a secondary view: CI runs it
 def test_on_a_model_without_agreement_the_page_says_so_and_switches_in_one_click():
     at = open_app(page="steering", model="ce-induction-2l")
     assert not at.exception
