@@ -380,10 +380,14 @@ class _Session:
     def __enter__(self):
         self._locked = locked(self.model, use_split_qkv_input=True)
         self._locked.__enter__()
-        capture = _CaptureZ()
-        _CAPTURES[id(self.model)] = capture
-        for name, hook in capture.hooks():
-            self.model.add_hook(name, hook)
+        try:
+            capture = _CaptureZ()
+            _CAPTURES[id(self.model)] = capture
+            for name, hook in capture.hooks():
+                self.model.add_hook(name, hook)
+        except BaseException:  # release the lock (and clear the hooks) before passing the error on
+            self.__exit__(None, None, None)
+            raise
         return self.model
 
     def __exit__(self, *exc):

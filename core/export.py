@@ -53,7 +53,15 @@ def _kaleido():
         path = browser_path()
         if not Path(path).is_file():
             raise ExportError(f"PNG and SVG export need Chromium at {path} (apt-get install chromium, or set BROWSER_PATH).")
-        kaleido.start_sync_server(n=1, path=path, mathjax=False, silence_warnings=True)
+        import plotly
+
+        plotlyjs = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"  # never kaleido's CDN fallback
+        if not plotlyjs.is_file():
+            raise ExportError(f"PNG and SVG export need plotly's own plotly.js ({plotlyjs}); reinstall plotly.")
+        try:
+            kaleido.start_sync_server(n=1, path=path, mathjax=False, plotlyjs=str(plotlyjs), silence_warnings=True)
+        except Exception as err:  # noqa: BLE001 - choreographer's errors, a browser that will not start…
+            raise ExportError(f"PNG and SVG export could not start Chromium ({path}): {err}") from err
         _started = True
     return kaleido
 

@@ -117,6 +117,10 @@ def check_view(view: dict, where: str) -> None:
     from core import task_catalog
 
     specs = _page_specs()
+    for key, kind in (("page", str), ("model", str), ("prompt", str), ("source", str), ("template", str), ("sae", str),
+                      ("layer", int), ("head", int), ("example", int), ("feature", int)):
+        if key in view and (not isinstance(view[key], kind) or isinstance(view[key], bool)):
+            raise LessonError(f"{where}: {key} is {'text' if kind is str else 'a whole number'}, not {view[key]!r}.")
     unknown = [k for k in view if k not in VIEW_KEYS and not any(k in s.bound for s in specs.values())]
     if unknown:
         raise LessonError(f"{where}: unknown view setting(s) {', '.join(map(repr, unknown))}.")
@@ -130,7 +134,8 @@ def check_view(view: dict, where: str) -> None:
         if key not in spec.bound:
             raise LessonError(f"{where}: the {page} page has no control {key!r} (it has: "
                               f"{', '.join(spec.bound) or 'none'}).")
-        if value not in spec.bound[key]:
+        options = spec.bound[key]
+        if not isinstance(value, (str, bool)) or value not in options or type(value) is not type(next(iter(options))):
             raise LessonError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, spec.bound[key]))}.")
     model = view.get("model")
     if model is None:
@@ -188,6 +193,13 @@ def _check(raw: Any, where: str, view: dict) -> Check | None:
     params = raw.get("params", {})
     if not isinstance(params, dict) or set(params) - set(grader.params):
         raise LessonError(f"{where}: check {answer!r} takes the params {', '.join(grader.params) or 'none'}.")
+    for name, value in params.items():
+        allowed = grader.params[name]
+        ok = value in allowed if isinstance(allowed, tuple) else isinstance(value, allowed) and not isinstance(value, bool)
+        if not ok:
+            raise LessonError(f"{where}: check {answer!r}: {name} = {value!r} is not "
+                              + (f"one of {', '.join(map(repr, allowed))}." if isinstance(allowed, tuple) else
+                                 "a whole number."))
     if grader.needs_task and "source" not in view:
         raise LessonError(f"{where}: check {answer!r} needs a task view (`source = …`).")
     if grader.needs_sae and "sae" not in view:
@@ -255,7 +267,7 @@ def load_all(folder: Path | None = None) -> tuple[list[Lesson], list[str]]:
     for path in sorted(folder.glob("*.toml")):
         try:
             lesson = parse_lesson(path.read_text(encoding="utf-8"), path)
-        except (LessonError, UnicodeDecodeError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - one bad file must not hide the others (LessonError says why)
             errors.append(str(err) if isinstance(err, LessonError) else f"{path.name}: cannot be read: {err}")
             continue
         if any(other.number == lesson.number for other in good):
@@ -308,6 +320,8 @@ class Context:
     store: Any = None  # store.ActivationStore shared with the pages
     sae: Any = None  # saes.LoadedSAE when the view names one
     models: dict | None = None  # name -> model, for questions across models
+    example: int = 0  # on a task: the prompt whose tokens label the page's positions
+    whole_task: bool = True  # on a task: attribution over every prompt (False: `example` only, as the page's default)
 
     def run(self, tokens: torch.Tensor):
         from core import store as store_module
@@ -342,7 +356,7 @@ class Expected:
 @dataclass(frozen=True)
 class Grader:
     fn: Callable[..., Expected]
-    params: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)  # name -> the allowed values (a tuple) or type
     needs_task: bool = False
     needs_sae: bool = False
     what: str = ""  # what is right, for the docs and the Lessons page
@@ -393,7 +407,8 @@ def logit_lens_first_layer(ctx: Context) -> Expected:
     run = ctx.run(ctx.tokens)
     lens = attribution.logit_lens(ctx.model, run.cache, k=1)
     final = int(lens.top_ids[-1, -1, 0])
-    first = next(i for i in range(len(lens.labels)) if int(lens.top_ids[i, -1, 0]) == final)
+    tops = [int(lens.top_ids[i, -1, 0]) == final for i in range(len(lens.labels))]
+    first = next(i for i in range(len(tops)) if all(tops[i:]))  # ranked first from this row on, to the end
     labels = lens_labels(ctx.model)
     return Expected("choice", labels[first], labels,
                     f"The model's top prediction is {store.decode(ctx.model, final)!r}; the logit lens ranks it "
@@ -418,6 +433,9 @@ def token_count(ctx: Context) -> Expected:
 
 def _answer_wrong(ctx: Context):
     """The task's answers and wrong tokens (batch), or the model's top two next tokens on the prompt."""
+    if ctx.task is not None and not ctx.whole_task:  # the Logit attribution page on "This example"
+        i = ctx.example
+        return ctx.task.clean_tokens[i : i + 1], ctx.task.answers[i : i + 1], ctx.task.wrongs[i : i + 1]
     if ctx.task is not None:
         return ctx.task.clean_tokens, ctx.task.answers, ctx.task.wrongs
     logits = ctx.run(ctx.tokens).logits[0, -1]
@@ -472,7 +490,8 @@ def top_patching_head(ctx: Context, direction: str = "denoise") -> Expected:
     result = _sweep(ctx, "z", direction)
     grid = result.values
     effect = grid - result.baseline  # denoising: 0 = the corrupted run; noising: 1 = the clean run
-    layer, head = divmod(int(effect.abs().argmax()), grid.shape[1])
+    best = effect.argmax() if direction == "denoise" else effect.abs().argmax()  # restores most / changes most
+    layer, head = divmod(int(best), grid.shape[1])
     what = "restores" if direction == "denoise" else "destroys"
     share = float(grid[layer, head]) if direction == "denoise" else 1 - float(grid[layer, head])
     return Expected("choice", f"L{layer}H{head}", _head_options(ctx.model),
@@ -487,7 +506,7 @@ def top_resid_position(ctx: Context) -> Expected:
     result = _sweep(ctx, "resid_pre")
     first = result.values[0]  # [pos] at layer 0's input
     pos = int(first.argmax())
-    clean = store.str_tokens(ctx.model, ctx.task.clean_tokens[0])
+    clean = store.str_tokens(ctx.model, ctx.task.clean_tokens[ctx.example])  # the page's position labels
     labels = tuple(f"{p}: {t}" for p, t in enumerate(clean))
     return Expected("choice", labels[pos], labels,
                     f"Patching the residual stream at position {labels[pos]!r} (layer 0) restores "
@@ -624,7 +643,7 @@ GRADERS: dict[str, Grader] = {
     "clean_metric": Grader(clean_metric, needs_task=True, what="the task's mean metric on the clean prompts (± 0.01)"),
     "top_resid_position": Grader(top_resid_position, needs_task=True,
                                  what="the position whose residual stream at layer 0 restores most when patched"),
-    "top_patching_head": Grader(top_patching_head, ("direction",), needs_task=True,
+    "top_patching_head": Grader(top_patching_head, {"direction": ("denoise", "noise")}, needs_task=True,
                                 what="the head whose patched output moves the metric most (denoise or noise)"),
     "top_ablation_head": Grader(top_ablation_head, needs_task=True, what="the head whose mean ablation costs most"),
     "task_solved": Grader(task_solved, needs_task=True, what="whether the model solves the task (Yes/No)"),
@@ -634,7 +653,7 @@ GRADERS: dict[str, Grader] = {
                                what="how the repeated-half loss moves without the induction heads' K-composition"),
     "strongest_induction_model": Grader(strongest_induction_model,
                                         what="the model (zoo and loaded) with the strongest induction head"),
-    "top_feature": Grader(top_feature, ("position",), needs_sae=True,
+    "top_feature": Grader(top_feature, {"position": int}, needs_sae=True,
                           what="the SAE feature most active at a position (default: the last)"),
     "steering_flips": Grader(steering_flips, what="whether the default plural direction flips agreement (Yes/No)"),
     "best_probe_layer": Grader(best_probe_layer, what="the layer where the plural/singular probe scores best"),

@@ -143,8 +143,8 @@ def locked(model: HookedTransformer, use_split_qkv_input: bool = False) -> Itera
     with model_lock(model):
         held.add(id(model))
         old_split = model.cfg.use_split_qkv_input
-        model.reset_hooks(including_permanent=False)
-        try:
+        try:  # everything after taking the lock is undone in `finally`, whatever raises
+            model.reset_hooks(including_permanent=False)
             if use_split_qkv_input != old_split:
                 model.set_use_split_qkv_input(use_split_qkv_input)
             yield model

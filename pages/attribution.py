@@ -17,13 +17,12 @@ decode = ui.decode_token
 # ---------------------------------------------------------------------------------------------
 whole_task = False
 if task is not None:
+    scopes = {**frame.ATTR_SCOPES, "task": f"Mean over the task's {len(task)} prompts"}  # kept in the URL (bind)
     whole_task = (
-        st.segmented_control(
-            "Prompts", ["This example", f"Mean over the task's {len(task)} prompts"], default="This example",
-            key="attr_scope", persist_state="session",
-        )
-        or "This example"
-    ) != "This example"
+        st.segmented_control("Prompts", list(scopes), format_func=scopes.get, default="example", key="attr_scope",
+                             persist_state="session", bind="query-params")
+        or "example"
+    ) == "task"
 tokens = task.clean_tokens if whole_task else prompt.tokens
 with st.spinner("Running the model…"):
     run = store.get(model, tokens)  # the shared store: a second page or a new answer costs no forward pass
@@ -59,7 +58,7 @@ if cap is not None:
 value_name = "pre-cap value above" if cap is not None else "model's value above"
 
 tab_comp, tab_heads, tab_acc, tab_lens, tab_neurons = st.tabs(
-    list(frame.ATTRIBUTION_TABS), key="tab", bind="query-params"  # in the URL: a link opens a tab
+    list(frame.ATTRIBUTION_TABS), key="attr_tab", bind="query-params"  # in the URL: a link opens a tab
 )
 
 with tab_comp:

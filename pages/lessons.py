@@ -55,8 +55,8 @@ if upload is not None:
 
     try:
         lesson = lessons.parse_lesson(upload.getvalue().decode("utf-8"), Path(upload.name))
-    except (lessons.LessonError, UnicodeDecodeError) as err:
-        st.error(ui.md_escape(str(err)))
+    except Exception as err:  # noqa: BLE001 - LessonError says why; anything else is still the file's fault
+        st.error(ui.md_escape(str(err) if isinstance(err, lessons.LessonError) else f"{upload.name}: {err}"))
     else:
         st.success(ui.md_escape(f"{upload.name}: lesson {lesson.number}, {lesson.title!r}, {len(lesson.steps)} steps, "
                                 f"{sum(s.check is not None for s in lesson.steps)} questions. Every step checks."))

@@ -175,14 +175,15 @@ def patching_view() -> None:
 TARGETS = {"heads": "Attention heads", "mlps": "MLP layers", "neurons": "Neurons of one MLP layer"}
 if model.cfg.attn_only:
     TARGETS = {"heads": TARGETS["heads"]}
-KINDS = {"zero": "Zero", "mean": "Mean over the prompts", "resample": "Resample (another prompt's value)"}
+KINDS = frame.PATCH_KINDS
 
 def ablation_view() -> None:
     a1, a2, a3 = st.columns(3)
     if st.session_state.get("hi_target") not in TARGETS:
         st.session_state["hi_target"] = "heads"
     target = a1.selectbox("Ablate", list(TARGETS), format_func=TARGETS.get, key="hi_target", persist_state="session")
-    kind = a2.selectbox("Ablation", list(KINDS), format_func=KINDS.get, key="hi_kind", persist_state="session")
+    kind = a2.selectbox("Ablation", list(KINDS), format_func=KINDS.get, key="hi_kind", persist_state="session",
+                        bind="query-params")
     layer = 0
     if target == "neurons":
         layer = a3.selectbox("MLP layer", range(n_layers), index=n_layers - 1, key="hi_neuron_layer", persist_state="session")

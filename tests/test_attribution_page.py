@@ -113,7 +113,7 @@ def test_a_changed_answer_costs_no_forward_pass(attn_lm):
 
 def test_task_batch_mean_equals_the_mean_of_independent_effects(attn_lm):
     at = open_app(page="attribution", model="ce-circuits-3l-attn", source="ioi", example="0")
-    at.segmented_control(key="attr_scope").set_value("Mean over the task's 32 prompts").run()
+    at.segmented_control(key="attr_scope").set_value("task").run()
     assert not at.exception and not at.warning
     assert "answer" not in at.query_params and "wrong" not in at.query_params
     task = tasks.make_task("ioi", attn_lm, n=32, seed=0, split="held_out", template=default_template("ioi"))
@@ -241,7 +241,7 @@ def test_subword_and_year_answers_open_without_a_message():
     _, cache = model.run_with_cache(task.clean_tokens[2:3])
     comps, _, diff = _manual_direct_effects(model, task.clean_tokens[2:3], task.answers[2:3], task.wrongs[2:3])
     np.testing.assert_allclose(_bar(at, "Direct effect of each component")["y"], comps[:, 0].numpy(), atol=1e-4)
-    at.segmented_control(key="attr_scope").set_value("Mean over the task's 32 prompts").run()
+    at.segmented_control(key="attr_scope").set_value("task").run()
     assert not at.exception
     assert "probability difference" in plain(at.caption[0].value)  # said: not the task's own metric
     prompt = "The war lasted from the year 1732 to the year 17"

@@ -39,7 +39,11 @@ def test_open_change_prompt_heatmap_updates(server):
         page.get_by_text("Ablate on Q / K / V").first.wait_for(timeout=60_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(SHOTS / "attention_head_scores.png"), full_page=True)
-        page.get_by_role("tab", name="Selected head").click()
+        page.get_by_role("tab", name="Selected head").click()  # a tab is drawn when opened: wait for its chart
+        page.wait_for_function(
+            """() => { const g = document.querySelector('.js-plotly-plot');
+                       return g && g.querySelectorAll('.yaxislayer-above text').length > 0
+                              && g.innerHTML.includes('attention pattern'); }""", timeout=60_000)
         ticks_before = _ticks(page)
         assert any("king" in t for t in ticks_before)
 
@@ -65,16 +69,17 @@ def test_clicking_a_panel_in_the_all_heads_grid_opens_that_head(server):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(server + "/attention?layer=1&head=1", wait_until="domcontentloaded")
         page.get_by_text("L1H1 attention pattern").first.wait_for(timeout=120_000)
-        page.get_by_role("tab", name="All heads").click()
-        grid = page.locator(".js-plotly-plot").nth(1)
-        grid.wait_for(timeout=60_000)
+        page.get_by_role("tab", name="All heads").click()  # drawn when opened (the tab is in the URL)
+        grid = """[...document.querySelectorAll('.js-plotly-plot')]
+                  .find(g => (g.data || []).some(t => t.name === 'open head'))"""
+        page.wait_for_function(f"() => !!({grid})", timeout=60_000)
         page.wait_for_timeout(1000)
         # click the centre of the L0H0 panel, where its click target sits (data -> page pixels)
         point = page.evaluate(
             """() => {
-                const gd = document.querySelectorAll('.js-plotly-plot')[1];
+                const gd = """ + grid + """;
                 const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
-                const t = gd.data[1];
+                const t = gd.data.find(t => t.name === 'open head');
                 return {x: r.left + xa._offset + xa.d2p(t.x[0]), y: r.top + ya._offset + ya.d2p(t.y[0])};
             }"""
         )
@@ -148,7 +153,7 @@ def test_attribution_page_click_a_head_opens_its_attention_pattern(server):
         assert "layer=1" in page.url and "head=1" in page.url and "model=ce-circuits-3l-attn" in page.url
         # Back through the sidebar: model, prompt and answer boxes are as they were.
         page.get_by_role("link", name="Logit attribution").click()
-        page.get_by_text("Direct effect of each component").first.wait_for(timeout=60_000)
+        page.get_by_text("Direct effect of each head").first.wait_for(timeout=60_000)  # the tab left open, too
         assert page.get_by_role("textbox", name="Answer").input_value() == "mary"
         assert page.get_by_role("textbox", name="Counterfactual (optional)").input_value() == "john"
         assert "model=ce-circuits-3l-attn" in page.url

@@ -94,6 +94,15 @@ GOOD_VIEW = "view = { page = 'attention', model = 'ce-induction-2l', prompt = 'a
     (GOOD_VIEW + "\ncheck = { answer = 'top_induction_head' }", "needs a `question`"),
     (GOOD_VIEW + "\ncheck = { answer = 'top_induction_head', question = 'Q', params = { k = 3 } }", "takes the params"),
     ("text2 = 'x'\n" + GOOD_VIEW, "unknown step setting(s) text2"),
+    ("view = { page = 'attention', model = 5, prompt = 'a' }", "model is text, not 5"),
+    ("view = { page = ['attention'], model = 'ce-induction-2l', prompt = 'a' }", "page is text"),
+    ("view = { page = 'attention', model = 'ce-induction-2l', prompt = 'a', layer = true }", "layer is a whole number"),
+    ("view = { page = 'attention', model = 'ce-induction-2l', prompt = 'a', tab = ['All heads'] }", "tab = ['All heads']"),
+    ("view = { page = 'patching', model = 'ce-circuits-3l-attn', source = 'ioi', hi_by_pos = 1 }", "hi_by_pos = 1"),
+    ("view = { page = 'patching', model = 'ce-circuits-3l-attn', source = 'ioi' }\ncheck = { answer = "
+     "'top_patching_head', question = 'Q', params = { direction = 'nois' } }", "direction = 'nois' is not one of"),
+    ("view = { page = 'saes', model = 'ce-induction-2l', prompt = 'a', sae = 'ce-induction-2l-res1-topk' }\ncheck = "
+     "{ answer = 'top_feature', question = 'Q', params = { position = 'last' } }", "position = 'last' is not a whole"),
     ("", "a step has a view"),
 ])
 def test_a_step_that_names_what_the_app_lacks_is_an_error_when_the_lesson_loads(step, message):
@@ -174,12 +183,13 @@ def test_the_induction_head_is_the_one_plain_loops_find(zoo_model):
 
 
 def _lens_first(model, tokens) -> int:
-    """Plain torch: the first residual stream whose unembedded last position tops with the final answer."""
+    """Plain torch: the residual stream from which on the unembedded last position tops with the final answer."""
     logits, cache = model.run_with_cache(tokens)
     final = int(logits[0, -1].argmax())
     streams = [cache["resid_pre", l][0, -1] for l in range(model.cfg.n_layers)]
     streams.append(cache["resid_post", model.cfg.n_layers - 1][0, -1])
-    for i, resid in enumerate(streams):
+    tops = []
+    for resid in streams:
         x = resid.double()
         if model.cfg.normalization_type in ("LN", "LNPre"):
             x = x - x.mean()
@@ -189,9 +199,9 @@ def _lens_first(model, tokens) -> int:
         if model.cfg.normalization_type in ("LN", "RMS"):
             x = x * model.ln_final.w.double() + (model.ln_final.b.double() if model.cfg.normalization_type == "LN" else 0)
         out = x @ model.W_U.double() + model.b_U.double()
-        if int(out.argmax()) == final:
-            return i
-    raise AssertionError("the final stream must rank its own prediction first")
+        tops.append(int(out.argmax()) == final)
+    assert tops[-1], "the final stream must rank its own prediction first"
+    return next(i for i in range(len(tops)) if all(tops[i:]))  # first from this row on
 
 
 def _dla_heads(model, tokens, answer, wrong) -> torch.Tensor:
@@ -380,7 +390,7 @@ def test_every_bound_control_shows_exactly_the_labels_lessons_may_name(page, mod
     at = open_app(page=page, model=model, **extra)
     assert not at.exception
     for key, labels in frame.BY_KEY[page].bound.items():
-        if key == "tab":
+        if key in ("tab", "attr_tab"):
             assert [t.label for t in at.tabs][: len(labels)] == list(labels.values())
             continue
         shown = _labels(at, key)
@@ -424,7 +434,7 @@ def test_a_step_on_another_model_switches_the_sidebar():
     _sidebar_button(at, "Open this step's view").click().run()
     assert not at.exception
     assert at.query_params["page"] == "attribution" and at.query_params["model"] == "ce-circuits-3l-mlp"
-    assert at.sidebar.text_area[0].value == IOI and at.query_params["tab"] == "By head"
+    assert at.sidebar.text_area[0].value == IOI and at.session_state["attr_tab"] == "By head"
     assert not any("Open this step's view" == b.label for b in at.sidebar.button)
 
 

@@ -149,3 +149,29 @@ def test_every_lesson_end_to_end(server):
         browser.close()
     assert graded == sum(s.check is not None for lesson in found for s in lesson.steps)
     assert not errors, errors
+
+
+def test_the_lessons_page_reads_well_at_projector_and_desktop_sizes(server):
+    from tests.helpers import CLIPPED
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        for width, height in ((1280, 720), (1920, 1080)):
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(server + "/lessons?lesson=2.3", wait_until="domcontentloaded")
+            page.locator(".st-key-start_4").wait_for(timeout=120_000)
+            _panel(page).get_by_text("Patch each head", exact=True).wait_for(timeout=120_000)
+            _settled(page)
+            page.locator(".st-key-start_1 button").get_by_text("Start").wait_for(timeout=60_000)
+            _button(page, "Next →").wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(SHOTS / f"lessons_{width}.png"))
+            assert page.evaluate("() => document.scrollingElement.scrollWidth <= window.innerWidth")
+            assert page.evaluate(CLIPPED) == []
+            # the first lesson's card and its Start button are on the first screen
+            box = page.locator(".st-key-start_1 button").bounding_box()
+            assert box is not None and box["y"] + box["height"] <= height and box["x"] + box["width"] <= width
+            page.close()
+        browser.close()

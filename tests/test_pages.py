@@ -9,6 +9,7 @@ import torch
 
 from core import models
 from core.task_catalog import default_template
+from core.ui import frame
 from tests.helpers import figure_spec, heatmap_z, open_app, plain
 
 
@@ -64,7 +65,7 @@ def test_heatmap_numbers_equal_a_plain_forward_pass(zoo_model):
 
 
 def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
-    at = open_app()
+    at = open_app(tab="Head scores")  # a tab is drawn only while open: one app per tab
     prompt = at.sidebar.text_area[0].value
     _, cache = zoo_model.run_with_cache(zoo_model.to_tokens(prompt))
     patterns = torch.stack([cache["pattern", l][0] for l in range(2)])  # [layer, head, q, k]
@@ -79,6 +80,7 @@ def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
     assert f"previous-token {prev:.2f}" in at.markdown[0].value
 
     # all-heads overview: every panel is that head's pattern
+    at = open_app(tab="All heads")
     grid = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if "open head" in e.proto.spec)
     z = heatmap_z(grid["data"][0])
     for l in range(2):
@@ -86,12 +88,14 @@ def test_every_chart_on_the_page_equals_an_independent_computation(zoo_model):
             np.testing.assert_allclose(z[l * (n + 1) : l * (n + 1) + n, h * (n + 1) : h * (n + 1) + n], patterns[l, h].numpy(), atol=1e-6)
 
     # residual-norm chart
+    at = open_app(tab="Residual norm")
     resid = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if "resid_pre 0" in e.proto.spec)
     manual = torch.stack([cache["blocks.0.hook_resid_pre"][0], cache["blocks.1.hook_resid_pre"][0],
                           cache["blocks.1.hook_resid_post"][0]]).pow(2).sum(-1).sqrt()
     np.testing.assert_allclose(heatmap_z(resid["data"][0]), manual.numpy(), rtol=1e-5)
 
     # CircuitsVis data: the selected layer's patterns and the prompt's tokens
+    at = open_app(tab="Interactive (CircuitsVis)")
     src = at.get("iframe")[0].proto.srcdoc
     props = json.loads(re.search(r"CircuitsVis\.AttentionHeads,\s*(\{.*\})\)\);\s*</script>", src, re.S).group(1))
     order = [head] + [h for h in range(4) if h != head]  # opens enlarged on the selected head (its first)
@@ -157,8 +161,12 @@ def test_markup_tokens_are_shown_as_text_in_every_view(markup_gpt2_dir):
     fig = figure_spec(at, f"L{layer}H{head} attention pattern")
     assert fig["data"][0]["x"][1] == "1: &lt;script&gt;alert(1)&lt;/script&gt;"
     assert fig["data"][0]["x"][3] == "3: &lt;b&gt;bold&lt;/b&gt;"
-    for el in at.get("plotly_chart"):
-        assert "<script" not in el.proto.spec and "<b>bold" not in el.proto.spec
+    for tab in frame.ATTENTION_TABS:
+        at = open_app(model=str(markup_gpt2_dir), prompt=evil, tab=tab)
+        assert not at.exception and not at.error
+        for el in at.get("plotly_chart"):
+            assert "<script" not in el.proto.spec and "<b>bold" not in el.proto.spec
+    at = open_app(model=str(markup_gpt2_dir), prompt=evil, tab="Interactive (CircuitsVis)")
     src = at.get("iframe")[0].proto.srcdoc
     assert src.count("</script>") == 1  # only the end of CircuitsVis's own script block
     assert "<b>bold</b>" not in src and "alert(1)</script>" not in src
@@ -196,7 +204,7 @@ def test_local_hf_checkpoint_can_be_explored(tiny_gpt2_dir):
 def test_composition_control_shows_the_core_numbers(zoo_model):
     from core import attention
 
-    at = open_app()
+    at = open_app(tab="Head scores")
     layer, head = at.selectbox(key="layer").value, at.selectbox(key="head").value
     sources = [attention.parse_head(s) for s in at.multiselect[0].value]
     assert sources, "previous-token heads preselected"
@@ -342,7 +350,8 @@ def test_charts_and_controls_read_well_on_a_projector():
     jargon had no explanation on screen."""
     from core import plots
 
-    for page, extra in (("attention", {}), ("attribution", {}), ("patching", {"source": "ioi"})):
+    for page, extra in (("attention", {}), ("attention", {"tab": "All heads"}), ("attention", {"tab": "Head scores"}),
+                        ("attention", {"tab": "Residual norm"}), ("attribution", {}), ("patching", {"source": "ioi"})):
         at = open_app(page=page, model="ce-circuits-3l-attn", **extra)
         assert not at.exception
         for el in at.get("plotly_chart"):

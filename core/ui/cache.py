@@ -414,7 +414,7 @@ def prefetch_embedded_indexes(model: HookedTransformer | None = None) -> None:
         _prefetch_queue[:] = first + [q for q in _prefetch_queue if q[0] not in queued] + rest
         for name, _ in first + rest:
             _prefetch_status.setdefault(name, "queued")
-        if _prefetch_worker is None or not _prefetch_worker.is_alive():
+        if _prefetch_worker is None:
             _prefetch_worker = threading.Thread(target=_prefetch_work, name="prefetch-sae-indexes", daemon=True)
             _prefetch_worker.start()
 
@@ -425,12 +425,14 @@ def _prefetch_started(name: str) -> bool:
 
 
 def _prefetch_work() -> None:
+    global _prefetch_worker
     from core import sae_index
     from core.models import load_model as _load
 
     while True:
         with _prefetched_guard:
             if not _prefetch_queue:
+                _prefetch_worker = None  # under the guard: a caller queuing now starts a new worker
                 return
             name, model = _prefetch_queue.pop(0)
         try:

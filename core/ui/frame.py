@@ -63,6 +63,8 @@ PATCH_ACTS = {"z": "output (z)", "q": "query (q)", "k": "key (k)", "v": "value (
 PATCH_DIRECTIONS = {"denoise": "Denoise: clean → corrupted", "noise": "Noise: corrupted → clean"}
 PATCH_METHODS = {"exact": "Exact", "attribution": "Estimate", "compare": "Both"}
 PATCH_VIEWS = {"patch": "Patching", "ablate": "Ablation"}
+PATCH_KINDS = {"zero": "Zero", "mean": "Mean over the prompts", "resample": "Resample (another prompt's value)"}
+ATTR_SCOPES = {"example": "This example", "task": f"Mean over the task's {TASK_BATCH} prompts"}
 SAE_VIEWS = {"prompt": "This prompt", "feature": "Feature dashboard", "search": "Search"}
 STEER_VIEWS = {"build": "Directions", "steer": "Steer", "monitor": "Monitor", "probe": "Probes"}
 CIRCUIT_VIEWS = {"paths": "Path patching", "weights": "Weights", "compare": "Estimate vs exact",
@@ -71,16 +73,22 @@ PAGES = [
     PageSpec("attention", "pages/attention.py", "Attention", "👀", "Attention patterns",
              {"tab": ATTENTION_TABS, "ablate_on": _same("Q", "K", "V")}),
     PageSpec("attribution", "pages/attribution.py", "Logit attribution", "🎯", "Logit attribution",
-             {"tab": ATTRIBUTION_TABS}),
+             {"attr_tab": ATTRIBUTION_TABS, "attr_scope": ATTR_SCOPES}),  # not "tab": state is per key, across pages
     PageSpec("patching", "pages/patching.py", "Head importance", "🧪", "Head importance",
-             {"hi_view": PATCH_VIEWS, "hi_what": PATCH_WHAT, "hi_act": PATCH_ACTS, "hi_by_pos": {True: "true", False: "false"},
-              "hi_direction": PATCH_DIRECTIONS, "hi_method": PATCH_METHODS}),
+             {"hi_view": PATCH_VIEWS, "hi_what": PATCH_WHAT, "hi_act": PATCH_ACTS, "hi_by_pos": {False: "false", True: "true"},
+              "hi_direction": PATCH_DIRECTIONS, "hi_method": PATCH_METHODS, "hi_kind": PATCH_KINDS}),
     PageSpec("saes", "pages/saes.py", "SAE features", "🧩", "SAE features", {"sae_view": SAE_VIEWS}),
     PageSpec("steering", "pages/steering.py", "Steering", "🧭", "Steering and monitoring", {"steer_view": STEER_VIEWS}),
     PageSpec("circuits", "pages/circuits.py", "Circuits", "🕸️", "Circuits", {"circ_detail": CIRCUIT_VIEWS}),
     PageSpec("lessons", "pages/lessons.py", "Lessons", "🎓", "Lessons"),
 ]
 BY_KEY = {p.key: p for p in PAGES}
+BOUND_DEFAULTS = {"steer_view": "steer", "ablate_on": "K"}  # where a control's default is not its first option
+
+
+def bound_default(key: str, options: dict):
+    """The value a bound control takes when nothing sets it (a lesson step resets it to this)."""
+    return BOUND_DEFAULTS.get(key, next(iter(options)))
 LINK_KEYS = ("model", "prompt", "source", "example", "template", "present", "lesson")  # the sidebar's view, kept by page links
 
 

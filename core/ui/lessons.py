@@ -84,6 +84,8 @@ def view_state(step: lessons.Step) -> dict:
     for key in ("layer", "head"):
         if key in view:
             state[key] = int(view[key])
+    for key, options in frame.BY_KEY[step.page].bound.items():  # the page's controls: the step's, else defaults
+        state[key] = frame.bound_default(key, options)
     if "sae" in view:
         state["sae_source"], state["sae_embedded"] = "embedded", view["sae"]
     if "feature" in view:
@@ -123,22 +125,30 @@ def follow() -> None:
         st.switch_page(target[0], query_params=target[1])
 
 
+VIEW_CONTROLS = ("tab", "attr_tab", "hi_view", "sae_view", "steer_view", "circ_detail")  # where to look, not what
+
+
 def _on_view(step: lessons.Step, view) -> bool:
-    """Is the page showing the step's model (and task, where the step has one)?"""
+    """Is the page showing what the step's question is about: its model, its task or SAE, and the
+    settings it names (a direction, an ablation, a scope)? Tabs and views may differ."""
+    state = st.session_state
     if view.model is None or view.model_name != step.view["model"]:
         return False
-    if "source" in step.view:
-        return view.task is not None and st.session_state.get("source") == step.view["source"]
-    return True
+    if "source" in step.view and (view.task is None or state.get("source") != step.view["source"]):
+        return False
+    if "sae" in step.view and state.get("sae_embedded") != step.view["sae"]:
+        return False
+    return all(state.get(key) == value for key, value in step.widget_state().items() if key not in VIEW_CONTROLS)
 
 
 @st.cache_data(show_spinner=False, max_entries=256, hash_funcs=cache.BY_MODEL)
 def _expected(model: HookedTransformer, answer: str, params_json: str, tokens: tuple | None, source: str | None,
-              template: str | None, sae: str | None, also_models: tuple) -> lessons.Expected:
+              template: str | None, sae: str | None, also_models: tuple, example: int = 0,
+              whole_task: bool = True) -> lessons.Expected:
     """The right answer, computed once per model, question and view."""
     import torch
 
-    ctx = lessons.Context(model, store=cache.get_store())
+    ctx = lessons.Context(model, store=cache.get_store(), example=example, whole_task=whole_task)
     if tokens is not None:
         ctx.tokens = torch.tensor([tokens])
     if source is not None:
@@ -152,11 +162,15 @@ def _expected(model: HookedTransformer, answer: str, params_json: str, tokens: t
 
 def expected_for(check: lessons.Check, step: lessons.Step, view) -> lessons.Expected:
     """The right answer to the step's question on what the page has loaded."""
+    state = st.session_state
     models = tuple(dict.fromkeys(zoo_models() + [view.model_name]))
     tokens = tuple(view.prompt.tokens[0].tolist()) if view.prompt is not None else None
     source = step.view.get("source") if view.task is not None else None
+    # The attribution page explains one example unless its scope says the whole task.
+    whole = step.page != "attribution" or state.get("attr_scope") == "task"
     return _expected(view.model, check.answer, json.dumps(check.params, sort_keys=True), tokens, source,
-                     st.session_state.get("template") if source else None, step.view.get("sae"), models)
+                     state.get("template") if source else None, step.view.get("sae"), models,
+                     int(state.get("example", 0)) if source else 0, whole)
 
 
 def _open_head() -> str:
@@ -182,16 +196,23 @@ def question(lesson: lessons.Lesson, i: int, step: lessons.Step, view) -> None:
     if (grader.needs_task and view.task is None) or not _on_view(step, view):
         st.caption("This question is about the step's model and prompts: open the step's view to answer it.")
         return
-    with st.spinner("Working out the answer on this model…"):
-        expected = expected_for(check, step, view)
+    try:
+        with st.spinner("Working out the answer on this model…"):
+            expected = expected_for(check, step, view)
+    except Exception as err:  # noqa: BLE001 - a lesson's question must not take the page down with it
+        from core.ui.state import md_escape
+
+        st.error(md_escape(f"This question cannot be graded on this model: {type(err).__name__}: {err}"))
+        return
     key = f"_lesson_answer_{lesson.number}_{i}_{model_key(view.model)}"
     head = _open_head()
     index = None
     if head in expected.options:  # a head question follows the head open on the page: "click it"
         key, index = f"{key}_{head}", expected.options.index(head)
     if expected.kind == "number":
-        answer = st.number_input("Your answer", value=None, key=key, step=1.0 if expected.tolerance == 0 else 0.01,
-                                 format="%d" if expected.tolerance == 0 and isinstance(expected.value, int) else "%.2f")
+        whole = expected.tolerance == 0 and isinstance(expected.value, int)
+        answer = st.number_input("Your answer", value=None, key=key, step=1 if whole else 0.01,
+                                 format="%d" if whole else "%.2f")
     else:
         answer = st.selectbox("Your answer", expected.options, index=index, key=key,
                               placeholder="Choose…")
@@ -217,7 +238,11 @@ def panel(view) -> None:
     step = lesson.step(i)
     _record(lesson, i)
     entry = progress()[lesson.number]
-    slot = frame.lesson_slot() or st.sidebar
+    from core.ui import charts
+
+    # In presentation mode the sidebar is hidden: the step goes above the page, folded.
+    slot = st.expander(f"🎓 Lesson {lesson.number}.{i}: {step.title}") if charts.presenting() else (
+        frame.lesson_slot() or st.sidebar)
     with slot.container(border=True, key="lesson_panel"):
         st.caption(f"🎓 Lesson {lesson.number}: {lesson.title} · step {lesson.number}.{i} of {len(lesson.steps)}")
         st.progress(i / len(lesson.steps))
