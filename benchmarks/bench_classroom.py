@@ -178,13 +178,26 @@ async def _labels(page):
         return None
 
 
-async def run_level(url: str, n: int, inputs: dict, model: str, timeout_s: float) -> list[dict]:
+def niced_chromium(niceness: int) -> str:
+    """A wrapper that starts Debian's Chromium at `niceness`: the students' browsers then take the CPU
+    only when the server does not want it, as if they ran on the students' own laptops."""
+    import tempfile
+
+    from tests.helpers import CHROMIUM
+
+    path = Path(tempfile.mkdtemp(prefix="ce-chromium-")) / "chromium"
+    path.write_text(f'#!/bin/sh\nexec nice -n {int(niceness)} {CHROMIUM} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+async def run_level(url: str, n: int, inputs: dict, model: str, timeout_s: float, executable: str | None = None) -> list[dict]:
     from playwright.async_api import async_playwright
 
     from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = await p.chromium.launch(executable_path=executable or CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             return await asyncio.gather(*(student(browser, url, i, inputs, model, timeout_s) for i in range(n)))
         finally:
@@ -255,22 +268,26 @@ def main() -> None:
     parser.add_argument("--step-timeout", type=float, default=120.0)
     parser.add_argument("--url", help="a running server (memory is then not measured)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--client-nice", type=int, default=0,
+                        help="run the browsers at this niceness (e.g. 19): on one machine, the server then gets the "
+                        "CPU first, as if the students' browsers ran on their own laptops")
     args = parser.parse_args()
     inputs = lesson_inputs(args.model, max(args.sessions))
     proc, url = (None, args.url) if args.url else start(args.server_threads, args.store_bytes)
     sampler = MemorySampler(proc.pid if proc else None)
     sampler.start()
     rows = []
+    executable = niced_chromium(args.client_nice) if args.client_nice else None
     try:
         t0 = time.perf_counter()
-        warm = asyncio.run(run_level(url, 1, inputs, args.model, max(args.step_timeout, 180)))
+        warm = asyncio.run(run_level(url, 1, inputs, args.model, max(args.step_timeout, 180), executable))
         print(f"warm-up (1 session, not counted): {time.perf_counter() - t0:.1f} s, errors {warm[0]['errors']}, "
               f"server RSS {sampler.rss() / 2**20:.0f} MiB", flush=True)
         idle_rss = sampler.rss()
         for n in args.sessions:
             sampler.reset()
             t0 = time.perf_counter()
-            recs = asyncio.run(run_level(url, n, inputs, args.model, args.step_timeout))
+            recs = asyncio.run(run_level(url, n, inputs, args.model, args.step_timeout, executable))
             row = summarise(n, recs, sampler.peak, time.perf_counter() - t0)
             rows.append(row)
             print(f"N={n}: {row['wall_s']} s, {len(row['errors'])} errors, peak RSS {row['peak_rss_mib']} MiB", flush=True)
@@ -285,10 +302,12 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     conditions = {"model": args.model, "server_torch_threads": args.server_threads, "cpus": os.cpu_count(),
+                  "client_nice": args.client_nice,
                   "load_average": os.getloadavg(), "store_bytes": args.store_bytes,
                   "idle_rss_mib_after_warm_up": round(idle_rss / 2**20) if proc else None,
                   "date": time.strftime("%Y-%m-%d %H:%M")}
-    print(f"\n{args.model}, server torch threads {args.server_threads}, {os.cpu_count()} CPUs, "
+    print(f"\n{args.model}, server torch threads {args.server_threads}, {os.cpu_count()} CPUs, browsers at nice "
+          f"{args.client_nice}, "
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}; seconds per step\n")
     print(table(rows))
     if args.json:
