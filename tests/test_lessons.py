@@ -438,6 +438,15 @@ def test_a_step_on_another_model_switches_the_sidebar():
     assert not any("Open this step's view" == b.label for b in at.sidebar.button)
 
 
+def test_in_presentation_mode_the_step_is_folded_above_the_page():
+    at = open_app(page="attention", lesson="3.2", present="1", model="ce-induction-2l", prompt=REPEATED,
+                  tab="All heads", layer="0", head="0")
+    assert not at.exception
+    assert any(e.label.startswith("🎓 Lesson 3.2: Find the induction head") for e in at.expander)
+    assert not any("Find the induction head" in m.value for m in at.sidebar.markdown)
+    assert any(s.label == "Your answer" for s in at.main.selectbox)
+
+
 @pytest.mark.parametrize("position", ["9.1", "1.99", "x", "1.0"])
 def test_an_unknown_step_in_the_link_is_ignored(position):
     at = open_app(page="attention", lesson=position)
@@ -466,11 +475,11 @@ def test_the_lessons_page_reports_a_bad_file_and_keeps_the_others(tmp_path, monk
     (tmp_path / "05-teacher.toml").write_text(textwrap.dedent(_lesson(
         "view = { page = 'attention', model = 'ce-induction-2l', prompt = 'a', head = 9 }")))
     monkeypatch.setattr(lessons, "LESSONS_DIR", tmp_path)
-    lesson_ui._load.clear()
+    lesson_ui.all_lessons.clear()
     try:
         at = open_app(page="lessons")
         assert not at.exception
         assert any("05-teacher.toml, step 5.1: head 9 does not exist" in e.value.replace("\\", "") for e in at.error)
         assert len([s for s in at.subheader if s.value[0].isdigit()]) == 4
     finally:
-        lesson_ui._load.clear()
+        lesson_ui.all_lessons.clear()

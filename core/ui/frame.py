@@ -89,7 +89,9 @@ BOUND_DEFAULTS = {"steer_view": "steer", "ablate_on": "K"}  # where a control's 
 def bound_default(key: str, options: dict):
     """The value a bound control takes when nothing sets it (a lesson step resets it to this)."""
     return BOUND_DEFAULTS.get(key, next(iter(options)))
-LINK_KEYS = ("model", "prompt", "source", "example", "template", "present", "lesson")  # the sidebar's view, kept by page links
+
+
+LINK_KEYS = ("model", "prompt", "source", "example", "template", "present", "lesson")  # kept by page links
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,9 @@ PROGRESS = "_lesson_progress"  # session state: {lesson number: {"step": int, "r
 
 
 @st.cache_resource(show_spinner=False)
-def _load() -> tuple[list[lessons.Lesson], list[str]]:
-    return lessons.load_all()
-
-
 def all_lessons() -> tuple[list[lessons.Lesson], list[str]]:
     """(the lessons that load, one message per file that does not), read once per server."""
-    return _load()
+    return lessons.load_all()
 
 
 def find(number: int) -> lessons.Lesson | None:
