@@ -15,14 +15,15 @@ HookedTransformer (sae_lens's HookedSAETransformer, `transformer_lens.patching` 
 from __future__ import annotations
 
 import json
-import tempfile
+import os
+import shutil
 import uuid
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.paths import ZOO_DIR, hub_offline, hub_reachable
+from core import checkpoints
+from core.paths import ZOO_DIR, data_dir, hub_offline, hub_reachable
 
 if TYPE_CHECKING:  # torch and TransformerLens load in seconds: only when a model is loaded
     from transformer_lens import HookedTransformer
@@ -51,8 +52,30 @@ def _zoo_hint() -> str:
     return f"Embedded models that work offline: {', '.join(names)}." if names else "No embedded models found."
 
 
-def load_model(name_or_path: str, device: str = "cpu") -> HookedTransformer:
-    """A HookedTransformer for a zoo name, a TransformerLens pretrained name or a local HF dir."""
+def resolve_device(device: str = "auto") -> str:
+    """"auto" → "cuda" when a GPU is present, else "cpu"; anything else as given."""
+    device = (device or "auto").strip()
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"Device '{device}' was asked for, but this machine has no CUDA GPU. Use 'cpu' or 'auto'.")
+    elif device != "cpu":
+        raise ModelLoadError(f"Unknown device '{device}': use 'auto', 'cpu' or 'cuda'.")
+    return device
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32") -> HookedTransformer:
+    """A HookedTransformer for a zoo name, a local Hugging Face checkpoint folder, a model in the
+    Hugging Face cache (by its hub id) or a TransformerLens pretrained name.
+
+    `device`: "cpu", "cuda" or "auto" (CUDA when present). `dtype`: "float32" or "bfloat16"
+    (Hugging Face checkpoints; the zoo models are float32).
+    """
     name = (name_or_path or "").strip()
     if not name:
         raise ModelLoadError("No model name given. " + _zoo_hint())
@@ -62,16 +85,22 @@ def load_model(name_or_path: str, device: str = "cpu") -> HookedTransformer:
             f"'{shown[:60]}{'…' if len(shown) > 60 else ''}' is not a model name or a folder path "
             f"({len(name)} characters{', with a NUL byte' if chr(0) in name else ''}). {_zoo_hint()}"
         )
+    if dtype not in checkpoints.DTYPES:
+        raise ModelLoadError(f"Unknown precision '{dtype}': use one of {', '.join(checkpoints.DTYPES)}.")
+    device = resolve_device(device)
     if "/" not in name and _is_dir(ZOO_DIR / name):
         model = _load_zoo(ZOO_DIR / name, device)
         key = f"zoo:{name}"
     elif _is_dir(Path(name).expanduser()):
         path = Path(name).expanduser().resolve()
-        model = _load_zoo(path, device) if (path / CONFIG_FILE).exists() else _load_hf_dir(path, device)
+        if (path / CONFIG_FILE).exists():
+            model = _load_zoo(path, device)
+        else:
+            model = _load_hf_dir(path, device, dtype)
         key = f"path:{path}"
     else:
-        model = _load_pretrained(name, device)
-        key = f"pretrained:{name}"
+        model = _load_hub(name, device, dtype)
+        key = f"hub:{name}"
     model.eval()
     # The load name says what it is; the token keeps a reloaded (say, retrained) model from
     # being served the activations of the object it replaced.
@@ -87,18 +116,21 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _load_zoo(model_dir: Path, device: str) -> HookedTransformer:
+def _load_zoo(model_dir: Path, device: str, label: str | None = None) -> HookedTransformer:
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
 
-    name = model_dir.name
+    name = label or model_dir.name
     for needed in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"):
         if not (model_dir / needed).exists():
             raise ModelLoadError(f"Model '{name}' is incomplete: {needed} is missing from {model_dir}.")
     try:
         cfg_dict = json.loads((model_dir / CONFIG_FILE).read_text())
+        if isinstance(cfg_dict.get("dtype"), str):
+            cfg_dict["dtype"] = getattr(torch, cfg_dict["dtype"])
         cfg = HookedTransformerConfig(**cfg_dict, device=device)
     except (json.JSONDecodeError, TypeError, ValueError, AssertionError) as err:
         raise ModelLoadError(f"Model '{name}': {CONFIG_FILE} is corrupt ({err}).") from err
@@ -125,32 +157,102 @@ def _is_cached(official_name: str) -> bool:
     return isinstance(hit, str)
 
 
-def _load_pretrained(name: str, device: str) -> HookedTransformer:
-    from transformer_lens import HookedTransformer
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of `repo_id`'s newest snapshot in the local Hugging Face cache, if it has one."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed repo id
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+# Weight files a causal LM checkpoint needs, and the files a tokenizer needs (not ONNX, Flax, ...)
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt"]
+
+
+def _load_hub(name: str, device: str, dtype: str) -> HookedTransformer:
+    """A model by name from the Hugging Face hub, or from the local cache of it when offline.
+
+    A TransformerLens pretrained name (`gpt2-small`) goes through TL's `from_pretrained`, which
+    knows each official model's quirks; any other hub id (`org/model`) of a supported
+    architecture is downloaded (or found in the cache) and loaded as a folder (`_load_hf_dir`).
+    """
     from transformer_lens import loading_from_pretrained as loading
 
     try:
         official = loading.get_official_model_name(name)
     except ValueError:
+        official = None
+    if official is not None:
+        return _load_pretrained(name, official, device, dtype)
+    if name.count("/") != 1 or name.startswith(("/", ".", "~")):
         raise ModelLoadError(
-            f"Unknown model '{name}': not an embedded model, not a local folder and not a "
-            f"TransformerLens pretrained name (e.g. gpt2-small). {_zoo_hint()}"
-        ) from None
-    cached = _is_cached(official)
+            f"Unknown model '{name}': not an embedded model, not a local folder, not a Hugging Face hub "
+            f"id (org/model) and not a TransformerLens pretrained name (e.g. gpt2-small). {_zoo_hint()}"
+        )
+    folder = _cached_snapshot(name)
+    if folder is None:
+        if not hub_reachable():
+            raise ModelLoadError(
+                f"Cannot download '{name}': it is not in this machine's Hugging Face cache and the hub "
+                f"is not reachable (offline?). {_zoo_hint()}"
+            )
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+        except RepositoryNotFoundError:
+            raise ModelLoadError(f"Unknown model '{name}': the Hugging Face hub has no such repository (or it is gated).") from None
+        except Exception as err:
+            raise ModelLoadError(f"Could not download '{name}': {err}") from err
+    return _load_hf_dir(folder, device, dtype, name=name)
+
+
+def _load_pretrained(name: str, official: str, device: str, dtype: str) -> HookedTransformer:
+    import torch
+    from transformer_lens import HookedTransformer
+
+    snapshot = _cached_snapshot(official)
     reachable = hub_reachable()
-    if not cached and not reachable:
+    if snapshot is None and not reachable:
         raise ModelLoadError(
             f"Cannot download '{name}' ({official}): the Hugging Face hub is not reachable from "
             f"this machine (offline?). {_zoo_hint()}"
         )
+    key = None
+    if snapshot is not None and checkpoints.weight_files(snapshot):
+        try:
+            plan = checkpoints.memory_plan(snapshot, dtype, device, store_cap_bytes())
+            key = checkpoints.weights_key(snapshot, converted_root())
+        except (checkpoints.CheckpointError, OSError) as err:
+            raise ModelLoadError(f"Could not read the cached copy of '{name}' ({official}): {err}") from err
+        if not plan.fits:
+            raise ModelLoadError(f"'{name}' does not fit: {plan.message()}")
+        cached = _converted_dir(key, dtype)
+        if (cached / CONFIG_FILE).exists():
+            try:
+                model = _load_zoo(cached, device, label=name)
+                model._circuit_explorer_weights_key = key
+                return model
+            except ModelLoadError:
+                shutil.rmtree(cached, ignore_errors=True)
     try:
         # Offline with a cached copy: load it without the hub's retries (minutes otherwise).
-        with hub_offline(cached and not reachable), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = HookedTransformer.from_pretrained_no_processing(name, device=device)
+        with hub_offline(snapshot is not None and not reachable), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = HookedTransformer.from_pretrained_no_processing(
+                name, device=device, dtype=getattr(torch, dtype)
+            )
     except Exception as err:
         raise ModelLoadError(f"Could not load '{name}' ({official}): {err}") from err
-    return _process(model)
+    model = _process(model)
+    if key is not None and snapshot is not None:
+        _save_converted(model, _converted_dir(key, dtype))
+        model._circuit_explorer_weights_key = key
+    return model
 
 
 def _process(model: HookedTransformer) -> HookedTransformer:
@@ -178,55 +280,130 @@ def _process(model: HookedTransformer) -> HookedTransformer:
     return model
 
 
-@contextmanager
-def _config_dir_with_n_ctx(path: Path):
-    """A folder whose config.json has `n_ctx`, which TL's GPT-2 config conversion reads.
+def _load_hf_dir(path: Path, device: str, dtype: str = "float32", name: str | None = None) -> HookedTransformer:
+    """A local Hugging Face causal LM checkpoint of any architecture in
+    `checkpoints.ARCHITECTURES`, converted with TL's own helpers.
 
-    Hub GPT-2 configs carry it; configs saved by transformers 5 only have `n_positions`.
-    """
-    cfg = json.loads((path / "config.json").read_text())
-    if "n_ctx" in cfg:
-        yield path
-        return
-    cfg["n_ctx"] = cfg.get("n_positions", 1024)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
-        yield Path(tmp)
-
-
-def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
-    """A local Hugging Face GPT-2-family checkpoint, converted with TL's own loading helpers.
-
-    `HookedTransformer.from_pretrained` only accepts official names, so we do its steps here:
-    TL config from the folder's config.json, weights converted by TL, the usual processing.
+    `HookedTransformer.from_pretrained` only accepts official names, so we do its steps here: TL
+    config from the folder's config.json, the weights converted by TL's converter for that
+    architecture, the tokenizer from the folder, the usual processing. The result is kept on
+    disk (`_converted_dir`), keyed by a hash of the weights, so a second start skips it all.
     """
     import torch
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"'{path}' is a folder but holds no config.json (not a Hugging Face checkpoint).")
     try:
-        arch = (json.loads((path / "config.json").read_text()).get("architectures") or ["?"])[0]
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"'{path}/config.json' is corrupt ({err}).") from err
-    if arch != "GPT2LMHeadModel":
-        raise ModelLoadError(f"'{path}' holds a {arch}; local checkpoints of the GPT-2 family are supported.")
+        checkpoints.architecture(path)
+        plan = checkpoints.memory_plan(path, dtype, device, store_cap_bytes())
+    except checkpoints.CheckpointError as err:
+        raise ModelLoadError(str(err)) from err
+    if not plan.fits:
+        raise ModelLoadError(f"'{name or path.name}' does not fit: {plan.message()}")
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        with _config_dir_with_n_ctx(path) as config_dir:
-            cfg = loading.get_pretrained_model_config(str(config_dir), fold_ln=False, device=device)
-        cfg.model_name = path.name
+        key = checkpoints.weights_key(path, converted_root())
+    except OSError as err:
+        raise ModelLoadError(f"Could not read the checkpoint in '{path}': {err}") from err
+    cached = _converted_dir(key, dtype)
+    if (cached / CONFIG_FILE).exists():
+        try:
+            model = _load_zoo(cached, device, label=name or path.name)
+            model._circuit_explorer_weights_key = key
+            return model
+        except ModelLoadError:
+            shutil.rmtree(cached, ignore_errors=True)  # a damaged cache entry: convert again
+    torch_dtype = getattr(torch, dtype)
+    try:
+        cfg = checkpoints.tl_config(path, device, torch_dtype, name=name or path.name)
+    except checkpoints.CheckpointError as err:
+        raise ModelLoadError(str(err)) from err
+    except Exception as err:
+        raise ModelLoadError(f"Could not read the config of '{path}': {err}") from err
+    tokenizer = _folder_tokenizer(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         state = loading.get_pretrained_state_dict(str(path), cfg, hf_model)
     except Exception as err:
         raise ModelLoadError(f"Could not read the checkpoint in '{path}': {err}") from err
-    tokenizer = None
-    if (path / "tokenizer.json").exists() or (path / "vocab.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    del hf_model
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     # Load as converted, then process the model's own (untied) parameters: see `_process`.
     model.load_and_process_state_dict(
         state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
     )
-    return _process(model).to(device)
+    del state
+    model = _process(model).to(device)
+    _save_converted(model, cached)
+    model._circuit_explorer_weights_key = key
+    return model
+
+
+def _folder_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise ModelLoadError(
+            f"'{path}' has no tokenizer (tokenizer.json, vocab.json or tokenizer.model): the app needs "
+            "one to turn prompts into tokens. Save it next to the weights (tokenizer.save_pretrained)."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # tokenizers raises several exception types for bad files
+        raise ModelLoadError(f"'{path}': tokenizer files are corrupt ({err}).") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Converted checkpoints on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def store_cap_bytes() -> int:
+    from core.store import DEFAULT_MAX_BYTES, MAX_BYTES_ENV
+
+    return int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
+
+
+def converted_root() -> Path:
+    return data_dir() / "converted"
+
+
+def _converted_dir(key: str, dtype: str) -> Path:
+    return converted_root() / f"{key}-{dtype}"
+
+
+def _save_converted(model: HookedTransformer, folder: Path) -> None:
+    """The processed TL weights, config and tokenizer, in the zoo's format. A failure to write
+    (read-only disk, full disk) only costs the next start its conversion."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(_cfg_json(model.cfg)))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cfg_json(cfg) -> dict:
+    """A HookedTransformerConfig as JSON that `HookedTransformerConfig(**d)` takes back."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init or f.name in ("device", "n_params"):
+            continue
+        value = getattr(cfg, f.name)
+        if f.name == "dtype":
+            value = str(value).removeprefix("torch.")
+        out[f.name] = value
+    return out
