@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens.components import LayerNorm, LayerNormPre
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 Tokens = torch.Tensor | int
@@ -210,15 +211,64 @@ def by_component(model: HookedTransformer, cache: ActivationCache, answers: Toke
     return Attribution(labels, values, target_bias(model, answers, wrongs, batch=stack.shape[1]), _softcap(model))
 
 
+def _attn_post_norm(model: HookedTransformer, layer: int) -> tuple[str, torch.nn.Module] | None:
+    """(hook prefix, module) of the norm applied to a layer's attention output before it is added
+    to the residual stream (Gemma 2/3's ln1_post; OLMo 2/3's ln1), or None."""
+    block = model.blocks[layer]
+    if model.cfg.use_normalization_before_and_after:
+        return f"blocks.{layer}.ln1_post", block.ln1_post
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return f"blocks.{layer}.ln1", block.ln1
+    return None
+
+
+def _through_post_norm(model: HookedTransformer, cache: ActivationCache, layer: int, pos: int,
+                       parts: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head outputs [head, batch, d_model] and the attention bias [batch, d_model] as the residual
+    stream receives them. A norm after the attention (`_attn_post_norm`) is linear once its scale
+    (from the cache) is fixed, so the heads' shares still add up to hook_attn_out exactly."""
+    post = _attn_post_norm(model, layer)
+    if post is None:
+        return parts, bias
+    name, norm = post
+    scale = cache[f"{name}.hook_scale"][:, pos]  # [batch, 1]
+    centre = isinstance(norm, (LayerNorm, LayerNormPre))
+    if centre:
+        parts = parts - parts.mean(-1, keepdim=True)
+        bias = bias - bias.mean(-1, keepdim=True)
+    w = getattr(norm, "w", None)
+    parts, bias = parts / scale, bias / scale
+    if w is not None:
+        parts, bias = parts * w, bias * w
+    if getattr(norm, "b", None) is not None:
+        bias = bias + norm.b
+    return parts, bias
+
+
 @torch.no_grad()
 def head_results(model: HookedTransformer, cache: ActivationCache, pos: int = -1) -> tuple[torch.Tensor, list[str]]:
     """([layer * head, batch, d_model] each head's output at `pos`, labels "L0H0", ...)."""
     outs, labels = [], []
     for layer in range(model.cfg.n_layers):
         z = cache["z", layer][:, pos]  # [batch, head, d_head]
-        outs.append(torch.einsum("bhd,hdm->hbm", z, model.W_O[layer]))
+        heads = torch.einsum("bhd,hdm->hbm", z, model.W_O[layer])
+        heads, _ = _through_post_norm(model, cache, layer, pos, heads, model.b_O[layer].expand(z.shape[0], -1))
+        outs.append(heads)
         labels += [f"L{layer}H{h}" for h in range(model.cfg.n_heads)]
     return torch.cat(outs, 0), labels
+
+
+def attn_biases(model: HookedTransformer, cache: ActivationCache, pos: int = -1) -> torch.Tensor:
+    """[batch, d_model] every layer's attention output bias b_O as the residual stream receives it."""
+    batch = cache["z", 0].shape[0]
+    total = torch.zeros(batch, model.cfg.d_model, device=model.b_O.device, dtype=model.b_O.dtype)
+    for layer in range(model.cfg.n_layers):
+        empty = model.b_O.new_zeros(0, batch, model.cfg.d_model)
+        _, bias = _through_post_norm(model, cache, layer, pos, empty, model.b_O[layer].expand(batch, -1))
+        total = total + bias
+    return total
 
 
 @torch.no_grad()
@@ -228,12 +278,13 @@ def by_head(model: HookedTransformer, cache: ActivationCache, answers: Tokens,
 
     Head outputs are hook_z times W_O at `pos` (what `cache.stack_head_results` computes; that
     method would also write every head's output at every position into the shared cache). The
-    attention output bias b_O of each layer is not a head's, and is listed as "attn bias".
+    attention output bias b_O of each layer is not a head's, and is listed as "attn bias". Where a
+    norm follows the attention (Gemma 2/3, OLMo 2/3), heads and bias are taken through it with the
+    run's own scale, so they still add up.
     """
     heads, head_labels = head_results(model, cache, pos)
     rest, rest_labels = _decomposed(model, cache, pos, mode="mlp")
-    b_o = model.b_O.sum(0)  # [d_model], every layer's attention bias
-    b_o_stack = b_o.expand(1, heads.shape[1], -1)
+    b_o_stack = attn_biases(model, cache, pos)[None]  # [1, batch, d_model]
     stack = torch.cat([heads, rest, b_o_stack], 0)
     values = _project(model, cache, stack, answers, wrongs, pos)
     labels = head_labels + rest_labels + ["attn bias"]

@@ -45,6 +45,7 @@ ARCHITECTURES: dict[str, str] = {
     "Olmo3ForCausalLM": "OLMo 3",
     "OlmoeForCausalLM": "OLMoE (MoE)",
     "ApertusForCausalLM": "Apertus",
+    "GptOssForCausalLM": "gpt-oss (MoE, attention sinks)",
 }
 
 # Architectures TL knows that this app does not load from a folder, and why.
@@ -56,10 +57,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "T5ForConditionalGeneration": "T5 is an encoder-decoder, not a causal language model",
     "HubertModel": "HuBERT is a speech model",
     "HubertForCTC": "HuBERT is a speech model",
-    "GptOssForCausalLM": (
-        "TransformerLens 3.9's gpt-oss conversion does not reproduce transformers' outputs in our tests "
-        "(log-probabilities differ by 0.2 to 2.4 on a tiny random checkpoint), so it is not supported yet"
-    ),
 }
 
 # TL's causal mask is an n_ctx × n_ctx buffer in every layer: configs that allow 128k tokens would
@@ -369,16 +366,19 @@ def memory_plan(path: Path, dtype: str, device: str, store_bytes: int) -> Memory
 # ---------------------------------------------------------------------------------------------
 
 _HASH_MEMO = ".circuit-explorer-hashes.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model")
 
 
 def weights_key(path: Path, memo_dir: Path | None = None) -> str:
-    """A BLAKE2 hash of the folder's config and weight files.
+    """A BLAKE2 hash of the folder's config, tokenizer and weight files.
 
     Hashing a gigabyte takes a second or two, so the hash is remembered in `memo_dir` against
     each file's size and modification time: a second start of an unchanged checkpoint only
     stats its files.
     """
-    files = [path / "config.json", *weight_files(path)]
+    tokenizer = [path / f for f in TOKENIZER_FILES if (path / f).exists()]
+    files = [path / "config.json", *tokenizer, *weight_files(path)]
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     memo_file = (memo_dir / _HASH_MEMO) if memo_dir else None
     memo: dict[str, Any] = {}

@@ -121,7 +121,6 @@ def _load_zoo(model_dir: Path, device: str, label: str | None = None) -> HookedT
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import AutoTokenizer
 
     name = label or model_dir.name
     for needed in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"):
@@ -135,7 +134,7 @@ def _load_zoo(model_dir: Path, device: str, label: str | None = None) -> HookedT
     except (json.JSONDecodeError, TypeError, ValueError, AssertionError) as err:
         raise ModelLoadError(f"Model '{name}': {CONFIG_FILE} is corrupt ({err}).") from err
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = load_tokenizer(model_dir)
     except Exception as err:  # tokenizers raises several exception types for bad files
         raise ModelLoadError(f"Model '{name}': tokenizer files are corrupt ({err}).") from err
     try:
@@ -272,11 +271,20 @@ def _process(model: HookedTransformer) -> HookedTransformer:
     # models cannot fold their norms, and a logit soft cap is not invariant to centring W_U.
     shortformer = cfg.positional_embedding_type == "shortformer"
     post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
-    model.process_weights_(
+    flags = dict(
         fold_ln=not (shortformer or post_norm),
         center_writing_weights=not (shortformer or post_norm),
         center_unembed=not (shortformer or softcap_enabled(cfg.output_logits_soft_cap)),
     )
+    if getattr(cfg, "use_attention_sinks", False):
+        # `process_weights_` always folds the value biases into b_O, which assumes each query's
+        # attention weights sum to 1; an attention sink takes a share of them (gpt-oss), so the
+        # fold changes the output. Process a copy of the weights (own tensors: no tied views)
+        # without that fold.
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_and_process_state_dict(state, fold_value_biases=False, **flags)
+        return model
+    model.process_weights_(**flags)
     return model
 
 
@@ -301,6 +309,7 @@ def _load_hf_dir(path: Path, device: str, dtype: str = "float32", name: str | No
         raise ModelLoadError(str(err)) from err
     if not plan.fits:
         raise ModelLoadError(f"'{name or path.name}' does not fit: {plan.message()}")
+    _check_tokenizer_files(path)
     try:
         key = checkpoints.weights_key(path, converted_root())
     except OSError as err:
@@ -341,18 +350,43 @@ def _load_hf_dir(path: Path, device: str, dtype: str = "float32", name: str | No
     return model
 
 
-def _folder_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
+def _check_tokenizer_files(path: Path) -> None:
     if not any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise ModelLoadError(
             f"'{path}' has no tokenizer (tokenizer.json, vocab.json or tokenizer.model): the app needs "
             "one to turn prompts into tokens. Save it next to the weights (tokenizer.save_pretrained)."
         )
+
+
+def _folder_tokenizer(path: Path):
+    _check_tokenizer_files(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return load_tokenizer(path)
     except Exception as err:  # tokenizers raises several exception types for bad files
         raise ModelLoadError(f"'{path}': tokenizer files are corrupt ({err}).") from err
+
+
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer. When its tokenizer_config names the generic class (a tokenizer.json
+    saved as is), that class reads it: transformers 5's AutoTokenizer would pick the class of the
+    config's model type instead (Qwen2Tokenizer for a Qwen2 checkpoint), whose own pre-tokenizer
+    then garbles a tokenizer.json made for something else (TL's `get_tokenizer_with_bos` would
+    make the same swap when it reloads the tokenizer with a BOS token)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    if (path / "tokenizer.json").exists() and config.exists():
+        try:
+            cls = json.loads(config.read_text()).get("tokenizer_class")
+        except (OSError, json.JSONDecodeError):
+            cls = None
+        if cls in GENERIC_TOKENIZERS:
+            # add_bos_token as TL asks for it; without it TL reloads through AutoTokenizer.
+            return PreTrainedTokenizerFast.from_pretrained(str(path), add_bos_token=True)
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 # ---------------------------------------------------------------------------------------------

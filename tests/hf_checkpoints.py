@@ -27,29 +27,72 @@ class Spec:
     extra: dict = field(default_factory=dict)
 
 
+BASE = dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, intermediate_size=MLP,
+            max_position_embeddings=CTX)
+IDS = dict(pad_token_id=0, eos_token_id=1)
+TWO_KINDS = ["sliding_attention", "full_attention"]
+
+
+def _b(**kw) -> dict:
+    return {**BASE, **kw}
+
+
 ARCH_SPECS: dict[str, Spec] = {
-    "GPT2LMHeadModel": Spec("GPT2Config", dict(n_layer=2, n_embd=D, n_head=HEADS, n_positions=CTX), "LayerNorm, learned positions, tied embeddings", tied=True),
-    "GPTNeoForCausalLM": Spec("GPTNeoConfig", dict(num_layers=2, hidden_size=D, num_heads=HEADS, max_position_embeddings=CTX, attention_types=[[["global", "local"], 1]], window_size=4), "local/global attention, no attention scale"),
-    "GPTJForCausalLM": Spec("GPTJConfig", dict(n_layer=2, n_embd=D, n_head=HEADS, n_positions=CTX, rotary_dim=4), "parallel attention + MLP, partial rotary (adjacent pairs)"),
-    "GPTNeoXForCausalLM": Spec("GPTNeoXConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, intermediate_size=MLP, max_position_embeddings=CTX, rotary_pct=0.25, use_parallel_residual=True), "parallel attention + MLP, partial rotary"),
-    "OPTForCausalLM": Spec("OPTConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, ffn_dim=MLP, max_position_embeddings=CTX, word_embed_proj_dim=D), "learned positions with offset, ReLU"),
-    "BloomForCausalLM": Spec("BloomConfig", dict(n_layer=2, hidden_size=D, n_head=HEADS), "ALiBi, LayerNorm after the embedding", tied=True),
-    "LlamaForCausalLM": Spec("LlamaConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=MLP, max_position_embeddings=CTX), "RMSNorm, rotary, GQA, gated MLP"),
-    "MistralForCausalLM": Spec("MistralConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=MLP, max_position_embeddings=CTX, sliding_window=4), "GQA, sliding-window attention"),
-    "MixtralForCausalLM": Spec("MixtralConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=MLP, max_position_embeddings=CTX, num_local_experts=4, num_experts_per_tok=2, sliding_window=None), "mixture of experts, GQA"),
-    "Qwen2ForCausalLM": Spec("Qwen2Config", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=MLP, max_position_embeddings=CTX), "GQA, q/k/v biases, tied embeddings", tied=True),
-    "Qwen3ForCausalLM": Spec("Qwen3Config", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=8, intermediate_size=MLP, max_position_embeddings=CTX), "q/k RMSNorm, GQA"),
-    "GemmaForCausalLM": Spec("GemmaConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=1, head_dim=8, intermediate_size=MLP, max_position_embeddings=CTX), "multi-query attention, (1 + w) RMSNorm, scaled embedding, tied", tied=True),
-    "Gemma2ForCausalLM": Spec("Gemma2Config", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=8, intermediate_size=MLP, max_position_embeddings=CTX, sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0), "soft caps (attention and logits), local/global attention, norms before and after", tied=True),
-    "Gemma3ForCausalLM": Spec("Gemma3TextConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=8, intermediate_size=MLP, max_position_embeddings=CTX, sliding_window=4, query_pre_attn_scalar=12, layer_types=["sliding_attention", "full_attention"]), "q/k norm, local/global attention with two rope bases", tied=True),
-    "PhiForCausalLM": Spec("PhiConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, intermediate_size=MLP, max_position_embeddings=CTX, partial_rotary_factor=0.5), "parallel attention + MLP, partial rotary, biases"),
-    "Phi3ForCausalLM": Spec("Phi3Config", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=MLP, max_position_embeddings=CTX, original_max_position_embeddings=CTX, sliding_window=None, pad_token_id=0), "fused qkv and gate/up projections, GQA"),
-    "OlmoForCausalLM": Spec("OlmoConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, intermediate_size=MLP, max_position_embeddings=CTX, pad_token_id=0, eos_token_id=1), "non-parametric LayerNorm"),
-    "Olmo2ForCausalLM": Spec("Olmo2Config", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, intermediate_size=MLP, max_position_embeddings=CTX, pad_token_id=0, eos_token_id=1), "norms after each sublayer, q/k norm"),
-    "Olmo3ForCausalLM": Spec("Olmo3Config", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=MLP, max_position_embeddings=CTX, sliding_window=4, layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1), "local/global attention, norms after each sublayer"),
-    "OlmoeForCausalLM": Spec("OlmoeConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, intermediate_size=MLP, max_position_embeddings=CTX, num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1), "mixture of experts, q/k norm"),
-    "ApertusForCausalLM": Spec("ApertusConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=MLP, max_position_embeddings=CTX), "xIELU activation, q/k norm, GQA"),
-    "GptOssForCausalLM": Spec("GptOssConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=8, intermediate_size=MLP, max_position_embeddings=CTX, num_local_experts=4, num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "mixture of experts, attention sinks, local/global attention"),
+    "GPT2LMHeadModel": Spec(
+        "GPT2Config", dict(n_layer=2, n_embd=D, n_head=HEADS, n_positions=CTX),
+        "LayerNorm, learned positions, tied embeddings", tied=True),
+    "GPTNeoForCausalLM": Spec(
+        "GPTNeoConfig", dict(num_layers=2, hidden_size=D, num_heads=HEADS, max_position_embeddings=CTX,
+                             attention_types=[[["global", "local"], 1]], window_size=4),
+        "local/global attention, no attention scale"),
+    "GPTJForCausalLM": Spec(
+        "GPTJConfig", dict(n_layer=2, n_embd=D, n_head=HEADS, n_positions=CTX, rotary_dim=4),
+        "parallel attention + MLP, partial rotary (adjacent pairs)"),
+    "GPTNeoXForCausalLM": Spec(
+        "GPTNeoXConfig", _b(rotary_pct=0.25, use_parallel_residual=True),
+        "parallel attention + MLP, partial rotary"),
+    "OPTForCausalLM": Spec(
+        "OPTConfig", dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS, ffn_dim=MLP,
+                          max_position_embeddings=CTX, word_embed_proj_dim=D),
+        "learned positions with offset, ReLU"),
+    "BloomForCausalLM": Spec(
+        "BloomConfig", dict(n_layer=2, hidden_size=D, n_head=HEADS), "ALiBi, LayerNorm after the embedding", tied=True),
+    "LlamaForCausalLM": Spec("LlamaConfig", _b(num_key_value_heads=2), "RMSNorm, rotary, GQA, gated MLP"),
+    "MistralForCausalLM": Spec("MistralConfig", _b(num_key_value_heads=2, sliding_window=4), "GQA, sliding-window attention"),
+    "MixtralForCausalLM": Spec(
+        "MixtralConfig", _b(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+        "mixture of experts, GQA"),
+    "Qwen2ForCausalLM": Spec("Qwen2Config", _b(num_key_value_heads=2), "GQA, q/k/v biases, tied embeddings", tied=True),
+    "Qwen3ForCausalLM": Spec("Qwen3Config", _b(num_key_value_heads=2, head_dim=8), "q/k RMSNorm, GQA"),
+    "GemmaForCausalLM": Spec(
+        "GemmaConfig", _b(num_key_value_heads=1, head_dim=8),
+        "multi-query attention, (1 + w) RMSNorm, scaled embedding, tied", tied=True),
+    "Gemma2ForCausalLM": Spec(
+        "Gemma2Config", _b(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+        "soft caps (attention and logits), local/global attention, norms before and after", tied=True),
+    "Gemma3ForCausalLM": Spec(
+        "Gemma3TextConfig", _b(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                               layer_types=TWO_KINDS),
+        "q/k norm, local/global attention with two rope bases", tied=True),
+    "PhiForCausalLM": Spec(
+        "PhiConfig", _b(partial_rotary_factor=0.5), "parallel attention + MLP, partial rotary, biases"),
+    "Phi3ForCausalLM": Spec(
+        "Phi3Config", _b(num_key_value_heads=2, original_max_position_embeddings=CTX, sliding_window=None),
+        "fused qkv and gate/up projections, GQA"),
+    "OlmoForCausalLM": Spec("OlmoConfig", _b(**IDS), "non-parametric LayerNorm"),
+    "Olmo2ForCausalLM": Spec("Olmo2Config", _b(**IDS), "norms after each sublayer, q/k norm"),
+    "Olmo3ForCausalLM": Spec(
+        "Olmo3Config", _b(num_key_value_heads=2, sliding_window=4, layer_types=TWO_KINDS, **IDS),
+        "local/global attention, norms after each sublayer"),
+    "OlmoeForCausalLM": Spec(
+        "OlmoeConfig", _b(num_experts=4, num_experts_per_tok=2, **IDS), "mixture of experts, q/k norm"),
+    "ApertusForCausalLM": Spec("ApertusConfig", _b(num_key_value_heads=2), "xIELU activation, q/k norm, GQA"),
+    "GptOssForCausalLM": Spec(
+        "GptOssConfig", _b(num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                           sliding_window=4, layer_types=TWO_KINDS,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "mixture of experts, attention sinks, local/global attention"),
 }
 
 

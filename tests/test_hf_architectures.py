@@ -1,0 +1,311 @@
+"""Every architecture the app loads from a Hugging Face checkpoint folder, tested offline.
+
+For each one (`hf_checkpoints.ARCH_SPECS`): a tiny random checkpoint built with `transformers`
+and saved with `save_pretrained` next to a tokenizer made with `tokenizers`, loaded through
+`load_model(path)`:
+- its log-probabilities equal the `transformers` model's to 1e-4 (float32), and so do its logits
+  up to the per-position constant that centring the unembedding removes;
+- a second load comes from the converted copy on disk and gives the same numbers, bit for bit;
+- the architecture checks of `test_architectures` (attribution adds up to the logit, the logit
+  lens's last row is the prediction, every patching sweep equals `transformer_lens.patching`)
+  run on it, through the `switched` fixture below;
+- every page runs under AppTest with no exception and no error (slow).
+Three of them run in the quick suite (GPT-2, Llama, Gemma 2); all of them in CI.
+"""
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hf_checkpoints import ARCH_SPECS, hf_log_probs, make_checkpoint
+
+# The architecture checks, run here on the Hugging Face models (pytest resolves their `switched`
+# fixture in this module).
+from test_architectures import (  # noqa: F401  (collected here as tests)
+    test_attribution_adds_up_on_every_architecture,
+    test_logit_lens_last_layer_is_the_models_prediction,
+    test_patching_sweeps_equal_transformer_lens,
+)
+
+from core import checkpoints, models
+from core.models import ModelLoadError, load_model
+
+QUICK = ("GPT2LMHeadModel", "LlamaForCausalLM", "Gemma2ForCausalLM")
+SUPPORTED = [a for a in ARCH_SPECS if a in checkpoints.ARCHITECTURES]
+TEXT = "the old king saw a green bird near the river and the dog ran home"
+ATOL = 1e-4
+
+
+def arch_params(archs=SUPPORTED) -> list:
+    return [a if a in QUICK else pytest.param(a, marks=pytest.mark.slow, id=a) for a in archs]
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint(arch: str) -> tuple[Path, object]:
+    """(folder, transformers model) for `arch`, built once per test run."""
+    folder = Path(tempfile.mkdtemp(prefix="ce-hf-")) / "checkpoint"
+    return make_checkpoint(arch, folder)
+
+
+@pytest.fixture(scope="module", params=arch_params())
+def switched(request):
+    folder, _ = checkpoint(request.param)
+    return request.param, load_model(str(folder))
+
+
+@pytest.mark.parametrize("arch", arch_params())
+def test_loads_with_the_hugging_face_models_numbers(arch):
+    folder, hf = checkpoint(arch)
+    model = load_model(str(folder))
+    assert model.cfg.original_architecture == arch
+    tokens = model.to_tokens(TEXT)
+    assert tokens.shape[1] > 12  # longer than every sliding window of the specs
+    with torch.no_grad():
+        logits = model(tokens)
+        ref_logits = hf(tokens).logits
+    torch.testing.assert_close(logits.log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
+    centred = lambda x: x - x.mean(-1, keepdim=True)  # noqa: E731  (what centring W_U removes)
+    if model.cfg.output_logits_soft_cap <= 0:
+        torch.testing.assert_close(centred(logits), centred(ref_logits), atol=ATOL, rtol=0)
+    # The second load is the converted copy on disk: same tokens, same numbers, bit for bit.
+    key = model._circuit_explorer_weights_key
+    assert (models.converted_root() / f"{key}-float32" / models.CONFIG_FILE).exists()
+    again = load_model(str(folder))
+    assert again._circuit_explorer_weights_key == key
+    assert torch.equal(again.to_tokens(TEXT), tokens)
+    with torch.no_grad():
+        assert torch.equal(again(tokens), logits)
+
+
+def test_the_spec_list_covers_every_architecture_the_app_claims():
+    assert set(checkpoints.ARCHITECTURES) <= set(ARCH_SPECS)
+    covered = " ".join(s.covers for s in ARCH_SPECS.values())
+    for switch in ("GQA", "RMSNorm", "rotary", "parallel attention + MLP", "soft caps", "local/global", "tied"):
+        assert switch in covered, switch
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear messages: what is not supported, what does not fit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_architecture_without_a_converter_is_named_with_what_is_supported(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from core.vocab import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path))
+    msg = str(err.value)
+    assert "BertForMaskedLM" in msg and "not a causal" in msg and "Llama" in msg and "Gemma 2" in msg
+
+
+def test_attention_sinks_keep_their_value_biases_unfolded():
+    """Why `_process` does not call `process_weights_` on gpt-oss: that folds the value biases
+    into b_O, which is exact only when each query's attention weights sum to 1; a sink takes a
+    share of them. TL's own processing of this checkpoint is off; ours equals transformers."""
+    folder, hf = checkpoint("GptOssForCausalLM")
+    model = load_model(str(folder))
+    assert model.cfg.use_attention_sinks and model.cfg.normalization_type == "RMSPre"  # still folded
+    tokens = torch.arange(2, 14)[None]
+    reference = hf_log_probs(hf, tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).log_softmax(-1), reference, atol=ATOL, rtol=0)
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    with checkpoints._neutral_copy(folder) as tmp:
+        cfg = loading.get_pretrained_model_config(tmp, fold_ln=False, device="cpu", dtype=torch.float32)
+    cfg.tokenizer_name = None  # tokens are given as ids here
+    tl = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    tl.load_state_dict(loading.get_pretrained_state_dict(str(folder), cfg, hf), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(tl(tokens).log_softmax(-1), reference, atol=ATOL, rtol=0)  # converted: exact
+        tl.process_weights_()
+        assert (tl(tokens).log_softmax(-1) - reference).abs().max() > 1e-2  # TL's processing: not
+
+
+def test_unknown_architecture_and_missing_pieces_are_clear(tmp_path):
+    import json
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(ModelLoadError, match="MambaForCausalLM: TransformerLens has no converter"):
+        load_model(str(tmp_path / "a"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelLoadError, match="does not say its architecture"):
+        load_model(str(tmp_path / "b"))
+    folder, _ = checkpoint("LlamaForCausalLM")
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in folder.iterdir():
+        if not f.name.startswith(("tokenizer", "special")):
+            (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelLoadError, match="has no tokenizer"):
+        load_model(str(bare))
+
+
+def test_a_model_that_does_not_fit_is_refused_with_what_it_needs(monkeypatch):
+    folder, _ = checkpoint("LlamaForCausalLM")
+    monkeypatch.setattr(checkpoints, "available_bytes", lambda device: 1000)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    msg = str(err.value)
+    plan = checkpoints.memory_plan(folder, "float32", "cpu", models.store_cap_bytes())
+    assert "does not fit" in msg and f"{plan.params / 1e6:,.1f}M parameters" in msg and "needed" in msg
+    assert plan.params == sum(p.numel() for p in checkpoint("LlamaForCausalLM")[1].parameters())
+    assert plan.weights == 4 * plan.params and not plan.fits
+
+
+def test_memory_plan_counts_half_the_bytes_in_bfloat16():
+    folder, _ = checkpoint("GPT2LMHeadModel")
+    f32 = checkpoints.memory_plan(folder, "float32", "cpu", 0)
+    bf16 = checkpoints.memory_plan(folder, "bfloat16", "cpu", 0)
+    assert bf16.weights * 2 == f32.weights and bf16.needed * 2 == f32.needed
+
+
+def test_bfloat16_loads_and_stays_close_to_float32():
+    folder, hf = checkpoint("LlamaForCausalLM")
+    model = load_model(str(folder), dtype="bfloat16")
+    assert model.cfg.dtype == torch.bfloat16 and model.W_Q.dtype == torch.bfloat16
+    tokens = model.to_tokens(TEXT)
+    import copy
+
+    reference = hf_log_probs(hf, tokens)
+    with torch.no_grad():
+        ours = (model(tokens).float().log_softmax(-1) - reference).abs().max()
+        theirs = (hf_log_probs(copy.deepcopy(hf).to(torch.bfloat16), tokens) - reference).abs().max()
+    # bfloat16 keeps 8 bits of mantissa: as close to float32 as transformers' own bfloat16 run.
+    print(f"bfloat16 vs float32 log-probs: ours {ours:.3f}, transformers {theirs:.3f}")
+    assert ours < 2 * theirs
+    assert model._circuit_explorer_weights_key == load_model(str(folder))._circuit_explorer_weights_key
+
+
+def test_device_and_precision_are_checked():
+    folder, _ = checkpoint("GPT2LMHeadModel")
+    with pytest.raises(ModelLoadError, match="Unknown precision"):
+        load_model(str(folder), dtype="int3")
+    with pytest.raises(ModelLoadError, match="Unknown device"):
+        load_model(str(folder), device="tpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert models.resolve_device("auto") == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+            load_model(str(folder), device="cuda")
+
+
+def test_a_damaged_converted_copy_is_converted_again():
+    folder, hf = checkpoint("Qwen2ForCausalLM")
+    first = load_model(str(folder))
+    cached = models.converted_root() / f"{first._circuit_explorer_weights_key}-float32" / models.WEIGHTS_FILE
+    cached.write_bytes(b"not safetensors")
+    again = load_model(str(folder))
+    tokens = again.to_tokens(TEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
+    assert cached.stat().st_size > 1000  # written again
+
+
+def test_changed_weights_get_a_new_key(tmp_path):
+    folder, _ = checkpoint("GPT2LMHeadModel")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in folder.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    memo = tmp_path / "memo"
+    key = checkpoints.weights_key(copy, memo)
+    assert checkpoints.weights_key(copy, memo) == key  # remembered
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert checkpoints.weights_key(copy, memo) != key
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face cache: a hub id loads offline by its name
+# ---------------------------------------------------------------------------------------------
+
+
+def _byte_level_bpe_gpt2(folder: Path):
+    """A GPT-2-layout checkpoint with a byte-level BPE tokenizer trained here on generated text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+    words = "the a king queen saw green bird river dog ran home old near and to of in".split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(400)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    torch.manual_seed(1)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tok))).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(folder)
+    return tok, hf
+
+
+@pytest.mark.parametrize("repo_id", ["gpt2", "someone/tiny-gpt2"], ids=["transformer-lens-name", "any-hub-id"])
+def test_a_model_in_the_hub_cache_loads_offline_by_its_name(offline_hub, tmp_path, monkeypatch, repo_id):
+    from huggingface_hub import constants
+
+    from tests.helpers import hub_cache_from_folder
+
+    tok, hf = _byte_level_bpe_gpt2(tmp_path / "src")
+    hub_cache_from_folder(tmp_path / "src", tmp_path / "hub", repo_id)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    name = "gpt2-small" if repo_id == "gpt2" else repo_id
+    model = load_model(name)  # what a user online types; offline it is served from the cache
+    text = "the old king saw a green bird near the river"
+    tokens = model.to_tokens(text, prepend_bos=False)
+    assert tokens[0].tolist() == tok(text)["input_ids"]  # the cached byte-level BPE, not another one
+    assert len(tokens[0]) < len(text.split()) * 3  # merged, not byte by byte
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
+    again = load_model(name)  # converted copy on disk
+    with torch.no_grad():
+        assert torch.equal(again(tokens), model(tokens))
+
+
+def test_a_hub_id_not_in_the_cache_is_a_clear_offline_message(offline_hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelLoadError, match="not in this machine's Hugging Face cache"):
+        load_model("someone/never-downloaded")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every page on every architecture
+# ---------------------------------------------------------------------------------------------
+
+PAGES = ("attention", "attribution", "patching", "circuits", "saes", "steering", "lessons")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_every_page_runs_on_the_architecture(arch):
+    from tests.helpers import open_app
+
+    folder, _ = checkpoint(arch)
+    for page in PAGES:
+        at = open_app(model=str(folder), page=page, prompt=TEXT)
+        assert not at.exception, (arch, page, [e.value for e in at.exception])
+        assert not at.error, (arch, page, [e.value for e in at.error])
+        if page in ("attention", "attribution", "patching"):
+            assert at.get("plotly_chart"), (arch, page)
