@@ -368,6 +368,12 @@ def logit_lens(model: HookedTransformer, cache: ActivationCache, answer: int | N
 # ---------------------------------------------------------------------------------------------
 
 
+def has_neurons(model: HookedTransformer) -> bool:
+    """Whether the MLPs have one row of neurons per layer (hook_post): not attention-only, not
+    mixture-of-experts (there each expert has its own)."""
+    return not model.cfg.attn_only and "blocks.0.mlp.hook_post" in model.hook_dict
+
+
 @torch.no_grad()
 def neuron_attribution(model: HookedTransformer, cache: ActivationCache, layer: int, answers: Tokens,
                        wrongs: Tokens | None = None, pos: int = -1) -> torch.Tensor:

@@ -126,6 +126,9 @@ with tab_lens:
 with tab_neurons:
     if model.cfg.attn_only:
         st.info("This model is attention-only: it has no MLP neurons. Pick a model with MLPs (e.g. ce-circuits-3l-mlp).")
+    elif not attribution.has_neurons(model):
+        st.info("This model's MLPs are mixtures of experts: each token goes through a few experts' neurons, so "
+                "there is no single row of neurons per layer to rank. The other tabs show the MLPs' total outputs.")
     else:
         layer = st.selectbox("MLP layer", range(n_layers), index=n_layers - 1, key="attr_neuron_layer", persist_state="session")
         table = attribution.top_neurons(model, run.cache, layer, answers, wrongs, k=20)

@@ -34,7 +34,8 @@ def stop(message: str, kind: str = "warning") -> None:
 try:
     graph = circuits.build_graph(model)
 except CircuitError as err:
-    stop(ui.md_escape(f"The circuit graph cannot describe {view.model_name}: {err}"), "error")
+    stop(ui.md_escape(f"The circuit graph cannot describe {view.model_name}: {err} Every other page works on it; "
+                      "on this page, pick a model without that feature (the embedded ones, GPT-2, Llama, Qwen, ...)."))
 
 # ---------------------------------------------------------------------------------------------
 # 1. The task: the sidebar's, the model's demo task, or a typed clean/corrupted pair
