@@ -35,9 +35,19 @@ def _sae_key(loaded: saes.LoadedSAE) -> tuple:
 RESULTS_KEPT = 64
 
 
+DEVICE_ENV = "CIRCUIT_EXPLORER_DEVICE"  # auto (CUDA when present) | cpu | cuda
+DTYPE_ENV = "CIRCUIT_EXPLORER_DTYPE"  # float32 | bfloat16 (Hugging Face checkpoints)
+
+
+def load_settings() -> tuple[str, str]:
+    """(device, precision) the app loads models with: $CIRCUIT_EXPLORER_DEVICE (default auto:
+    CUDA when present) and $CIRCUIT_EXPLORER_DTYPE (default float32)."""
+    return os.environ.get(DEVICE_ENV, "auto") or "auto", os.environ.get(DTYPE_ENV, "float32") or "float32"
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _cached_model(name: str) -> HookedTransformer:
-    return load_model(name)
+def _cached_model(name: str, device: str = "auto", dtype: str = "float32") -> HookedTransformer:
+    return load_model(name, device=device, dtype=dtype)
 
 
 @st.cache_resource(show_spinner=False)
@@ -63,7 +73,7 @@ def get_model(name: str) -> HookedTransformer:
         raise ModelLoadError(failed[1])
     try:
         with st.spinner(f"Loading {md_escape(name)}…"):
-            return _cached_model(name)
+            return _cached_model(name, *load_settings())
     except ModelLoadError as err:
         _recent_failures[name] = (time.monotonic(), str(err))
         raise

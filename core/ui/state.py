@@ -132,8 +132,16 @@ def build_view(choices: frame.Choices) -> View:
                 f"{cfg.n_layers} layers × {cfg.n_heads} heads, d_model {cfg.d_model}, "
                 f"context {cfg.n_ctx} tokens, vocabulary {cfg.d_vocab}"
                 + (", attention only" if cfg.attn_only else "")
+                + f"; {_arch_label(cfg)}, on {cfg.device}, {str(cfg.dtype).removeprefix('torch.')}"
             )
     return View(name, model, model_error, prompt, prompt_error, task, suggested)
+
+
+def _arch_label(cfg) -> str:
+    from core.checkpoints import ARCHITECTURES
+
+    arch = getattr(cfg, "original_architecture", None)
+    return ARCHITECTURES.get(arch, "embedded model" if arch is None else arch)
 
 
 def _task_caption(model: HookedTransformer, task: tasks.Task, i: int) -> None:
