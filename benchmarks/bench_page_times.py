@@ -18,6 +18,21 @@ process start to the selected head's heatmap drawn, and a prompt edit to the red
 
 times only what a first visitor of "/" sees on a fresh server: the page title, the sidebar, the
 first heatmap (each from `streamlit run`), here and in other checkouts (before/after figures).
+
+    python -m benchmarks.bench_page_times --all-pages [--repeats 5] [--threads 2] [--pages attention,saes]
+
+on the random gpt2-small-shaped checkpoint only, with AppTest (server side, Python imports warm after
+the first repeat, which is reported apart), each repeat:
+- first start: an empty data folder (a fresh $CIRCUIT_EXPLORER_DATA), Streamlit's st.cache_resource
+  and st.cache_data cleared -> the Attention page's first render (hash, conversion, head scores);
+- second start: the same data folder (converted checkpoint and head scores on disk), the Streamlit
+  caches cleared again (a new process, as far as the app can tell) -> the first render;
+- prompt change on every page: open the page (`?page=...`) in a new session on a 32-token prompt
+  (BOS + 31 words of the zoo vocabulary), type another 32-token prompt in the sidebar, time that
+  rerun. Each page and repeat gets prompts no page has seen, so the store holds no run of them.
+Targets: second start <= 2 s, prompt change <= 0.5 s. The feature-index prefetch is off
+(CIRCUIT_EXPLORER_PREFETCH_INDEXES=0): it would build every zoo SAE's index in the background.
+With --profile PAGE it also prints cProfile's top functions of that page's prompt change.
 """
 from __future__ import annotations
 
@@ -156,6 +171,167 @@ def time_cold_start(root: Path, repeats: int) -> dict[str, list[float]]:
     return out
 
 
+ALL_PAGES = ("attention", "attribution", "patching", "circuits", "saes", "steering", "lessons")
+PROMPT_TOKENS = 32  # as the pages see them: BOS + 31 words
+FIRST_START_TARGET, SECOND_START_TARGET, CHANGE_TARGET = None, 2.0, 0.5
+
+
+def word_prompt(rng, n_tokens: int = PROMPT_TOKENS) -> str:
+    """A prompt of n_tokens tokens (BOS included) for the zoo's word-level tokenizer."""
+    from core.vocab import WORDS
+
+    return " ".join(rng.choice(WORDS) for _ in range(n_tokens - 1))
+
+
+def _store_misses(at) -> int | None:
+    import re
+
+    for caption in reversed(at.sidebar.caption):
+        found = re.search(r"misses (\d+)", caption.value.replace("\\", ""))
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _fresh_start(data: Path) -> None:
+    """As a new server process sees it: the data folder `data`, no Streamlit cache."""
+    import os
+
+    import streamlit as st
+
+    from core import paths
+    from core.ui import cache
+
+    os.environ[paths.DATA_ENV] = str(data)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    cache._recent_failures.clear()
+
+
+def _app(page: str, model: str, prompt: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900)
+    at.query_params["page"] = page
+    at.query_params["model"] = model
+    at.query_params["prompt"] = prompt
+    return at
+
+
+def _check(at, where: str) -> None:
+    if at.exception or at.error:
+        raise RuntimeError(f"{where}: {[e.value for e in at.exception]} {[e.value for e in at.error]}")
+
+
+class _ScriptProfile:
+    """cProfile of the app's script thread (AppTest runs the script in a thread of its own, which a
+    profiler enabled in the main thread does not see) while the context is open."""
+
+    def __init__(self):
+        import cProfile
+
+        self.prof = cProfile.Profile()
+
+    def __enter__(self):
+        from streamlit.testing.v1.local_script_runner import LocalScriptRunner
+
+        self._original = original = LocalScriptRunner._run_script_thread
+        prof = self.prof
+
+        def profiled(runner):
+            prof.enable()
+            try:
+                original(runner)
+            finally:
+                prof.disable()
+
+        LocalScriptRunner._run_script_thread = profiled
+        return self
+
+    def __exit__(self, *exc):
+        from streamlit.testing.v1.local_script_runner import LocalScriptRunner
+
+        LocalScriptRunner._run_script_thread = self._original
+
+    def print(self, title: str, n: int = 45) -> None:
+        import pstats
+
+        print(f"--- cProfile of {title} (script thread, cumulative) ---")
+        pstats.Stats(self.prof).sort_stats("cumulative").print_stats(n)
+
+
+def _count_tokens(model_path: str, prompt: str) -> int:
+    from core import store
+    from core.ui import cache
+
+    model = cache._cached_model(model_path, *cache.load_settings())  # loaded already: a cache hit
+    return int(store.to_tokens(model, prompt).shape[1])
+
+
+def time_all_pages(model: str, repeats: int, pages: list[str], profile: str | None = None,
+                   seed: int = 0) -> dict[str, list[float]]:
+    """{measure: seconds per repeat} for the first start, the second start and each page's prompt change."""
+    import random
+
+    rng = random.Random(seed)
+    out: dict[str, list[float]] = {"first start": [], "second start": [], **{p: [] for p in pages}}
+    misses: dict[str, list[int]] = {p: [] for p in pages}
+    for r in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="ce-bench-data-") as data:
+            for label in ("first start", "second start"):
+                _fresh_start(Path(data))
+                at = _app("attention", model, word_prompt(rng))
+                t0 = time.perf_counter()
+                at.run()
+                out[label].append(time.perf_counter() - t0)
+                _check(at, label)
+            for page in pages:
+                before, after = word_prompt(rng), word_prompt(rng)
+                assert _count_tokens(model, before) == _count_tokens(model, after) == PROMPT_TOKENS
+                at = _app(page, model, before)
+                at.run()
+                _check(at, f"{page}, opened")
+                missed = _store_misses(at)
+                at.sidebar.text_area(key="prompt").set_value(after)
+                prof = _ScriptProfile() if profile == page and r == repeats - 1 else None
+                if prof:
+                    with prof:
+                        t0 = time.perf_counter()
+                        at.run()
+                else:
+                    t0 = time.perf_counter()
+                    at.run()
+                out[page].append(time.perf_counter() - t0)
+                _check(at, f"{page}, prompt changed")
+                now = _store_misses(at)
+                misses[page].append(now - missed if now is not None and missed is not None else -1)
+                if prof:
+                    prof.print(f"the {page} page's prompt change")
+        print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in out.items()), flush=True)
+    out["_misses"] = misses  # type: ignore[assignment]
+    return out
+
+
+def report_all_pages(times: dict, threads: int, repeats: int) -> None:
+    misses = times.pop("_misses")
+    print(f"\nrandom gpt2-small-shaped checkpoint, AppTest (server side), torch {torch.get_num_threads()} threads "
+          f"(asked {threads}), {repeats} repeats; medians (min-max); prompts of {PROMPT_TOKENS} tokens")
+    cold = times["first start"][0]
+    print(f"first repeat's first start, Python imports included: {cold:.2f} s")
+    print("| measure | median | range | target | median / target | store misses per change |")
+    print("|---|---|---|---|---|---|")
+    for key, xs in times.items():
+        if key == "first start" and len(xs) > 1:
+            xs = xs[1:]  # imports warm, as in every later start of a server
+        target = {"first start": FIRST_START_TARGET, "second start": SECOND_START_TARGET}.get(key, CHANGE_TARGET)
+        label = key if key.endswith("start") else f"prompt change, {key}"
+        med = statistics.median(xs)
+        ratio = f"{med / target:.2f}" if target else "-"
+        miss = ",".join(map(str, sorted(set(misses.get(key, []))))) or "-"
+        print(f"| {label} | {med:.2f} s | {min(xs):.2f}-{max(xs):.2f} | {f'<= {target:g} s' if target else '-'} | "
+              f"{ratio} | {miss} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -164,8 +340,24 @@ def main() -> None:
     parser.add_argument("--cold-start", nargs="*", metavar="CHECKOUT",
                         help="only time server start -> first paint -> first heatmap in Chromium, for this "
                         "checkout and the given other ones (e.g. a worktree of an older commit)")
+    parser.add_argument("--all-pages", action="store_true",
+                        help="first start, second start and a prompt change on every page (gpt2-small shape)")
+    parser.add_argument("--pages", default=",".join(ALL_PAGES), help="with --all-pages: which pages (comma-separated)")
+    parser.add_argument("--profile", metavar="PAGE", help="with --all-pages: cProfile that page's last prompt change")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.all_pages:
+        import os
+
+        os.environ["CIRCUIT_EXPLORER_PREFETCH_INDEXES"] = "0"
+        pages = [p for p in args.pages.split(",") if p]
+        unknown = set(pages) - set(ALL_PAGES)
+        if unknown:
+            parser.error(f"unknown pages {sorted(unknown)}; pages: {', '.join(ALL_PAGES)}")
+        with tempfile.TemporaryDirectory(prefix="ce-bench-gpt2-") as tmp:
+            model = str(gpt2_small_shaped(Path(tmp)))
+            report_all_pages(time_all_pages(model, args.repeats, pages, args.profile), args.threads, args.repeats)
+        return
     if args.cold_start is not None:
         for root in [ROOT, *map(Path, args.cold_start)]:
             times = time_cold_start(root, args.repeats)

@@ -46,7 +46,7 @@ import torch
 from transformer_lens import ActivationCache, HookedTransformer, utils
 
 from core.attribution import final_logits
-from core.patching import prefix_entry, reuses_prefix
+from core.patching import chunk_tokens, prefix_entry, reuses_prefix
 from core.store import locked
 
 if TYPE_CHECKING:
@@ -617,7 +617,7 @@ def _start(model: HookedTransformer, runs: "Runs", base: _Inputs) -> int:
 
 @torch.no_grad()
 def edge_patching(model: HookedTransformer, runs: Runs, edges: Iterable[tuple[int, int]] | None = None,
-                  progress: Progress | None = None, max_tokens: int = 16384) -> EdgeScores:
+                  progress: Progress | None = None, max_tokens: int | None = None) -> EdgeScores:
     """Exact scores: the metric with one edge patched at a time (ACDC's ground truth), batched.
 
     edges: (upstream index, downstream index) pairs; None = every edge. Edges not computed are NaN.
@@ -639,7 +639,7 @@ def edge_patching(model: HookedTransformer, runs: Runs, edges: Iterable[tuple[in
         return _scores(runs, "exact", raw)
     prompts, n_pos = runs.clean_tokens.shape
     diff = runs.patch - runs.clean_outputs  # what patching adds to the receiver's input
-    per_chunk = max(1, max_tokens // (prompts * n_pos))
+    per_chunk = max(1, (max_tokens or chunk_tokens(model, n_pos)) // (prompts * n_pos))
     # Edges into the same layer run together; sort so that chunks share start layers.
     pairs.sort(key=lambda p: int(graph.down_stage[p[1]]))
     done = 0

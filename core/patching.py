@@ -53,8 +53,37 @@ Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] 
 Source = Callable[[str], torch.Tensor]  # hook name -> activation [batch, ...] (full positions)
 Progress = Callable[[float], None]  # share of the sweep done, 0..1
 
-DEFAULT_MAX_TOKENS = 16384  # rows x positions per forward pass (bounds memory)
+DEFAULT_MAX_TOKENS = None  # rows x positions per forward pass: `chunk_tokens` (from the device's free memory)
+CPU_MAX_TOKENS = 16384  # on a CPU bigger passes are no faster, and hold the model's lock longer
+GPU_MAX_TOKENS = 1 << 18
+MIN_TOKENS = 256
+MEMORY_SHARE = 0.25  # of the device's free memory, for one patched forward pass
 MAX_LOGITS = 2**24  # logits computed at once (64 MiB in float32)
+
+
+def token_bytes(model: HookedTransformer, n_pos: int) -> int:
+    """Bytes one token (one row × position) of a patched forward pass needs at once, roughly:
+    a layer's residual stream copies, queries/keys/values and outputs, MLP hidden units and the
+    attention scores and pattern over `n_pos` keys, twice over for the hooks' copies and the
+    cached prefix keys and values."""
+    cfg = model.cfg
+    elt = torch.finfo(cfg.dtype).bits // 8
+    heads = cfg.n_heads * cfg.d_head
+    per_layer = 4 * cfg.d_model + 4 * heads + 2 * (cfg.d_mlp or 0) + 2 * cfg.n_heads * n_pos
+    return 2 * elt * per_layer
+
+
+def chunk_tokens(model: HookedTransformer, n_pos: int) -> int:
+    """Rows × positions per patched forward pass: `MEMORY_SHARE` of the model's device's free
+    memory over `token_bytes`, between MIN_TOKENS and CPU_MAX_TOKENS (GPU_MAX_TOKENS on CUDA)."""
+    from core.checkpoints import available_bytes
+
+    device = str(model.cfg.device)
+    cap = GPU_MAX_TOKENS if device.startswith("cuda") else CPU_MAX_TOKENS
+    free = available_bytes(device)
+    if free is None:
+        return CPU_MAX_TOKENS
+    return int(max(MIN_TOKENS, min(cap, MEMORY_SHARE * free // token_bytes(model, n_pos))))
 
 
 class PatchingError(ValueError):
@@ -162,7 +191,7 @@ def patch_components(
     components: list[Component],
     metric: Metric,
     read: Literal["last", "all"] = "last",
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """[len(components)] (or [len(components), k]): the metric of the base run with each component set from `source`.
@@ -177,6 +206,7 @@ def patch_components(
     """
     n_prompts, n_pos = base_tokens.shape
     _check(model, components, n_pos)
+    max_tokens = max_tokens or chunk_tokens(model, n_pos)
     with locked(model):  # the tokenizer's padding side and cfg flags, read once and together
         prefix = reuses_prefix(model) and read == "last"
         mask = padding_mask(model, base_tokens)
@@ -408,7 +438,7 @@ def run_sweep(
     source_cache: ActivationCache,
     metric: Metric,
     progress: Progress | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
     read: Literal["last", "all"] = "last",
 ) -> torch.Tensor:
     """One sweep, in the shape of the matching `transformer_lens.patching` function (by-position

@@ -49,7 +49,7 @@ import torch
 from transformer_lens import ActivationCache, HookedTransformer, utils
 
 from core.attribution import final_logits
-from core.patching import DEFAULT_MAX_TOKENS, MAX_LOGITS, padding_mask, prefix_entry, reuses_prefix
+from core.patching import DEFAULT_MAX_TOKENS, MAX_LOGITS, chunk_tokens, padding_mask, prefix_entry, reuses_prefix
 from core.store import locked
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def _scalar(value) -> torch.Tensor:
 
 
 def _sweep(model: HookedTransformer, clean_tokens, corrupted_tokens, metric: Metric, clean_cache, corrupted_cache,
-           receivers: dict[int, list[int]] | None, input: str, progress: Progress | None, max_tokens: int) -> torch.Tensor:
+           receivers: dict[int, list[int]] | None, input: str, progress: Progress | None, max_tokens: int | None) -> torch.Tensor:
     """[n_layers, n_heads]: every sender's path-patched metric (to logits when `receivers` is None)."""
     _check_model(model)
     cfg = model.cfg
@@ -258,7 +258,7 @@ def _sweep(model: HookedTransformer, clean_tokens, corrupted_tokens, metric: Met
                 unchanged.append((layer, head))
             else:
                 groups.setdefault(first if prefix else 0, []).append((layer, head))
-    per = max(1, max_tokens // (n_prompts * n_pos))
+    per = max(1, (max_tokens or chunk_tokens(model, n_pos)) // (n_prompts * n_pos))
     chunks = [(start, senders[i : i + per]) for start, senders in sorted(groups.items())
               for i in range(0, len(senders), per)]  # senders in (layer, head) order within a chunk
     work = [len(senders) * (n_pos - start) for start, senders in chunks]
@@ -335,7 +335,7 @@ def path_patch_to_logits(
     clean_cache: Cache | None = None,
     corrupted_cache: Cache | None = None,
     progress: Progress | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> torch.Tensor:
     """[n_layers, n_heads]: the metric of the clean run with each sender head's z from the
     corrupted run and every other head frozen at clean (MLPs recompute): its path to the logits.
@@ -343,7 +343,7 @@ def path_patch_to_logits(
     tokens: [batch, pos] (clean and corrupted of one shape); caches: the two runs' activations
     (full `run_with_cache` caches; computed when None); metric(logits [batch, 1, d_vocab]) -> 0-d
     tensor: only the last position's logits are computed, all a task metric reads.
-    max_tokens: rows x positions per forward pass (bounds memory).
+    max_tokens: rows x positions per forward pass (default `patching.chunk_tokens`: from the free memory).
     """
     return _sweep(model, clean_tokens, corrupted_tokens, metric, clean_cache, corrupted_cache, None, "logits",
                   progress, max_tokens)
@@ -359,7 +359,7 @@ def path_patch_to_heads(
     clean_cache: Cache | None = None,
     corrupted_cache: Cache | None = None,
     progress: Progress | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> torch.Tensor:
     """[n_layers, n_heads]: the metric of the clean run with only the receivers' `input` ("q", "k"
     or "v") set to what it is when each sender head's z comes from the corrupted run and every

@@ -303,3 +303,34 @@ def test_sweep_task_is_the_labelled_sweep_of_transformer_lens(attn_model):
     assert by_pos.dims == ("layer", "pos") and by_pos.labels[1] == tuple(f"{p}: {w}" for p, w in enumerate(words))
     with pytest.raises(patching.PatchingError, match="Unknown direction"):
         patching.sweep_task(attn_model, task, "z", direction="sideways")
+
+
+def test_chunk_sizes_follow_the_devices_free_memory(zoo_model, monkeypatch):
+    """Rows × positions per patched pass: a share of the free memory over one token's bytes,
+    clamped; a sweep chunked small (little memory) equals one chunked large."""
+    from core import checkpoints
+
+    model = zoo_model
+    per = patching.token_bytes(model, 12)
+    assert per > 2 * 4 * model.cfg.d_model  # at least a residual stream copy, float32
+    sizes = {}
+    for free in (10**3, 10**7, 10**8, 10**12, None):
+        monkeypatch.setattr(checkpoints, "available_bytes", lambda device, free=free: free)
+        sizes[free] = patching.chunk_tokens(model, 12)
+    assert sizes[10**3] == patching.MIN_TOKENS  # never below the floor
+    assert sizes[10**12] == sizes[None] == patching.CPU_MAX_TOKENS  # a CPU's cap (unknown memory: the cap)
+    assert sizes[10**7] == max(patching.MIN_TOKENS, int(patching.MEMORY_SHARE * 10**7 // per))
+    assert sizes[10**3] <= sizes[10**7] <= sizes[10**8] <= sizes[10**12]
+    tokens = model.to_tokens(["the cat sat on the mat and the dog ran", "a red bird saw a green bird and a cat"])
+    corrupted = tokens.flip(0)
+    _, clean_cache = model.run_with_cache(tokens)
+    _, corr_cache = model.run_with_cache(corrupted)
+
+    def metric(logits):
+        return logits[:, -1, 5].mean() - logits[:, -1, 9].mean()
+
+    results = []
+    for free in (10**3, 10**12):  # 256 tokens a pass (one copy of 2 × 11 positions) vs everything at once
+        monkeypatch.setattr(checkpoints, "available_bytes", lambda device, free=free: free)
+        results.append(patching.run_sweep(model, "z_by_pos", corrupted, corr_cache, clean_cache, metric))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=0)
