@@ -95,6 +95,18 @@ def stacked_patterns(cache: ActivationCache, n_layers: int) -> torch.Tensor:
     return torch.stack([cache["pattern", layer] for layer in range(n_layers)], dim=1)
 
 
+@torch.inference_mode()
+def pattern_cache(model: HookedTransformer, tokens: torch.Tensor) -> ActivationCache:
+    """Every layer's attention pattern (`hook_pattern`) on `tokens` [batch, pos], under the model's
+    lock (`store.locked`). The pass stops after the last block: patterns never need the final
+    LayerNorm or the unembedding, which on a GPT-2-sized vocabulary costs more than all the blocks
+    together. The patterns are the ones a full forward pass computes (the same operations)."""
+    with store.locked(model):
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"),
+                                        stop_at_layer=model.cfg.n_layers)
+    return cache
+
+
 def head_scores(
     model: HookedTransformer, tokens: torch.Tensor, activation_store: store.ActivationStore | None = None,
     convention: Convention = "rows_with_target",
@@ -104,7 +116,7 @@ def head_scores(
     if activation_store is not None:
         cache = activation_store.get(model, tokens).cache
     else:
-        _, cache = store.run_with_cache(model, tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+        cache = pattern_cache(model, tokens)
     patterns = stacked_patterns(cache, model.cfg.n_layers)
     return {t: head_scores_from_patterns(patterns, tokens, t, convention) for t in HEAD_TYPES}
 

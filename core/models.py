@@ -167,6 +167,30 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     return Path(hit).parent if isinstance(hit, str) else None
 
 
+def cached_hub_models() -> list[str]:
+    """Hub ids of the causal LMs of a supported architecture in this machine's Hugging Face cache
+    (they load offline by that name), sorted."""
+    from huggingface_hub import constants
+
+    root = Path(constants.HF_HUB_CACHE)
+    out = []
+    try:
+        repos = sorted(root.glob("models--*"))
+    except OSError:
+        return []
+    for repo in repos:
+        repo_id = repo.name.removeprefix("models--").replace("--", "/")
+        folder = _cached_snapshot(repo_id)
+        if folder is None or not checkpoints.weight_files(folder):
+            continue
+        try:
+            checkpoints.architecture(folder)
+        except checkpoints.CheckpointError:
+            continue
+        out.append(repo_id)
+    return out
+
+
 # Weight files a causal LM checkpoint needs, and the files a tokenizer needs (not ONNX, Flax, ...)
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt"]
 

@@ -165,7 +165,8 @@ def hub_cache_from_folder(folder, cache_root, repo_id: str = "gpt2"):
         data = f.read_bytes()
         if f.name == "config.json":
             cfg = json.loads(data)
-            cfg.setdefault("n_ctx", cfg["n_positions"])
+            if "n_positions" in cfg:
+                cfg.setdefault("n_ctx", cfg["n_positions"])
             data = json.dumps(cfg).encode()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)

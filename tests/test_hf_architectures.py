@@ -282,6 +282,24 @@ def test_a_model_in_the_hub_cache_loads_offline_by_its_name(offline_hub, tmp_pat
         assert torch.equal(again(tokens), model(tokens))
 
 
+@pytest.mark.parametrize("arch", arch_params())
+def test_every_architecture_loads_from_the_hub_cache_by_its_id(offline_hub, tmp_path, monkeypatch, arch):
+    """The checkpoint laid out as a hub download leaves it, loaded offline by `org/name`."""
+    from huggingface_hub import constants
+
+    from tests.helpers import hub_cache_from_folder
+
+    folder, hf = checkpoint(arch)
+    repo_id = f"tiny-random/{arch.lower()}"
+    hub_cache_from_folder(folder, tmp_path / "hub", repo_id)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model(repo_id)
+    assert model.cfg.model_name == repo_id and model.cfg.original_architecture == arch
+    tokens = model.to_tokens(TEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
+
+
 def test_a_hub_id_not_in_the_cache_is_a_clear_offline_message(offline_hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -326,3 +344,27 @@ def test_every_page_runs_on_the_architecture(arch):
             continue
         if page in ("attention", "attribution", "patching", "circuits", "steering"):
             assert at.get("plotly_chart"), (arch, page)
+
+
+def test_the_model_picker_lists_the_models_in_the_hub_cache(offline_hub, tmp_path, monkeypatch):
+    """A causal LM in the Hugging Face cache is offered in the sidebar and opens offline from it;
+    a repo of an unsupported architecture is not offered."""
+    import streamlit as st
+    from huggingface_hub import constants
+
+    from tests.helpers import hub_cache_from_folder, open_app
+
+    hub_cache_from_folder(checkpoint("Qwen3ForCausalLM")[0], tmp_path / "hub", "someone/tiny-qwen3")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"architectures": ["BertForMaskedLM"]}')
+    (tmp_path / "bert" / "model.safetensors").write_bytes(b"")
+    hub_cache_from_folder(tmp_path / "bert", tmp_path / "hub", "someone/a-bert")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert models.cached_hub_models() == ["someone/tiny-qwen3"]
+    st.cache_data.clear()
+    at = open_app(page="attention")
+    picker = at.selectbox(key="model_choice")
+    assert "someone/tiny-qwen3" in picker.options and "someone/a-bert" not in picker.options
+    picker.set_value("someone/tiny-qwen3").run()
+    assert not at.exception and not at.error
+    assert any("Qwen3" in c.value for c in at.sidebar.caption)

@@ -14,12 +14,15 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import streamlit as st
+import torch
 from transformer_lens import HookedTransformer
 
 from core import attention, corpus, patching, saes, store, task_catalog, tasks
 from core.models import ModelLoadError, load_model, zoo_models
+from core.paths import data_dir
 from core.store import ActivationStore, KeyedCache, model_key
 
 BY_MODEL = {HookedTransformer: model_key}  # hash_funcs: a model is its key
@@ -84,15 +87,89 @@ def get_model(name: str) -> HookedTransformer:
 # ---------------------------------------------------------------------------------------------
 
 
+HEAD_SCORES_DIR = "head-scores"
+HEAD_SCORES_FORMAT = "1"  # bump when the scores' definition changes: older files are then recomputed
+
+
 @st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)
 def head_scores(model: HookedTransformer, seq_len: int, batch: int) -> dict:
     """Head-type scores of a model on repeated random tokens (seed 0), once per model.
 
     Computed from attention patterns only, outside the activation store: the full cache of
-    32 x 61 tokens would crowd the store out on a large model.
+    32 x 61 tokens would crowd the store out on a large model. For a model loaded from a Hugging
+    Face checkpoint (it carries `_circuit_explorer_weights_key`, a hash of its weights) they are
+    also kept on disk (`head_scores_file`), so the next server start reads them instead of
+    computing them (seconds on GPT-2 small). A file that cannot be read is recomputed and
+    rewritten; a failed write is ignored.
     """
+    path = head_scores_file(model, seq_len, batch)
+    if path is not None:
+        stored = _read_head_scores(path, model)
+        if stored is not None:
+            return stored
     tokens = attention.repeated_random_tokens(model, seq_len, batch, seed=0)
-    return {k: v.clone() for k, v in attention.head_scores(model, tokens).items()}
+    scores = {k: None if v is None else v.clone() for k, v in attention.head_scores(model, tokens).items()}
+    if path is not None:
+        _write_head_scores(path, scores)
+    return scores
+
+
+def head_scores_file(model: HookedTransformer, seq_len: int, batch: int) -> Path | None:
+    """Where `head_scores` keeps a model's scores: data_dir()/head-scores/<weights key>-<seq_len>-
+    <batch>-<dtype>.safetensors (with -<device type> before the suffix off the CPU, whose numbers
+    differ in the last bits); None for a model without a weights key (the zoo's: scored in well
+    under a second)."""
+    key = getattr(model, "_circuit_explorer_weights_key", None)
+    if not key:
+        return None
+    dtype = str(model.cfg.dtype).removeprefix("torch.")
+    device = torch.device(model.cfg.device).type
+    suffix = "" if device == "cpu" else f"-{device}"
+    return data_dir() / HEAD_SCORES_DIR / f"{key}-{int(seq_len)}-{int(batch)}-{dtype}{suffix}.safetensors"
+
+
+def _head_scores_meta() -> dict[str, str]:
+    return {"format": HEAD_SCORES_FORMAT, "seed": "0", "convention": "rows_with_target",
+            "types": ",".join(attention.HEAD_TYPES)}
+
+
+def _read_head_scores(path: Path, model: HookedTransformer) -> dict | None:
+    """The scores kept in `path`, or None when it is missing, unreadable, corrupt, of another format
+    or of another shape than the model's [layer, head]."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if any(meta.get(k) != v for k, v in _head_scores_meta().items()):
+                return None
+            absent = set(filter(None, meta.get("none", "").split(",")))
+            scores = {t: None if t in absent else f.get_tensor(t) for t in attention.HEAD_TYPES}
+    except Exception:  # noqa: BLE001 - missing, truncated, garbage: computed again
+        return None
+    shape = (model.cfg.n_layers, model.cfg.n_heads)
+    if any(v is not None and (tuple(v.shape) != shape or v.dtype != torch.float32) for v in scores.values()):
+        return None
+    return scores
+
+
+def _write_head_scores(path: Path, scores: dict) -> None:
+    """Keep `scores` in `path`: written to a temporary file, then renamed (a reader never sees half a
+    file). A read-only or full disk only costs the next start the computation."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in scores.items() if v is not None}
+        meta = {**_head_scores_meta(), "none": ",".join(k for k, v in scores.items() if v is None)}
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except Exception:  # noqa: BLE001 - OSError, or safetensors' own error on a full disk
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 @st.cache_data(show_spinner=False, max_entries=16, hash_funcs=BY_MODEL)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from core import task_catalog
-from core.models import DEFAULT_MODEL, zoo_models
+from core.models import DEFAULT_MODEL, cached_hub_models, zoo_models
 from core.ui import charts
 
-OTHER = "Other (TransformerLens name or local folder)…"
+OTHER = "Other (name, hub id or local folder)…"
 PRETRAINED_SUGGESTIONS = ["gpt2-small"]
 DEFAULT_PROMPTS = {
     # A repeated sequence of unrelated words: the second copy can only be predicted by
@@ -168,6 +168,13 @@ def view_params(page: str) -> dict:
     return {**{k: v for k, v in st.query_params.to_dict().items() if k in LINK_KEYS}, "page": page}
 
 
+@st.cache_data(show_spinner=False, ttl=60)
+def _cached_hub_models() -> list[str]:
+    """The causal LMs in this machine's Hugging Face cache (`models.cached_hub_models`), looked at
+    once a minute."""
+    return cached_hub_models()
+
+
 def _init_state() -> None:
     """On a session's first run, seed the widgets from the URL."""
     state = st.session_state
@@ -177,7 +184,7 @@ def _init_state() -> None:
     charts.seed_from_url()
     zoo = zoo_models()
     requested = st.query_params.get("model", zoo[0] if zoo else DEFAULT_MODEL)
-    if requested in zoo + PRETRAINED_SUGGESTIONS:
+    if requested in zoo + PRETRAINED_SUGGESTIONS + _cached_hub_models():
         state["model_choice"] = requested
     else:
         state["model_choice"] = OTHER
@@ -208,7 +215,7 @@ def _model_changed() -> None:
 def switch_model(name: str) -> None:
     """Button callback: load another model in the sidebar (e.g. the one a page's demo needs)."""
     state = st.session_state
-    if name in zoo_models() + PRETRAINED_SUGGESTIONS:
+    if name in zoo_models() + PRETRAINED_SUGGESTIONS + _cached_hub_models():
         state["model_choice"] = name
     else:
         state["model_choice"], state["model_other"] = OTHER, name
@@ -239,16 +246,20 @@ def sidebar() -> Choices:
         _slots.lesson = st.container()  # a lesson's step, when the URL names one (core/ui/lessons.py)
         links = st.container()  # filled last, with the view the widgets below say
         st.header("Model and prompt")
+        cached = [m for m in _cached_hub_models() if m not in zoo + PRETRAINED_SUGGESTIONS]
         choice = st.selectbox(
-            "Model", zoo + PRETRAINED_SUGGESTIONS + [OTHER], key="model_choice", persist_state="session",
+            "Model", zoo + PRETRAINED_SUGGESTIONS + cached + [OTHER], key="model_choice", persist_state="session",
             help="Embedded models are trained by this project and work offline. Pretrained TransformerLens models "
-            "are downloaded from the Hugging Face hub (needs a network).",
+            "and other Hugging Face hub ids are downloaded from the hub (needs a network) unless this machine's "
+            "Hugging Face cache has them: those are listed here and load offline. A local checkpoint folder of "
+            "any of 22 architectures (GPT-2, Pythia, Llama, Mistral, Qwen, Gemma, Phi, OLMo, …) loads too. "
+            "Device: $CIRCUIT_EXPLORER_DEVICE (auto: CUDA when present); precision: $CIRCUIT_EXPLORER_DTYPE.",
             on_change=_model_changed,
         )
         name = choice
         if choice == OTHER:
             name = st.text_input(
-                "Model name or folder", key="model_other", placeholder="pythia-70m-deduped or /path/to/gpt2-checkpoint",
+                "Model name or folder", key="model_other", placeholder="pythia-70m-deduped, Qwen/Qwen2.5-0.5B or /path/to/checkpoint",
                 persist_state="session", on_change=_model_changed,
             ).strip()
         source = st.selectbox(
