@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import streamlit as st
@@ -80,6 +81,27 @@ def get_model(name: str) -> HookedTransformer:
     except ModelLoadError as err:
         _recent_failures[name] = (time.monotonic(), str(err))
         raise
+
+
+_texts: "weakref.WeakKeyDictionary[HookedTransformer, dict[int, str]]" = weakref.WeakKeyDictionary()
+_texts_guard = threading.Lock()
+
+
+def token_texts(model: HookedTransformer, ids) -> list[str]:
+    """The text of each token id in `ids` (ints or a tensor of any shape, flattened), as
+    `store.decode` gives it for one id. Ids not decoded before are decoded together under one
+    take of the model's lock (each take resets the model's hooks: on GPT-2 small a few
+    milliseconds, which per token made the logit lens's 2,000 labels take seconds), then
+    remembered for the model (a token's text never changes)."""
+    flat = [int(t) for t in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
+    with _texts_guard:
+        known = _texts.setdefault(model, {})
+        missing = sorted({t for t in flat if t not in known})
+    if missing:
+        decoded = dict(zip(missing, store.str_tokens(model, missing)))
+        with _texts_guard:
+            known.update(decoded)
+    return [known[t] for t in flat]
 
 
 # ---------------------------------------------------------------------------------------------
