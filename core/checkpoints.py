@@ -101,8 +101,20 @@ def architecture(path: Path, cfg: dict[str, Any] | None = None) -> str:
             f"'{path}/config.json' does not say its architecture (no 'architectures' entry). "
             f"Supported: {supported_list()}."
         )
-    why = NOT_SUPPORTED.get(arch, "TransformerLens has no converter for it")
+    why = NOT_SUPPORTED.get(arch) or (
+        "TransformerLens's HookedTransformer has no converter for it; its TransformerBridge has an adapter, "
+        "which this app does not use yet (its pages need HookedTransformer's weights and hooks)"
+        if _bridge_knows(arch) else "TransformerLens has no converter for it"
+    )
     raise CheckpointError(f"'{path}' holds a {arch}: {why}. Supported architectures: {supported_list()}.")
+
+
+def _bridge_knows(arch: str) -> bool:
+    try:
+        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    except Exception:  # the bridge moved or failed to import: say only what HookedTransformer lacks
+        return False
+    return arch in SUPPORTED_ARCHITECTURES
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,8 +136,12 @@ def test_unknown_architecture_and_missing_pieces_are_clear(tmp_path):
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
-    with pytest.raises(ModelLoadError, match="MambaForCausalLM: TransformerLens has no converter"):
-        load_model(str(tmp_path / "a"))
+    with pytest.raises(ModelLoadError, match="MambaForCausalLM: TransformerLens's HookedTransformer has no conv"):
+        load_model(str(tmp_path / "a"))  # the bridge has an adapter: said, and that the app does not use it
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text(json.dumps({"architectures": ["MadeUpForCausalLM"]}))
+    with pytest.raises(ModelLoadError, match="MadeUpForCausalLM: TransformerLens has no converter for it. Supported"):
+        load_model(str(tmp_path / "c"))
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match="does not say its architecture"):
