@@ -290,8 +290,18 @@ _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files (safetensors preferred, else PyTorch .bin)."""
-    files = sorted(path.glob("*.safetensors"))
+    """The checkpoint's weight files as transformers reads them: the shards its index names, else
+    model.safetensors, else the PyTorch .bin files (not, say, Mistral's extra consolidated.safetensors)."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).exists():
+            try:
+                names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as err:
+                raise CheckpointError(f"'{path / index}' is corrupt ({err}).") from err
+            return [path / n for n in names]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("model*.safetensors"))
     return files or sorted(path.glob("pytorch_model*.bin"))
 
 

@@ -192,7 +192,7 @@ def cached_hub_models() -> list[str]:
 
 
 # Weight files a causal LM checkpoint needs, and the files a tokenizer needs (not ONNX, Flax, ...)
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt"]
+HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt"]
 
 
 def _load_hub(name: str, device: str, dtype: str) -> HookedTransformer:
@@ -222,16 +222,29 @@ def _load_hub(name: str, device: str, dtype: str) -> HookedTransformer:
                 f"Cannot download '{name}': it is not in this machine's Hugging Face cache and the hub "
                 f"is not reachable (offline?). {_zoo_hint()}"
             )
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import RepositoryNotFoundError
-
-        try:
-            folder = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-        except RepositoryNotFoundError:
-            raise ModelLoadError(f"Unknown model '{name}': the Hugging Face hub has no such repository (or it is gated).") from None
-        except Exception as err:
-            raise ModelLoadError(f"Could not download '{name}': {err}") from err
+        folder = _download(name)
     return _load_hf_dir(folder, device, dtype, name=name)
+
+
+# TL pretrained names whose checkpoints are not Hugging Face model folders (TL reads them itself).
+NON_HF_FORMAT = ("NeelNanda/", "ArthurConmy/", "Baidicoot/")
+
+
+def _download(repo_id: str) -> Path:
+    """The checkpoint's config, tokenizer and safetensors weights, into the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"'{repo_id}' is gated on the Hugging Face hub: accept its licence there and set HF_TOKEN."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"Unknown model '{repo_id}': the Hugging Face hub has no such repository.") from None
+    except Exception as err:
+        raise ModelLoadError(f"Could not download '{repo_id}': {err}") from err
 
 
 def _load_pretrained(name: str, official: str, device: str, dtype: str) -> HookedTransformer:
@@ -245,6 +258,9 @@ def _load_pretrained(name: str, official: str, device: str, dtype: str) -> Hooke
             f"Cannot download '{name}' ({official}): the Hugging Face hub is not reachable from "
             f"this machine (offline?). {_zoo_hint()}"
         )
+    if snapshot is None and not official.startswith(NON_HF_FORMAT):
+        # Download the checkpoint first, so its size is checked before anything is built from it.
+        snapshot = _download(official)
     key = None
     if snapshot is not None and checkpoints.weight_files(snapshot):
         try:

@@ -372,3 +372,54 @@ def test_the_model_picker_lists_the_models_in_the_hub_cache(offline_hub, tmp_pat
     picker.set_value("someone/tiny-qwen3").run()
     assert not at.exception and not at.error
     assert any("Qwen3" in c.value for c in at.sidebar.caption)
+
+
+def test_sharded_weights_are_counted_once_and_extra_files_ignored(tmp_path):
+    """Mistral's repos hold the shards and a consolidated copy: the index says which are read."""
+    folder, hf = checkpoint("MistralForCausalLM")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="20KB")
+    for f in folder.glob("tokenizer*"):
+        (sharded / f.name).write_bytes(f.read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists() and len(checkpoints.weight_files(sharded)) > 1
+    (sharded / "consolidated.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    n = sum(p.numel() for p in hf.parameters())
+    assert checkpoints.n_params(sharded) == n == checkpoints.n_params(folder)
+    model = load_model(str(sharded))
+    tokens = model.to_tokens(TEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
+
+
+def test_online_a_hub_id_is_downloaded_then_checked_then_loaded(tmp_path, monkeypatch):
+    """The online path at the hub boundary: `snapshot_download` (here a stand-in that lays the
+    checkpoint out as the hub would) fills the cache; the memory check reads it; the model loads."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from tests.helpers import hub_cache_from_folder
+
+    folder, hf = checkpoint("Qwen2ForCausalLM")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        if repo_id != "someone/tiny-qwen2":
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as the hub raises it on a 404
+            Exception.__init__(err, "404 Client Error: Repository Not Found")
+            raise err
+        repo = hub_cache_from_folder(folder, tmp_path / "hub", repo_id)
+        return str(next((repo / "snapshots").iterdir()))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model = load_model("someone/tiny-qwen2")
+    assert calls == [("someone/tiny-qwen2", models.HUB_PATTERNS)]
+    tokens = model.to_tokens(TEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
+    with pytest.raises(ModelLoadError, match="no such repository"):
+        load_model("someone/missing")
