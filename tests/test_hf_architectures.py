@@ -423,3 +423,20 @@ def test_online_a_hub_id_is_downloaded_then_checked_then_loaded(tmp_path, monkey
         torch.testing.assert_close(model(tokens).log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
     with pytest.raises(ModelLoadError, match="no such repository"):
         load_model("someone/missing")
+
+
+@pytest.mark.slow
+def test_every_page_runs_in_bfloat16(monkeypatch):
+    """$CIRCUIT_EXPLORER_DTYPE=bfloat16: the app loads the model in bfloat16 and every page draws."""
+    from tests.helpers import open_app
+
+    monkeypatch.setenv("CIRCUIT_EXPLORER_DTYPE", "bfloat16")
+    folder, _ = checkpoint("LlamaForCausalLM")
+    for page in PAGES:
+        at = open_app(model=str(folder), page=page, prompt=TEXT)
+        if any(t.key == "pair_corrupted" for t in at.text_input):
+            at.text_input(key="pair_corrupted").set_value(TEXT.replace(" home", " house")).run()
+        assert not at.exception and not at.error, (page, [e.value for e in at.exception], [e.value for e in at.error])
+        if page in ("attention", "attribution", "patching", "circuits", "steering"):
+            assert at.get("plotly_chart"), page
+    assert any("bfloat16" in c.value for c in at.sidebar.caption)
