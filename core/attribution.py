@@ -392,7 +392,7 @@ def neuron_attribution(model: HookedTransformer, cache: ActivationCache, layer: 
     direction = unembed_direction(model, answers, wrongs, batch=post.shape[0])  # [batch, d_model]
     if _centres(model):
         direction = direction - direction.mean(-1, keepdim=True)  # centring x == centring the direction
-    w_dir = direction @ model.W_out[layer].T  # [batch, d_mlp]
+    w_dir = direction @ model.blocks[layer].mlp.W_out.T  # [batch, d_mlp] (model.W_out stacks every layer)
     return (post * w_dir / scale).T
 
 
@@ -430,7 +430,7 @@ def direct_logit_weight_on(model: HookedTransformer, vectors: torch.Tensor, toke
 @torch.no_grad()
 def neuron_top_tokens(model: HookedTransformer, layer: int, neuron: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [k], logit weights [k]) of the tokens neuron's output row promotes most (see `direct_logit_weights`)."""
-    top = direct_logit_weights(model, model.W_out[layer, neuron]).topk(k)
+    top = direct_logit_weights(model, model.blocks[layer].mlp.W_out[neuron]).topk(k)
     return top.indices, top.values
 
 
@@ -451,7 +451,10 @@ def top_neurons(model: HookedTransformer, cache: ActivationCache, layer: int, an
     effects = neuron_attribution(model, cache, layer, answers, wrongs, pos).mean(-1)  # [neuron]
     order = effects.abs().argsort(descending=True)[:k].tolist()
     acts = cache["post", layer][:, pos, :].mean(0)
+    # The k neurons' output rows through the unembedding in one product (model.W_out would stack
+    # every layer's weights once per neuron).
+    top = direct_logit_weights(model, model.blocks[layer].mlp.W_out[order]).topk(n_tokens, dim=-1).indices
     return NeuronTable(
         layer, order, [float(effects[n]) for n in order], [float(acts[n]) for n in order],
-        [neuron_top_tokens(model, layer, n, n_tokens)[0].tolist() for n in order],
+        [row.tolist() for row in top],
     )

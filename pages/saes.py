@@ -1,4 +1,5 @@
 """SAE features page: load an SAE, see the features of the prompt, open a feature's dashboard, search."""
+import functools
 import json
 
 import streamlit as st
@@ -186,13 +187,23 @@ def decode(t: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # The prompt's features (also picks the default feature)
 # ---------------------------------------------------------------------------------------------
-run = cache.get_store().get(model, view.prompt.tokens)
-acts = saes.prompt_features(model, loaded, run.cache)  # [pos, d_sae]
-acts[0] = 0.0  # BOS: its activations are outliers that every dashboard leaves out
+
+
+@functools.cache  # once per run, and only in the views that show the prompt (not Search)
+def prompt_run():
+    return cache.get_store().get(model, view.prompt.tokens)
+
+
+@functools.cache
+def prompt_acts():
+    acts = saes.prompt_features(model, loaded, prompt_run().cache)  # [pos, d_sae]
+    acts[0] = 0.0  # BOS: its activations are outliers that every dashboard leaves out
+    return acts
+
 
 if state.get("_sae_for") != loaded.sae_id:  # first run with this SAE: the URL's feature, else the last token's strongest
     from_url = ui.url_int("feature") if "_sae_for" not in state else None
-    state["sae_feature"] = from_url if from_url is not None and 0 <= from_url < loaded.d_sae else int(acts[-1].argmax())
+    state["sae_feature"] = from_url if from_url is not None and 0 <= from_url < loaded.d_sae else int(prompt_acts()[-1].argmax())
     if from_url is not None and from_url != state["sae_feature"]:
         st.info(f"Feature {from_url} does not exist in this SAE (features 0–{loaded.d_sae - 1}); showing feature "
                 f"{state['sae_feature']}, the strongest at the prompt's last token.")
@@ -225,6 +236,7 @@ view_choice = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, d
 
 def prompt_view() -> None:
     k = st.slider("Features per token", 1, 8, 3, key="sae_per_token", persist_state="session")
+    acts = prompt_acts()
     values, ids = saes.top_features_per_token(acts[1:], k)
     chosen = []
     for f in ids[values > 0].tolist():
@@ -310,13 +322,13 @@ def feature_view() -> None:
         scale = st.slider("Scale (0 = ablate, 1 = unchanged)", -2.0, 5.0, 0.0, 0.25, key="sae_scale",
                           persist_state="session")
         changed = saes.run_with_feature(model, loaded, view.prompt.tokens, f, scale)[0, -1]
-        shift = steering.distribution_shift(run.logits[0, -1], changed, k=5)
+        shift = steering.distribution_shift(prompt_run().logits[0, -1], changed, k=5)
         st.dataframe([{"token": decode(r["token"]), "probability before": r["before"], "probability after": r["after"],
                        "logit change": r["logit change"]} for r in shift["rows"]], hide_index=True, width="stretch")
         st.caption(ui.md_escape(
             f"Next token after the prompt, with feature {f} × {scale:g} at {loaded.hook_name} (the SAE's error "
             f"term kept): top is {decode(shift['top_before'])!r} → {decode(shift['top_after'])!r}; KL "
-            f"{shift['kl']:.4f} nats. Feature {f} is {float(acts[-1, f]):.3f} at the last token."), help=KL_HELP)
+            f"{shift['kl']:.4f} nats. Feature {f} is {float(prompt_acts()[-1, f]):.3f} at the last token."), help=KL_HELP)
 
 
 def search_label(f: int, *numbers: str) -> str:

@@ -161,14 +161,11 @@ def pick_direction(key: str):
         return None
 
 
-def agreement_check(hooks) -> str | None:
+def agreement_check(hooks, steer: tuple) -> str | None:
     """On held-out singular-subject agreement prompts: how often ' are' beats ' is', without and with the hooks."""
-    try:
-        prompts = steering.agreement_prompts(model)
-    except SteeringError:
+    flip = cache.agreement_flip(model, hooks, steer)  # kept per direction and intervention
+    if flip is None:
         return None
-    base = cache.get_store().get(model, prompts.tokens).logits  # the unsteered run, shared with other pages
-    flip = steering.agreement_flip(model, hooks, prompts, base_logits=base)
     return (f"Measured on {flip.n} held-out agreement prompts with a singular subject (template '{flip.template}'): "
             f"' are' beats ' is' in {flip.unsteered:.0%} unsteered and {flip.steered:.0%} steered.")
 
@@ -177,11 +174,10 @@ def generated_text(column, title: str, seq, prompt_len: int) -> None:
     """The prompt and its continuation as the tokenizer decodes the whole sequence; a note where the
     decoder joined a word piece onto the word before it ('jane' + '##98' → 'jane98')."""
     column.markdown(f"**{title}**")
-    column.code(steering.sequence_text(model, seq), language=None, wrap_lines=True)
-    ids = seq.tolist()
-    glued = [i for i in steering.glued_positions(model, ids) if i >= prompt_len]
+    text, glued, labels = cache.sequence_texts(model, seq.tolist())
+    column.code(text, language=None, wrap_lines=True)
+    glued = [i for i in glued if i >= prompt_len]
     if glued:
-        labels = steering.token_labels(model, ids)
         pairs = ", ".join(f"{labels[i - 1]!r} + {labels[i]!r}" for i in glued[:4]) + (" …" if len(glued) > 4 else "")
         column.caption(ui.md_escape(
             f"Word pieces: {pairs}. A piece marked ## continues the token before it, so the tokenizer writes the two "
@@ -212,16 +208,20 @@ def steer_view() -> None:
         st.warning(ui.md_escape(str(err)))
         return
     tokens = ui.to_tokens(model, prompt)
-    shift = steering.next_token_shift(model, tokens, hooks, base_logits=cache.get_store().get(model, tokens).logits)
+    # Kept per model, direction, intervention and prompt (cache.steering_key): a rerun that changes none of
+    # them, such as a new sidebar prompt (this view has its own), runs no forward pass.
+    steer = cache.steering_key(model, d, mode, float(alpha), int(from_pos))
+    shift = cache.next_token_shift(model, tokens, hooks, steer)
     rows = shift["rows"]  # the unsteered top 10 and the steered top 10 together
-    charts.show(plots.distribution_shift_bars([decode(r["token"]) for r in rows], [r["before"] for r in rows],
+    texts = cache.token_texts(model, [r["token"] for r in rows])
+    charts.show(plots.distribution_shift_bars(texts, [r["before"] for r in rows],
                                                   [r["after"] for r in rows], "Next token, unsteered and steered"),
                 width="stretch", key="steer_shift")
     st.caption(ui.md_escape(
         f"Top next token {decode(shift['top_before'])!r} → {decode(shift['top_after'])!r}; KL(unsteered ‖ steered) "
         f"= {shift['kl']:.4f} nats. The bars: the 10 most likely next tokens without steering and the 10 most likely "
         f"with it ({len(rows)} tokens), most likely first."), help=HELP["kl"])
-    check = agreement_check(hooks)
+    check = agreement_check(hooks, steer)
     if check:
         st.caption(check)
     g1, g2, g3 = st.columns(3)
@@ -229,8 +229,8 @@ def steer_view() -> None:
     temperature = g2.slider("Temperature (0 = greedy)", 0.0, 2.0, 1.0, 0.1, key="steer_temp")
     seed = g3.number_input("Seed", 0, 10**6, 0, key="steer_seed")
     with st.spinner("Generating…"):
-        plain = steering.generate(model, tokens, n_new, (), int(seed), temperature)
-        steered = steering.generate(model, tokens, n_new, hooks, int(seed), temperature)
+        plain = cache.generate(model, tokens, n_new, (), None, int(seed), temperature)
+        steered = cache.generate(model, tokens, n_new, hooks, steer, int(seed), temperature)
     a, b = st.columns(2)
     generated_text(a, "Unsteered", plain[0], tokens.shape[1])
     generated_text(b, "Steered", steered[0], tokens.shape[1])

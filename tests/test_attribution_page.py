@@ -86,9 +86,12 @@ def test_default_view_explains_the_top_prediction_against_the_runner_up(attn_lm)
     bar = _bar(at, "Direct effect of each component")
     assert bar["x"] == ["embed", "L0 attn", "L1 attn", "L2 attn"]
     np.testing.assert_allclose(bar["y"], comps[:, 0].numpy(), atol=1e-4)
+    # A tab is computed and drawn only while open: one app per tab.
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT, attr_tab="By head")
     grid = heatmap_z(figure_spec(at, "Direct effect of each head")["data"][0])
     np.testing.assert_allclose(grid, heads[:, :, 0].numpy(), atol=1e-4)
     # The accumulated residual stream ends at the model's own logit difference.
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT, attr_tab="Accumulated residual")
     acc = _chart_with(at, lambda t: t.get("mode") == "lines+markers" and t["x"][-1] == "final")["data"][0]
     assert acc["x"][0] == "pre 0"
     assert acc["y"][-1] == pytest.approx(float(diff[0]), abs=1e-4)
@@ -119,11 +122,14 @@ def test_task_batch_mean_equals_the_mean_of_independent_effects(attn_lm):
     task = tasks.make_task("ioi", attn_lm, n=32, seed=0, split="held_out", template=default_template("ioi"))
     comps, heads, _ = _manual_direct_effects(attn_lm, task.clean_tokens, task.answers, task.wrongs)
     np.testing.assert_allclose(_bar(at, "Direct effect of each component")["y"], comps.mean(-1).numpy(), atol=1e-4)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", source="ioi", example="0", attr_tab="By head")
+    at.segmented_control(key="attr_scope").set_value("task").run()
+    assert not at.exception and not at.warning
     np.testing.assert_allclose(heatmap_z(figure_spec(at, "Direct effect of each head")["data"][0]), heads.mean(-1).numpy(), atol=1e-4)
 
 
 def test_head_links_open_the_attention_page_on_that_head():
-    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT, attr_tab="By head")
     links = at.get("page_link")
     assert links
     first = links[0].proto
@@ -138,7 +144,7 @@ def test_head_links_open_the_attention_page_on_that_head():
 
 
 def test_logit_lens_equals_a_plain_computation(attn_lm):
-    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT, attr_tab="Logit lens")
     tokens = attn_lm.to_tokens(IOI_PROMPT)
     _, cache = attn_lm.run_with_cache(tokens)
     lens = _chart_with(at, lambda t: t.get("colorbar", {}).get("title", {}).get("text") == "top-1 prob")
@@ -155,7 +161,7 @@ def test_logit_lens_equals_a_plain_computation(attn_lm):
 
 def test_neurons_on_the_mlp_model_equal_transformer_lens():
     model = models.load_model("ce-circuits-3l-mlp")
-    at = open_app(page="attribution", model="ce-circuits-3l-mlp", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-mlp", prompt=IOI_PROMPT, attr_tab="Neurons")
     assert not at.exception
     layer = at.selectbox(key="attr_neuron_layer").value
     answer, wrong = at.text_input(key="attr_answer").value, at.text_input(key="attr_wrong").value
@@ -173,7 +179,7 @@ def test_neurons_on_the_mlp_model_equal_transformer_lens():
 
 
 def test_attention_only_model_says_it_has_no_neurons():
-    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT, attr_tab="Neurons")
     assert any("no MLP neurons" in i.value for i in at.info)
 
 
@@ -208,7 +214,7 @@ def test_empty_prompt_and_html_prompt():
     at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt="   ")
     assert not at.exception and any("prompt is empty" in w.value for w in at.warning)
     evil = "<script>alert(1)</script> the cat"
-    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=evil)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=evil, attr_tab="Logit lens")
     assert not at.exception
     lens = next(el.proto.spec for el in at.get("plotly_chart") if "top-1 prob" in el.proto.spec)
     assert "<script>" not in lens
@@ -219,7 +225,7 @@ def test_on_ioi_the_heads_that_write_the_answer_are_the_name_movers():
     indirect object (name movers, by attention and patching, computed independently)."""
     card = json.loads((models.ZOO_DIR / "ce-circuits-3l-attn" / "metrics.json").read_text())
     movers = set(card["circuits"]["ioi"]["name_movers"])
-    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT)
+    at = open_app(page="attribution", model="ce-circuits-3l-attn", prompt=IOI_PROMPT, attr_tab="By head")
     grid = heatmap_z(figure_spec(at, "Direct effect of each head")["data"][0])
     n_heads = grid.shape[1]
     flat = grid.flatten()

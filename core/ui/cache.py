@@ -420,6 +420,96 @@ def demo_check(model: HookedTransformer):
 
 
 # ---------------------------------------------------------------------------------------------
+# Steering (pages/steering.py): what a view shows, kept per model, direction and intervention, so a
+# rerun that changes none of them (a new sidebar prompt, which the Steer view does not read) runs
+# no forward pass
+# ---------------------------------------------------------------------------------------------
+
+STEERING_KEPT = 64
+
+
+@st.cache_resource(show_spinner=False)
+def _steering_results() -> KeyedCache:
+    """Small results (distributions, sampled sequences), apart from the sweeps so they never evict one."""
+    return KeyedCache(STEERING_KEPT)
+
+
+def _tokens_key(tokens: torch.Tensor) -> tuple:
+    return (tuple(tokens.shape), tuple(int(t) for t in tokens.flatten().tolist()))
+
+
+def steering_key(model: HookedTransformer, direction, mode: str, alpha: float = 0.0, from_pos: int = 0) -> tuple:
+    """What `steering.steering_hooks(model, direction, mode, alpha, from_pos)` does, as a cache key: the
+    model, the direction's content (name, hook, a hash of its vector) and the intervention."""
+    vector = direction.vector.detach().to("cpu").contiguous()
+    digest = hashlib.sha1(vector.view(torch.uint8).numpy().tobytes() if vector.numel() else b"").hexdigest()
+    return (model_key(model), direction.name, direction.hook_name, str(vector.dtype), tuple(vector.shape), digest,
+            mode, float(alpha) if mode == "add" else None, int(from_pos))
+
+
+def next_token_shift(model: HookedTransformer, tokens: torch.Tensor, hooks, steer: tuple) -> dict:
+    """`steering.next_token_shift` (the unsteered logits from the activation store), kept per
+    prompt and `steering_key`."""
+    from core import steering
+
+    key = ("shift", steer, _tokens_key(tokens))
+    return _steering_results().get(key, lambda: steering.next_token_shift(
+        model, tokens, hooks, base_logits=get_store().get(model, tokens).logits))
+
+
+def agreement_prompts(model: HookedTransformer):
+    """`steering.agreement_prompts`, once per model: the AgreementPrompts, or the SteeringError's
+    message where the model cannot build them (remembered too: building is seconds of tokenising)."""
+    from core import steering
+
+    def build():
+        try:
+            return steering.agreement_prompts(model)
+        except steering.SteeringError as err:
+            return str(err)
+
+    return _steering_results().get(("agreement_prompts", model_key(model)), build)
+
+
+def agreement_flip(model: HookedTransformer, hooks, steer: tuple):
+    """`steering.agreement_flip` on the model's agreement prompts (unsteered logits from the store),
+    kept per `steering_key`; None where the model has no agreement prompts."""
+    from core import steering
+
+    prompts = agreement_prompts(model)
+    if isinstance(prompts, str):
+        return None
+    return _steering_results().get(("agreement", steer), lambda: steering.agreement_flip(
+        model, hooks, prompts, base_logits=get_store().get(model, prompts.tokens).logits))
+
+
+def generate(model: HookedTransformer, tokens: torch.Tensor, n_new: int, hooks, steer: tuple | None, seed: int,
+             temperature: float) -> torch.Tensor:
+    """`steering.generate`, kept per prompt, length, seed, temperature and `steering_key` (None: no
+    hooks). Sampling is seeded, so the kept sequence is the one a new run would draw."""
+    from core import steering
+
+    key = ("generate", model_key(model), steer, _tokens_key(tokens), int(n_new), int(seed), float(temperature))
+    return _steering_results().get(key, lambda: steering.generate(model, tokens, int(n_new), hooks if steer else (),
+                                                                  int(seed), float(temperature)))
+
+
+def sequence_texts(model: HookedTransformer, ids) -> tuple[str, list[int], list[str]]:
+    """(`steering.sequence_text`, `steering.glued_positions`, `steering.token_labels`) of one
+    sequence, kept per model and ids (each decodes token pairs one lock take at a time)."""
+    from core import steering
+
+    ids = [int(t) for t in ids]
+
+    def texts():
+        glued = steering.glued_positions(model, ids)
+        labels = ["##" + t if i in glued else t for i, t in enumerate(token_texts(model, ids))]
+        return steering.sequence_text(model, ids), glued, labels
+
+    return _steering_results().get(("texts", model_key(model), tuple(ids)), texts)
+
+
+# ---------------------------------------------------------------------------------------------
 # SAEs: the SAE (embedded, local folder, pretrained), its corpus and its feature index
 # ---------------------------------------------------------------------------------------------
 
