@@ -208,10 +208,15 @@ def _fresh_start(data: Path) -> None:
     cache._recent_failures.clear()
 
 
+EXTRA_PARAMS: dict[str, str] = {}  # --params: more query parameters (a tab: attr_tab=lens)
+
+
 def _app(page: str, model: str, prompt: str):
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900)
+    for key, value in EXTRA_PARAMS.items():
+        at.query_params[key] = value
     at.query_params["page"] = page
     at.query_params["model"] = model
     at.query_params["prompt"] = prompt
@@ -344,7 +349,9 @@ def main() -> None:
                         help="first start, second start and a prompt change on every page (gpt2-small shape)")
     parser.add_argument("--pages", default=",".join(ALL_PAGES), help="with --all-pages: which pages (comma-separated)")
     parser.add_argument("--profile", metavar="PAGE", help="with --all-pages: cProfile that page's last prompt change")
+    parser.add_argument("--params", default="", help="with --all-pages: more query parameters, e.g. attr_tab=neurons")
     args = parser.parse_args()
+    EXTRA_PARAMS.update(kv.split("=", 1) for kv in args.params.split(",") if "=" in kv)
     torch.set_num_threads(args.threads)
     if args.all_pages:
         import os

@@ -290,3 +290,25 @@ def test_tokenising_inside_a_locked_section_does_not_deadlock(zoo_model):
         tokens = store.to_tokens(model, "the cat sat")  # re-entrant for the thread that holds the lock
         assert store.decode(model, tokens[0, 1:]) == "the cat sat"
     assert store.str_tokens(model, tokens[0]) == ["<|bos|>", "the", "cat", "sat"]
+
+
+def test_tokenising_takes_the_lock_but_not_a_forward_pass_inside_it(zoo_model):
+    """`shared_state` (tokenise, decode) excludes a forward pass on another thread, is re-entrant,
+    and refuses a forward pass started inside it, like `locked`."""
+    ran = []
+
+    def forward():
+        store.run(zoo_model, torch.tensor([[1, 5, 6]]))
+        ran.append(time.monotonic())
+
+    with store.shared_state(zoo_model):
+        assert store.to_tokens(zoo_model, "the cat").shape[0] == 1  # re-entrant
+        t = threading.Thread(target=forward)
+        t.start()
+        time.sleep(0.3)
+        assert not ran  # waits for the lock
+        released = time.monotonic()
+        with pytest.raises(RuntimeError, match="inside another one"):
+            store.run(zoo_model, torch.tensor([[1, 5]]))
+    t.join(10)
+    assert ran and ran[0] >= released
