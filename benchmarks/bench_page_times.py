@@ -371,6 +371,12 @@ def main() -> None:
             print(f"{root}: " + "   ".join(
                 f"start -> {k} {statistics.median(v):5.2f} s ({min(v):.2f}-{max(v):.2f})" for k, v in times.items()))
         return
+    import os
+
+    from core import paths
+
+    # Converted checkpoints and head scores go to a scratch folder, not the repository's .data/.
+    os.environ.setdefault(paths.DATA_ENV, tempfile.mkdtemp(prefix="ce-bench-data-"))
     prompt = "the green king saw seven cold boats near a quiet hill . the green king saw seven cold boats near a quiet hill ."
     new = "a red bird sang in the old garden . a red bird sang in the old garden ."
     print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (medians; min-max)")

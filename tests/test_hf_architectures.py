@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import test_architectures
 import torch
 from hf_checkpoints import ARCH_SPECS, hf_log_probs, make_checkpoint
 
@@ -27,7 +28,6 @@ from hf_checkpoints import ARCH_SPECS, hf_log_probs, make_checkpoint
 from test_architectures import (  # noqa: F401  (collected here as tests)
     test_attribution_adds_up_on_every_architecture,
     test_logit_lens_last_layer_is_the_models_prediction,
-    test_patching_sweeps_equal_transformer_lens,
 )
 
 from core import checkpoints, models
@@ -54,6 +54,12 @@ def checkpoint(arch: str) -> tuple[Path, object]:
 def switched(request):
     folder, _ = checkpoint(request.param)
     return request.param, load_model(str(folder))
+
+
+def test_patching_sweeps_equal_transformer_lens(switched):
+    """`test_architectures`' six sweeps against `transformer_lens.patching`, denoising (noising runs
+    the same code with the two caches swapped, and is checked there on every switch)."""
+    test_architectures.test_patching_sweeps_equal_transformer_lens(switched, "denoise")
 
 
 @pytest.mark.parametrize("arch", arch_params())
