@@ -175,6 +175,20 @@ class CompositionAblation:
     loss: float  # repeated-half loss, nats
 
 
+def composition_refusal(model: HookedTransformer) -> str | None:
+    """Why removing a head's output from a later head's input is not defined on this model, or
+    None. Where a norm follows each attention layer (Gemma 2/3, OLMo 2/3), a head's z @ W_O is not
+    what the residual stream receives (the layer's heads are normalised together), so there is no
+    single term of the stream to remove."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if model.cfg.use_normalization_before_and_after or model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return ("This model normalises each attention layer's output before adding it to the residual stream, so "
+                "a head's output is not a separate term of the stream and cannot be removed from a later head's "
+                "input. The head scores above still apply.")
+    return None
+
+
 def ablate_composition(
     model: HookedTransformer,
     tokens: torch.Tensor,
@@ -196,6 +210,9 @@ def ablate_composition(
     tokens: [batch, 1 + 2*seq_len] repeated sequences.
     """
     t_layer, t_head = target
+    refusal = composition_refusal(model)
+    if refusal:
+        raise ValueError(refusal)
     if any(layer >= t_layer for layer, _ in sources):
         raise ValueError("source heads must sit in earlier layers than the target head")
     captured: dict[int, torch.Tensor] = {}

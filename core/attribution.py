@@ -382,18 +382,67 @@ def neuron_attribution(model: HookedTransformer, cache: ActivationCache, layer: 
     Activation (hook_post) times its output weight row W_out[layer, neuron], centred and divided
     by the cached final LayerNorm scale, dotted with the unembedding direction: the same
     quantity as this layer's rows of `cache.stack_neuron_results(-1, apply_ln=True)` dotted with
-    the direction,
-    without materialising [neuron, batch, d_model].
+    the direction, without materialising [neuron, batch, d_model]. Where a norm follows the MLP
+    (Gemma 2/3, OLMo 2/3), the rows go through it with this run's scale (`_neuron_direction`), so
+    the neurons plus `neuron_bias` add up to the layer's "mlp_out" bar.
     """
     if model.cfg.attn_only:
         raise ValueError("This model has no MLP layers, so it has no neurons.")
     post = cache["post", layer][:, pos, :]  # [batch, d_mlp]
-    scale = _final_scale(model, cache, pos)  # [batch, 1]
-    direction = unembed_direction(model, answers, wrongs, batch=post.shape[0])  # [batch, d_model]
+    direction = _neuron_direction(model, cache, layer, answers, wrongs, pos, post.shape[0])
+    w_dir = direction @ model.blocks[layer].mlp.W_out.T  # [batch, d_mlp] (model.W_out stacks every layer)
+    return (post * w_dir).T
+
+
+def _mlp_post_norm(model: HookedTransformer, layer: int) -> tuple[str, torch.nn.Module] | None:
+    """(hook prefix, module) of the norm applied to a layer's MLP output before it is added to the
+    residual stream (Gemma 2/3's ln2_post; OLMo 2/3's ln2), or None."""
+    block = model.blocks[layer]
+    if model.cfg.use_normalization_before_and_after:
+        return f"blocks.{layer}.ln2_post", block.ln2_post
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return f"blocks.{layer}.ln2", block.ln2
+    return None
+
+
+def _neuron_direction(model: HookedTransformer, cache: ActivationCache, layer: int, answers: Tokens,
+                      wrongs: Tokens | None, pos: int, batch: int) -> torch.Tensor:
+    """[batch, d_model] d such that a vector v written by this layer's MLP (before any norm after
+    it) adds v · d to the target: the unembedding direction, through the final norm's cached scale,
+    and through the norm after the MLP (Gemma 2/3, OLMo 2/3) with this run's scale. Both norms are
+    linear once their scales are fixed; centring v is centring d."""
+    direction = unembed_direction(model, answers, wrongs, batch=batch)
     if _centres(model):
         direction = direction - direction.mean(-1, keepdim=True)  # centring x == centring the direction
-    w_dir = direction @ model.blocks[layer].mlp.W_out.T  # [batch, d_mlp] (model.W_out stacks every layer)
-    return (post * w_dir / scale).T
+    direction = direction / _final_scale(model, cache, pos)
+    post = _mlp_post_norm(model, layer)
+    if post is not None:
+        name, norm = post
+        if getattr(norm, "w", None) is not None:
+            direction = direction * norm.w
+        if isinstance(norm, (LayerNorm, LayerNormPre)):
+            direction = direction - direction.mean(-1, keepdim=True)
+        direction = direction / cache[f"{name}.hook_scale"][:, pos]
+    return direction
+
+
+@torch.no_grad()
+def neuron_bias(model: HookedTransformer, cache: ActivationCache, layer: int, answers: Tokens,
+                wrongs: Tokens | None = None, pos: int = -1) -> torch.Tensor:
+    """[batch] what the MLP's output bias b_out (and a norm after the MLP's own bias) adds to the
+    target: with `neuron_attribution` summed over neurons, the layer's "mlp_out" bar of `by_component`."""
+    batch = cache["post", layer].shape[0]
+    direction = _neuron_direction(model, cache, layer, answers, wrongs, pos, batch)
+    share = direction @ model.blocks[layer].mlp.b_out
+    post = _mlp_post_norm(model, layer)
+    if post is not None and getattr(post[1], "b", None) is not None:
+        outer = unembed_direction(model, answers, wrongs, batch=batch)
+        if _centres(model):
+            outer = outer - outer.mean(-1, keepdim=True)
+        share = share + (outer / _final_scale(model, cache, pos)) @ post[1].b
+    return share
 
 
 @torch.no_grad()
@@ -430,8 +479,20 @@ def direct_logit_weight_on(model: HookedTransformer, vectors: torch.Tensor, toke
 @torch.no_grad()
 def neuron_top_tokens(model: HookedTransformer, layer: int, neuron: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [k], logit weights [k]) of the tokens neuron's output row promotes most (see `direct_logit_weights`)."""
-    top = direct_logit_weights(model, model.blocks[layer].mlp.W_out[neuron]).topk(k)
+    top = direct_logit_weights(model, _rows_as_written(model, layer, model.blocks[layer].mlp.W_out[neuron])).topk(k)
     return top.indices, top.values
+
+
+def _rows_as_written(model: HookedTransformer, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    """MLP output rows as the residual stream receives them, up to the run's positive scale: through
+    the weight (and centring) of a norm after the MLP, where the model has one."""
+    post = _mlp_post_norm(model, layer)
+    if post is None:
+        return rows
+    norm = post[1]
+    if isinstance(norm, (LayerNorm, LayerNormPre)):
+        rows = rows - rows.mean(-1, keepdim=True)
+    return rows * norm.w if getattr(norm, "w", None) is not None else rows
 
 
 @dataclass(frozen=True)
@@ -453,7 +514,8 @@ def top_neurons(model: HookedTransformer, cache: ActivationCache, layer: int, an
     acts = cache["post", layer][:, pos, :].mean(0)
     # The k neurons' output rows through the unembedding in one product (model.W_out would stack
     # every layer's weights once per neuron).
-    top = direct_logit_weights(model, model.blocks[layer].mlp.W_out[order]).topk(n_tokens, dim=-1).indices
+    rows = _rows_as_written(model, layer, model.blocks[layer].mlp.W_out[order])
+    top = direct_logit_weights(model, rows).topk(n_tokens, dim=-1).indices
     return NeuronTable(
         layer, order, [float(effects[n]) for n in order], [float(acts[n]) for n in order],
         [row.tolist() for row in top],

@@ -296,7 +296,9 @@ def weight_files(path: Path) -> list[Path]:
         if (path / index).exists():
             try:
                 names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as err:
+                if not all(isinstance(n, str) for n in names):
+                    raise ValueError("weight_map values are not file names")
+            except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
                 raise CheckpointError(f"'{path / index}' is corrupt ({err}).") from err
             return [path / n for n in names]
     if (path / "model.safetensors").exists():
@@ -311,7 +313,7 @@ def n_params(path: Path) -> int:
     total = 0
     for file in weight_files(path):
         if file.suffix != ".safetensors":
-            total += file.stat().st_size // 4
+            total += _bin_params(file)
             continue
         try:
             with open(file, "rb") as fh:
@@ -329,6 +331,17 @@ def n_params(path: Path) -> int:
                 count *= int(dim)
             total += count
     return total
+
+
+def _bin_params(file: Path) -> int:
+    """Parameters in a PyTorch .bin file, memory-mapped (nothing read but the tensors' headers)."""
+    import torch
+
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"'{file}' is corrupt ({err}).") from err
+    return sum(t.numel() for t in state.values() if hasattr(t, "numel"))
 
 
 @dataclass(frozen=True)
@@ -377,10 +390,17 @@ def available_bytes(device: str) -> int | None:
 
 
 def memory_plan(path: Path, dtype: str, device: str, store_bytes: int) -> MemoryPlan:
+    """What loading needs on `device`. The conversion itself runs in the machine's RAM
+    (transformers' model and TL's copy live together until the first is dropped): for a GPU load
+    the tighter of the two is returned (`cpu_plan` for the RAM side)."""
     params = n_params(path)
     weights = params * DTYPE_BYTES.get(dtype, 4)
-    # transformers' model and TL's converted copy live together until the first is dropped.
-    return MemoryPlan(params, dtype, device, weights, 2 * weights, store_bytes, available_bytes(device))
+    on_device = MemoryPlan(params, dtype, device, weights, 2 * weights, store_bytes, available_bytes(device))
+    if device.startswith("cuda"):
+        in_ram = MemoryPlan(params, dtype, "cpu (converting)", weights, 2 * weights, 0, available_bytes("cpu"))
+        if not in_ram.fits:
+            return in_ram
+    return on_device
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,14 +178,21 @@ def _is_cached(official_name: str) -> bool:
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
-    """The folder of `repo_id`'s newest snapshot in the local Hugging Face cache, if it has one."""
+    """The folder of `repo_id`'s newest snapshot in the local Hugging Face cache, if it has the
+    config and weights (a config or tokenizer fetched alone, say by AutoTokenizer, is not a model)."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
         hit = try_to_load_from_cache(repo_id, "config.json")
     except Exception:  # a malformed repo id
         return None
-    return Path(hit).parent if isinstance(hit, str) else None
+    if not isinstance(hit, str):
+        return None
+    folder = Path(hit).parent
+    try:
+        return folder if checkpoints.weight_files(folder) else None
+    except checkpoints.CheckpointError:
+        return folder  # a damaged index: the load says so
 
 
 def cached_hub_models() -> list[str]:
@@ -202,12 +209,12 @@ def cached_hub_models() -> list[str]:
     for repo in repos:
         repo_id = repo.name.removeprefix("models--").replace("--", "/")
         folder = _cached_snapshot(repo_id)
-        if folder is None or not checkpoints.weight_files(folder):
-            continue
         try:
+            if folder is None or not checkpoints.weight_files(folder):
+                continue
             checkpoints.architecture(folder)
-        except checkpoints.CheckpointError:
-            continue
+        except (checkpoints.CheckpointError, OSError):
+            continue  # damaged or not a causal LM the app loads: not offered
         out.append(repo_id)
     return out
 
@@ -295,6 +302,7 @@ def _load_pretrained(name: str, official: str, device: str, dtype: str) -> Hooke
         if (cached / CONFIG_FILE).exists():
             try:
                 model = _load_zoo(cached, device, label=name)
+                model.cfg.model_name = official.split("/")[-1]  # as TL names it
                 model._circuit_explorer_weights_key = key
                 return model
             except ModelLoadError:
@@ -310,7 +318,7 @@ def _load_pretrained(name: str, official: str, device: str, dtype: str) -> Hooke
         raise ModelLoadError(f"Could not load '{name}' ({official}): {err}") from err
     model = _process(model)
     if key is not None and snapshot is not None:
-        _save_converted(model, _converted_dir(key, dtype))
+        _save_converted(model, _converted_dir(key, dtype), snapshot)
         model._circuit_explorer_weights_key = key
     return model
 
@@ -379,6 +387,7 @@ def _load_hf_dir(path: Path, device: str, dtype: str = "float32", name: str | No
     if (cached / CONFIG_FILE).exists():
         try:
             model = _load_zoo(cached, device, label=name or path.name)
+            model.cfg.model_name = name or path.name  # this request's name, not the first load's
             model._circuit_explorer_weights_key = key
             return model
         except ModelLoadError:
@@ -391,24 +400,73 @@ def _load_hf_dir(path: Path, device: str, dtype: str = "float32", name: str | No
     except Exception as err:
         raise ModelLoadError(f"Could not read the config of '{path}': {err}") from err
     tokenizer = _folder_tokenizer(path)
+    probe = torch.arange(PROBE_TOKENS)[None] % cfg.d_vocab
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        with torch.no_grad():
+            reference = hf_model(probe).logits.float().log_softmax(-1)
         state = loading.get_pretrained_state_dict(str(path), cfg, hf_model)
     except Exception as err:
         raise ModelLoadError(f"Could not read the checkpoint in '{path}': {err}") from err
     del hf_model
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    # Load as converted, then process the model's own (untied) parameters: see `_process`.
-    model.load_and_process_state_dict(
-        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
-    )
-    del state
-    model = _process(model).to(device)
-    _save_converted(model, cached)
+    try:
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        # Load as converted, then process the model's own (untied) parameters: see `_process`.
+        model.load_and_process_state_dict(
+            state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+        )
+        del state
+        _gates_in_model_dtype(model)
+        model = _process(model)
+        with torch.no_grad():
+            ours = model(probe).float().log_softmax(-1)
+    except Exception as err:
+        raise ModelLoadError(f"Could not convert the checkpoint in '{path}' to TransformerLens: {err}") from err
+    _verify(ours, reference, dtype, path)
+    model = model.to(device)
+    _save_converted(model, cached, path)
     model._circuit_explorer_weights_key = key
     return model
+
+
+# The converted model must give transformers' log-probabilities on a short probe before it is
+# used or kept: a config option TransformerLens does not convert (Llama's attention_bias, Phi's
+# qk_layernorm, Qwen2's sliding window, Phi-3's longrope, ...) loads without an error otherwise.
+PROBE_TOKENS = 12
+PROBE_TOLERANCE = {"float32": 1e-2, "bfloat16": 1.0}
+
+
+def _verify(ours, reference, dtype: str, path: Path) -> None:
+    diff = float((ours - reference).abs().max())
+    if not diff <= PROBE_TOLERANCE.get(dtype, 1e-2) and dtype != "float32":
+        raise ModelLoadError(
+            f"'{path.name}' in {dtype}: its log-probabilities differ from transformers' own {dtype} run by "
+            f"{diff:.3g} on a {PROBE_TOKENS}-token probe (allowed {PROBE_TOLERANCE.get(dtype)}). The two round "
+            "differently (a mixture-of-experts router can then pick other experts); the app refuses it rather "
+            "than show numbers that depend on rounding. Load it in float32 (CIRCUIT_EXPLORER_DTYPE=float32)."
+        )
+    if not diff <= PROBE_TOLERANCE.get(dtype, 1e-2):  # also catches NaN
+        raise ModelLoadError(
+            f"'{path.name}' converts to TransformerLens, but not exactly: its log-probabilities differ from "
+            f"transformers' by {diff:.3g} on a {PROBE_TOKENS}-token probe (allowed {PROBE_TOLERANCE.get(dtype, 1e-2)} "
+            f"in {dtype}). The checkpoint uses an option TransformerLens does not convert (for example attention "
+            "or MLP biases on Llama, q/k norms on Phi, Qwen2's sliding window, long-context rope scaling); "
+            "the app refuses it rather than show wrong numbers."
+        )
+
+
+def _gates_in_model_dtype(model: HookedTransformer) -> None:
+    """TL's mixture-of-experts layers make their router and experts' weights in float32 whatever
+    the model's dtype; a bfloat16 model then fails its first forward pass. Cast every floating
+    parameter that is not in the model's dtype to it (elsewhere they all are already)."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != model.cfg.dtype:
+                param.data = param.data.to(model.cfg.dtype)
 
 
 def _check_tokenizer_files(path: Path) -> None:
@@ -465,27 +523,43 @@ def converted_root() -> Path:
     return data_dir() / "converted"
 
 
+CONVERT_FORMAT = 2  # bump when `_process` or the saved layout changes: old copies are then not read
+
+
 def _converted_dir(key: str, dtype: str) -> Path:
-    return converted_root() / f"{key}-{dtype}"
+    """Where the converted copy of the weights `key` lives: per precision, conversion format and
+    TransformerLens version (a fix in either makes a new copy)."""
+    import transformer_lens
+
+    version = getattr(transformer_lens, "__version__", "tl")
+    return converted_root() / f"{key}-{dtype}-f{CONVERT_FORMAT}-tl{version}"
 
 
-def _save_converted(model: HookedTransformer, folder: Path) -> None:
-    """The processed TL weights, config and tokenizer, in the zoo's format. A failure to write
-    (read-only disk, full disk) only costs the next start its conversion."""
+def _save_converted(model: HookedTransformer, folder: Path, source: Path | None = None) -> None:
+    """The processed TL weights and config, in the zoo's format, and the tokenizer files as the
+    source folder has them (TL changes a loaded tokenizer, say its BOS; saved after that, it would
+    load differently next time). A failure to write (read-only or full disk, anything) only costs
+    the next start its conversion."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(_cfg_json(model.cfg)))
-        if model.tokenizer is not None:
+        copied = False
+        if source is not None:
+            for name in (*checkpoints.TOKENIZER_FILES, "config.json"):
+                if (source / name).exists():
+                    shutil.copyfile(source / name, tmp / name)
+                    copied = copied or name != "config.json"
+        if not copied and model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
-    except OSError:
+    except Exception:  # noqa: BLE001 - a cache that could not be written is not an error
         shutil.rmtree(tmp, ignore_errors=True)
 
 

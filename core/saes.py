@@ -259,7 +259,9 @@ def decoder_to_residual(model: HookedTransformer, sae) -> torch.Tensor | None:
     """[d_sae, d_model]: each feature's decoder direction as written into the residual stream.
 
     Residual-stream, attn_out and mlp_out SAEs write d_model directly; hook_z SAEs go through
-    W_O; hook_post (MLP neuron) SAEs through W_out. Other hooks (q, k, v, patterns): None.
+    W_O; hook_post (MLP neuron) SAEs through W_out. Other hooks (q, k, v, patterns), and hook_z /
+    hook_post SAEs on models that normalise each layer's output (their direction in the stream
+    depends on the run's scale): None.
     """
     name = hook_name(sae)
     W = sae.W_dec.detach()
@@ -268,6 +270,10 @@ def decoder_to_residual(model: HookedTransformer, sae) -> torch.Tensor | None:
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
     if layer is None:
         return None
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if model.cfg.use_normalization_before_and_after or model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return None  # a norm follows the layer (Gemma 2/3, OLMo 2/3): no fixed direction in the stream
     if name.endswith("attn.hook_z"):
         W_O = model.blocks[layer].attn.W_O.detach()  # [head, d_head, d_model]
         return torch.einsum("fhd,hdm->fm", W.reshape(W.shape[0], *W_O.shape[:2]), W_O)

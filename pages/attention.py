@@ -83,6 +83,8 @@ with tab_scores:
         st.subheader("Which input carries the composition? Ablate on Q / K / V")
         if layer == 0:
             st.info("Choose a head in layer 1 or later: composition needs heads in an earlier layer to read from.")
+        elif attention.composition_refusal(model):
+            st.info(attention.composition_refusal(model))
         else:
             candidates = [(l, h) for l in range(layer) for h in range(n_heads)]
             prev_default = [f"L{l}H{h}" for l, h in attention.previous_token_heads(scores["previous_token"], before_layer=layer)]

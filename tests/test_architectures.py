@@ -71,6 +71,23 @@ def test_attribution_adds_up_on_every_architecture(switched, difference):
         torch.testing.assert_close(attribution.target(model, logits, answers, wrongs), precap, atol=ATOL, rtol=0)
 
 
+def test_neurons_add_up_to_their_mlp_output(switched):
+    """Each layer's neurons (`neuron_attribution`) plus its output bias (`neuron_bias`) add up to the
+    layer's "mlp_out" bar, which `by_component` reads from the cached hook_mlp_out."""
+    name, model = switched
+    if not attribution.has_neurons(model):
+        assert model.cfg.attn_only or model.cfg.num_experts  # no MLP, or experts instead of one neuron row
+        return
+    tokens = _tokens(name, model)
+    _, cache = model.run_with_cache(tokens)
+    answers, wrongs = torch.tensor([5, 9, 17]), torch.tensor([8, 40, 6])
+    comp = attribution.by_component(model, cache, answers, wrongs)
+    for layer in range(model.cfg.n_layers):
+        total = (attribution.neuron_attribution(model, cache, layer, answers, wrongs).sum(0)
+                 + attribution.neuron_bias(model, cache, layer, answers, wrongs))
+        torch.testing.assert_close(total, comp.values[comp.labels.index(f"{layer}_mlp_out")], atol=ATOL, rtol=0)
+
+
 def test_pos_embed_is_a_component_only_where_positions_enter_the_residual_stream(switched):
     name, model = switched
     _, cache = model.run_with_cache(_tokens(name, model))
