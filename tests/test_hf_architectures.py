@@ -10,7 +10,8 @@ and saved with `save_pretrained` next to a tokenizer made with `tokenizers`, loa
   lens's last row is the prediction, every patching sweep equals `transformer_lens.patching`)
   run on it, through the `switched` fixture below;
 - every page runs under AppTest with no exception and no error (slow).
-Three of them run in the quick suite (GPT-2, Llama, Gemma 2); all of them in CI.
+Three of them run in the quick suite (GPT-2, Llama, Gemma 2); all of them in CI, with the
+secondary checks (bfloat16, sharded and .bin weights, refusals) marked slow.
 """
 from __future__ import annotations
 
@@ -193,6 +194,7 @@ def test_memory_plan_counts_half_the_bytes_in_bfloat16():
     assert bf16.weights * 2 == f32.weights and bf16.needed * 2 == f32.needed
 
 
+@pytest.mark.slow
 def test_bfloat16_loads_and_stays_close_to_float32():
     folder, hf = checkpoint("LlamaForCausalLM")
     model = load_model(str(folder), dtype="bfloat16")
@@ -407,6 +409,7 @@ def test_the_model_picker_lists_the_models_in_the_hub_cache(offline_hub, tmp_pat
     assert any("Qwen3" in c.value for c in at.sidebar.caption)
 
 
+@pytest.mark.slow
 def test_sharded_weights_are_counted_once_and_extra_files_ignored(tmp_path):
     """Mistral's repos hold the shards and a consolidated copy: the index says which are read."""
     folder, hf = checkpoint("MistralForCausalLM")
@@ -475,6 +478,7 @@ def test_every_page_runs_in_bfloat16(monkeypatch):
     assert any("bfloat16" in c.value for c in at.sidebar.caption)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "GptOssForCausalLM"])
 def test_mixture_of_experts_models_run_in_bfloat16(arch):
     """TL makes the router and experts in float32 whatever the model's dtype: cast, the bfloat16
@@ -486,6 +490,7 @@ def test_mixture_of_experts_models_run_in_bfloat16(arch):
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_a_model_whose_bfloat16_rounding_changes_its_answers_is_sent_to_float32():
     """The tiny OLMoE's router picks other experts under the two implementations' bfloat16
     rounding (log-probs 2.2 apart): refused in bfloat16, with the way out; exact in float32."""
@@ -495,6 +500,7 @@ def test_a_model_whose_bfloat16_rounding_changes_its_answers_is_sent_to_float32(
     assert load_model(str(folder)).cfg.dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [
     ("LlamaForCausalLM", {"attention_bias": True}),
     ("PhiForCausalLM", {"qk_layernorm": True}),
@@ -521,6 +527,7 @@ def test_a_config_option_transformer_lens_does_not_convert_is_refused(tmp_path, 
     assert not models._converted_dir(key, "float32").exists()
 
 
+@pytest.mark.slow
 def test_a_cached_copy_takes_the_name_it_is_loaded_by(offline_hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -535,6 +542,7 @@ def test_a_cached_copy_takes_the_name_it_is_loaded_by(offline_hub, tmp_path, mon
     assert load_model("someone/same-weights").cfg.model_name == "someone/same-weights"  # a cache hit, renamed
 
 
+@pytest.mark.slow
 def test_a_pytorch_bin_checkpoint_loads_and_is_counted_exactly(tmp_path):
     folder, hf = checkpoint("GPT2LMHeadModel")
     binary = tmp_path / "bin"
@@ -564,6 +572,7 @@ def test_a_damaged_repo_in_the_hub_cache_is_not_offered_and_breaks_nothing(tmp_p
     assert models.cached_hub_models() == ["someone/fine"]
 
 
+@pytest.mark.slow
 def test_online_a_repo_with_only_its_config_cached_is_downloaded(tmp_path, monkeypatch):
     """A config (or tokenizer) fetched alone, by AutoTokenizer say, is not the model: download it."""
     import huggingface_hub
@@ -597,6 +606,7 @@ def test_online_a_repo_with_only_its_config_cached_is_downloaded(tmp_path, monke
         torch.testing.assert_close(model(tokens).log_softmax(-1), hf_log_probs(hf, tokens), atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_composition_and_head_sae_directions_are_refused_where_a_norm_follows_each_layer(tmp_path):
     """Gemma 2 normalises each attention layer's output: removing one head's z @ W_O from a later
     input, or reading an hook_z SAE feature as a fixed stream direction, is not defined there."""
