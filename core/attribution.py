@@ -211,25 +211,26 @@ def by_component(model: HookedTransformer, cache: ActivationCache, answers: Toke
     return Attribution(labels, values, target_bias(model, answers, wrongs, batch=stack.shape[1]), _softcap(model))
 
 
-def _attn_post_norm(model: HookedTransformer, layer: int) -> tuple[str, torch.nn.Module] | None:
-    """(hook prefix, module) of the norm applied to a layer's attention output before it is added
-    to the residual stream (Gemma 2/3's ln1_post; OLMo 2/3's ln1), or None."""
-    block = model.blocks[layer]
+def _post_norm(model: HookedTransformer, layer: int, sublayer: str) -> tuple[str, torch.nn.Module] | None:
+    """(hook prefix, module) of the norm applied to a layer's attention ("attn") or MLP ("mlp")
+    output before it is added to the residual stream (Gemma 2/3's ln1_post / ln2_post; OLMo 2/3's
+    ln1 / ln2), or None."""
+    n = 1 if sublayer == "attn" else 2
     if model.cfg.use_normalization_before_and_after:
-        return f"blocks.{layer}.ln1_post", block.ln1_post
+        return f"blocks.{layer}.ln{n}_post", getattr(model.blocks[layer], f"ln{n}_post")
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
     if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        return f"blocks.{layer}.ln1", block.ln1
+        return f"blocks.{layer}.ln{n}", getattr(model.blocks[layer], f"ln{n}")
     return None
 
 
 def _through_post_norm(model: HookedTransformer, cache: ActivationCache, layer: int, pos: int,
                        parts: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Head outputs [head, batch, d_model] and the attention bias [batch, d_model] as the residual
-    stream receives them. A norm after the attention (`_attn_post_norm`) is linear once its scale
+    stream receives them. A norm after the attention (`_post_norm`) is linear once its scale
     (from the cache) is fixed, so the heads' shares still add up to hook_attn_out exactly."""
-    post = _attn_post_norm(model, layer)
+    post = _post_norm(model, layer, "attn")
     if post is None:
         return parts, bias
     name, norm = post
@@ -394,19 +395,6 @@ def neuron_attribution(model: HookedTransformer, cache: ActivationCache, layer: 
     return (post * w_dir).T
 
 
-def _mlp_post_norm(model: HookedTransformer, layer: int) -> tuple[str, torch.nn.Module] | None:
-    """(hook prefix, module) of the norm applied to a layer's MLP output before it is added to the
-    residual stream (Gemma 2/3's ln2_post; OLMo 2/3's ln2), or None."""
-    block = model.blocks[layer]
-    if model.cfg.use_normalization_before_and_after:
-        return f"blocks.{layer}.ln2_post", block.ln2_post
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
-    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        return f"blocks.{layer}.ln2", block.ln2
-    return None
-
-
 def _neuron_direction(model: HookedTransformer, cache: ActivationCache, layer: int, answers: Tokens,
                       wrongs: Tokens | None, pos: int, batch: int) -> torch.Tensor:
     """[batch, d_model] d such that a vector v written by this layer's MLP (before any norm after
@@ -417,7 +405,7 @@ def _neuron_direction(model: HookedTransformer, cache: ActivationCache, layer: i
     if _centres(model):
         direction = direction - direction.mean(-1, keepdim=True)  # centring x == centring the direction
     direction = direction / _final_scale(model, cache, pos)
-    post = _mlp_post_norm(model, layer)
+    post = _post_norm(model, layer, "mlp")
     if post is not None:
         name, norm = post
         if getattr(norm, "w", None) is not None:
@@ -436,7 +424,7 @@ def neuron_bias(model: HookedTransformer, cache: ActivationCache, layer: int, an
     batch = cache["post", layer].shape[0]
     direction = _neuron_direction(model, cache, layer, answers, wrongs, pos, batch)
     share = direction @ model.blocks[layer].mlp.b_out
-    post = _mlp_post_norm(model, layer)
+    post = _post_norm(model, layer, "mlp")
     if post is not None and getattr(post[1], "b", None) is not None:
         outer = unembed_direction(model, answers, wrongs, batch=batch)
         if _centres(model):
@@ -486,7 +474,7 @@ def neuron_top_tokens(model: HookedTransformer, layer: int, neuron: int, k: int 
 def _rows_as_written(model: HookedTransformer, layer: int, rows: torch.Tensor) -> torch.Tensor:
     """MLP output rows as the residual stream receives them, up to the run's positive scale: through
     the weight (and centring) of a norm after the MLP, where the model has one."""
-    post = _mlp_post_norm(model, layer)
+    post = _post_norm(model, layer, "mlp")
     if post is None:
         return rows
     norm = post[1]

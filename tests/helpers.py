@@ -119,8 +119,9 @@ def start_server(root: Path = ROOT, timeout: float = 90) -> tuple[subprocess.Pop
 # ---------------------------------------------------------------------------------------------
 
 
-def make_gpt2_dir(folder, tied: bool = True, seed: int = 0):
-    """A tiny random GPT-2 saved as a Hugging Face checkpoint folder, with the zoo tokenizer.
+def make_gpt2_dir(folder, tied: bool = True, seed: int = 0, tokenizer=None):
+    """A tiny random GPT-2 saved as a Hugging Face checkpoint folder, with the zoo tokenizer (or
+    `tokenizer`, saved beside it).
 
     Its LayerNorms (the final one too) have weights away from 1 and non-zero biases, and every
     other bias is non-zero, as in a trained GPT-2: a fresh init (weight 1, bias 0) would hide a
@@ -130,7 +131,11 @@ def make_gpt2_dir(folder, tied: bool = True, seed: int = 0):
 
     from core.vocab import build_tokenizer
 
-    tok = build_tokenizer(folder)
+    if tokenizer is None:
+        tok = build_tokenizer(folder)
+    else:
+        tok = tokenizer
+        tok.save_pretrained(folder)
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tok), tie_word_embeddings=tied)
     hf = GPT2LMHeadModel(cfg).eval()

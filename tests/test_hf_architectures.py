@@ -260,7 +260,7 @@ def test_changed_weights_get_a_new_key(tmp_path):
 def _byte_level_bpe_gpt2(folder: Path):
     """A GPT-2-layout checkpoint with a byte-level BPE tokenizer trained here on generated text."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
 
     words = "the a king queen saw green bird river dog ran home old near and to of in".split()
@@ -270,17 +270,10 @@ def _byte_level_bpe_gpt2(folder: Path):
     bpe.train_from_iterator(lines, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    from tests.helpers import make_gpt2_dir
+
     folder.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(folder)
-    torch.manual_seed(1)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tok))).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if ".ln_" in name or name.startswith("transformer.ln_f"):
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    hf.save_pretrained(folder)
+    _, hf = make_gpt2_dir(folder, seed=1, tokenizer=tok)
     return tok, hf
 
 
