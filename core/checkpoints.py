@@ -285,9 +285,6 @@ def tl_config(path: Path, device: str, dtype: Any, name: str | None = None):
 # Size and memory
 # ---------------------------------------------------------------------------------------------
 
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 def weight_files(path: Path) -> list[Path]:
     """The checkpoint's weight files as transformers reads them: the shards its index names, else

@@ -170,13 +170,6 @@ def _load_zoo(model_dir: Path, device: str, label: str | None = None) -> HookedT
     return model.to(device)
 
 
-def _is_cached(official_name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(official_name, "config.json")
-    return isinstance(hit, str)
-
-
 def _cached_snapshot(repo_id: str) -> Path | None:
     """The folder of `repo_id`'s newest snapshot in the local Hugging Face cache, if it has the
     config and weights (a config or tokenizer fetched alone, say by AutoTokenizer, is not a model)."""
