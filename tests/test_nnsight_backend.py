@@ -1,0 +1,311 @@
+"""The nnsight backend against the TransformerLens backend, here and through a stand-in for NDIF.
+
+Tiny random checkpoints built with `transformers` (`hf_checkpoints`, non-trivial norm weights and
+biases) are loaded twice: by the app's TransformerLens path (`TLBackend`) and by nnsight
+(`NNsightBackend`). Every view gives the same numbers on both to 1e-4 (float32): attention
+patterns, residual norms, the logit lens, direct logit attribution by layer and by head,
+activation patching of the residual stream, attention and MLP outputs and heads, attribution
+patching, steering, and the primitives (a run with reads and edits, gradients).
+
+The remote path runs the same views through `core.ndif.Transport` against `ndif_standin`, a
+local HTTP server that deserializes and runs each request as NDIF does; its failure modes
+(refusal, stall, a failed job mid-sweep, a failed download, no server) each end in a message.
+No test reaches the network: the remote model's config and tokenizer come from a hub cache
+laid out in a temporary folder, with the hub offline.
+"""
+from __future__ import annotations
+
+import functools
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import free_port, hub_cache_from_folder
+from hf_checkpoints import make_checkpoint
+from ndif_standin import Standin
+
+from core import ndif
+from core.backend import Backend, BackendError, Edit, TLBackend, supported_architectures
+from core.models import load_model
+from core.nnsight_backend import NNsightBackend, load_local
+
+ATOL = 1e-4
+QUICK = ("GPT2LMHeadModel",)
+ARCHS = ["GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+         "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"]
+BASE = torch.tensor([[0, 5, 6, 7, 8, 9, 10]])
+SOURCE = torch.tensor([[0, 5, 16, 7, 8, 19, 10]])
+ANSWER, WRONG = 11, 12
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint(arch: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="ce-nn-")) / arch
+    make_checkpoint(arch, folder)
+    return folder
+
+
+@functools.lru_cache(maxsize=None)
+def backends(arch: str) -> tuple[TLBackend, NNsightBackend]:
+    folder = checkpoint(arch)
+    return TLBackend(load_model(str(folder))), NNsightBackend(load_local(folder))
+
+
+def close(a, b, what: str, atol: float = ATOL) -> None:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} and {tuple(b.shape)}"
+    assert torch.allclose(a, b, atol=atol, rtol=0), f"{what}: max difference {float((a - b).abs().max()):.2e}"
+
+
+def check_views(x: Backend, y: Backend, arch: str) -> None:
+    """Every view of `x` equals `y`'s."""
+    n_layers = x.spec.n_layers
+    close(x.attention_patterns(BASE, range(n_layers)), y.attention_patterns(BASE, range(n_layers)), "patterns")
+    (nx, lx), (ny, ly) = x.residual_norms(BASE), y.residual_norms(BASE)
+    assert lx == ly
+    close(nx, ny, "residual norms")
+    a, b = x.logit_lens(BASE, ANSWER, k=3), y.logit_lens(BASE, ANSWER, k=3)
+    assert a.labels == b.labels
+    assert torch.equal(a.top_ids, b.top_ids) and torch.equal(a.answer_rank, b.answer_rank)
+    close(a.top_probs, b.top_probs, "lens probabilities")
+    close(a.answer_prob, b.answer_prob, "lens answer probability")
+    for wrong in (WRONG, None):
+        for by in ("layer", "head"):
+            a, b = x.dla(BASE, ANSWER, wrong, by), y.dla(BASE, ANSWER, wrong, by)
+            assert a.labels == b.labels, (by, a.labels, b.labels)
+            close(a.values, b.values, f"DLA by {by}, wrong={wrong}")
+            close(a.bias, b.bias, f"DLA bias by {by}")
+            assert a.softcap == b.softcap
+    for target in ("resid_pre", "attn_out", "mlp_out", "z"):
+        a, b = x.patch(BASE, SOURCE, ANSWER, WRONG, target), y.patch(BASE, SOURCE, ANSWER, WRONG, target)
+        close(a.values, b.values, f"patching {target}")
+        close(a.base, b.base, "base metric")
+        close(a.source, b.source, "source metric")
+        assert not torch.isnan(a.values).any() and a.failed is None and b.failed is None
+        a, b = (x.attribution_patch(BASE, SOURCE, ANSWER, None, target),
+                y.attribution_patch(BASE, SOURCE, ANSWER, None, target))
+        close(a.values, b.values, f"attribution patching {target}")
+    vector = torch.randn(x.spec.d_model, generator=torch.Generator().manual_seed(1))
+    a, b = x.steer(BASE, n_layers - 1, vector, 4.0, from_pos=2), y.steer(BASE, n_layers - 1, vector, 4.0, from_pos=2)
+    assert [r["token"] for r in a["rows"]] == [r["token"] for r in b["rows"]]
+    close([r["logit change"] for r in a["rows"]], [r["logit change"] for r in b["rows"]], "steering")
+    close(a["kl"], b["kl"], "steering KL")
+
+
+@pytest.mark.parametrize("arch", [a if a in QUICK else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+def test_every_view_equals_the_transformer_lens_backend(arch):
+    tl, nn = backends(arch)
+    check_views(tl, nn, arch)
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", pytest.param("LlamaForCausalLM", marks=pytest.mark.slow)])
+def test_runs_with_reads_edits_and_gradients_equal(arch):
+    tl, nn = backends(arch)
+    d = tl.spec.d_model
+    reads = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern", "blocks.0.hook_mlp_out",
+             "blocks.1.attn.hook_z", "blocks.1.hook_attn_out", "blocks.1.hook_resid_post"]
+    add = torch.linspace(-1, 1, d)
+    add = add - add.mean()  # centred: a LayerNorm model's residual stream is read centred (see core.backend)
+    edits = [Edit("blocks.0.attn.hook_z", "zero", head=1, pos=2),
+             Edit("blocks.1.hook_resid_pre", "add", add, start=3),
+             Edit("blocks.1.hook_mlp_out", "patch", torch.full((d,), 0.5) - 0.5 * tl.spec.layer_norm, pos=-1)]
+    x, y = tl.run(BASE, reads, edits, logit_positions=[-1]), nn.run(BASE, reads, edits, logit_positions=[-1])
+    for name in reads:
+        close(x[name], y[name], name)
+    # TL centres the unembedding; the logits agree up to a constant per position.
+    close(x["logits"] - x["logits"].mean(-1, keepdim=True), y["logits"] - y["logits"].mean(-1, keepdim=True), "logits")
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out"]
+    gx, gy = tl.gradients(BASE, hooks, ANSWER, WRONG), nn.gradients(BASE, hooks, ANSWER, WRONG)
+    for name in hooks:
+        close(gx[name], gy[name], f"gradient at {name}")
+
+
+@pytest.mark.slow
+def test_transformer_lens_backend_sweeps_equal_transformer_lens_patching():
+    """The TL backend's batched sweeps against `transformer_lens.patching`, the field's reference."""
+    from transformer_lens import patching
+
+    tl, _ = backends("GPT2LMHeadModel")
+    model = tl.model
+    _, source_cache = model.run_with_cache(SOURCE)
+
+    def metric(logits):
+        return logits[0, -1, ANSWER] - logits[0, -1, WRONG]
+
+    refs = {"resid_pre": patching.get_act_patch_resid_pre, "attn_out": patching.get_act_patch_attn_out,
+            "mlp_out": patching.get_act_patch_mlp_out, "z": patching.get_act_patch_attn_head_out_all_pos}
+    for target, ref in refs.items():
+        expected = ref(model, BASE, source_cache, metric)
+        close(tl.patch(BASE, SOURCE, ANSWER, WRONG, target).values, expected, f"TL backend {target}")
+
+
+def test_unsupported_architecture_is_named():
+    from core.backend import check_architecture
+
+    with pytest.raises(BackendError, match="GPTJForCausalLM.*GPT2LMHeadModel"):
+        check_architecture("GPTJForCausalLM")
+    assert "LlamaForCausalLM" in supported_architectures()
+
+
+def test_patching_refuses_prompts_of_different_lengths():
+    _, nn = backends("GPT2LMHeadModel")
+    with pytest.raises(BackendError, match="same length"):
+        nn.patch(BASE, SOURCE[:, :-1], ANSWER, WRONG)
+
+
+@pytest.mark.slow
+def test_concurrent_views_and_tokenisation_share_one_model():
+    """Sessions share one nnsight model: views and tokenisation from several threads at once give
+    what each gives alone."""
+    _, nn = backends("GPT2LMHeadModel")
+    alone = (nn.dla(BASE, ANSWER, WRONG, "head").values, nn.patch(BASE, SOURCE, ANSWER, WRONG, "z").values,
+             nn.to_tokens("the old king"))
+    errors, results = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append((nn.dla(BASE, ANSWER, WRONG, "head").values,
+                                nn.patch(BASE, SOURCE, ANSWER, WRONG, "z").values, nn.to_tokens("the old king")))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 9
+    for dla, patch, tokens in results:
+        close(dla, alone[0], "concurrent DLA")
+        close(patch, alone[1], "concurrent patching")
+        assert torch.equal(tokens, alone[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote, against the stand-in
+# ---------------------------------------------------------------------------------------------
+
+REPO = "test-org/tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """(stand-in, meta-built remote model, local nnsight backend) for a Llama checkpoint."""
+    from huggingface_hub import constants
+
+    cache = tmp_path_factory.mktemp("hub")
+    folder = checkpoint("LlamaForCausalLM")
+    hub_cache_from_folder(folder, cache, REPO)
+    old = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache), True
+    try:
+        meta = ndif.remote_model(REPO)
+    finally:
+        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = old
+    assert str(next(meta._module.parameters()).device) == "meta"  # no weights here
+    standin = Standin({meta.to_model_key(): load_local(folder)})
+    yield standin, meta, NNsightBackend(load_local(folder))
+    standin.close()
+
+
+def remote(standin: Standin, meta, timeout: float = 30, tokens: int = 4096, key: str = "test-key") -> NNsightBackend:
+    s = ndif.Settings(host=standin.url, api_key=key, timeout=timeout, tokens_per_request=tokens)
+    return NNsightBackend(meta, ndif.Transport(s, poll_every=0.02))
+
+
+def test_remote_views_equal_local_ones_and_are_logged(service):
+    standin, meta, local = service
+    standin.mode = "ok"
+    rb = remote(standin, meta)
+    check_views(local, rb, "LlamaForCausalLM")
+    log = rb.transport.log
+    assert {r.status for r in log} == {"done"} and all(r.sent > 0 and r.received > 0 for r in log)
+    assert standin.received[-1]["api_key"] == "test-key"
+    # One request per view: a sweep of 2 layers x 7 positions fits in one.
+    assert sum(r.what == "patching" for r in log) == 4
+
+
+def test_a_sweep_is_cut_into_requests_of_the_configured_size(service):
+    standin, meta, local = service
+    standin.mode = "ok"
+    rb = remote(standin, meta, tokens=7 * 6)  # 6 rows a request: source, base and 4 patches
+    result = rb.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre", progress=lambda f, text: None)
+    assert len(rb.transport.log) == 4  # 14 patches / 4 per request
+    close(result.values, local.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre").values, "chunked sweep")
+
+
+def test_refusal_says_why(service):
+    standin, meta, _ = service
+    standin.mode = "refuse"
+    with pytest.raises(ndif.RemoteRefused, match="401.*Invalid API key.*NDIF_API_KEY"):
+        remote(standin, meta).dla(BASE, ANSWER, WRONG)
+
+
+def test_a_stalled_job_times_out_with_its_id(service):
+    standin, meta, _ = service
+    standin.mode = "stall"
+    start = time.perf_counter()
+    with pytest.raises(ndif.RemoteTimeout, match="did not finish .* in 1 s.*job [0-9a-f]+"):
+        remote(standin, meta, timeout=1).residual_norms(BASE)
+    assert time.perf_counter() - start < 5
+
+
+def test_partial_failure_keeps_the_finished_requests(service):
+    standin, meta, local = service
+    standin.mode, standin.ok_jobs = "error_after", sum(j.status.value == "COMPLETED" for j in standin.jobs.values()) + 1
+    rb = remote(standin, meta, tokens=7 * 6)
+    result = rb.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre")
+    assert "1 of 4 requests finished" in result.failed and "CUDA out of memory" in result.failed
+    done = ~torch.isnan(result.values)
+    assert int(done.sum()) == 4  # the first request's four patches
+    close(result.values[done], local.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre").values[done], "kept rows")
+    # A request that fails on its own is an error, not an empty view.
+    with pytest.raises(ndif.RemoteFailed, match="failed on NDIF.*CUDA out of memory"):
+        rb.dla(BASE, ANSWER, WRONG)
+
+
+def test_a_failed_download_is_an_error(service):
+    standin, meta, _ = service
+    standin.mode = "bad_result"
+    with pytest.raises(BackendError, match="NDIF"):
+        remote(standin, meta).logit_lens(BASE, ANSWER)
+
+
+def test_unreachable_service_fails_fast():
+    s = ndif.Settings(host=f"http://127.0.0.1:{free_port()}", api_key="k", timeout=30, tokens_per_request=4096)
+    start = time.perf_counter()
+    with pytest.raises(ndif.RemoteUnreachable, match="cannot be reached"):
+        ndif.served_models(s)
+    assert time.perf_counter() - start < ndif.STATUS_TIMEOUT + 1
+
+
+def test_served_models_are_listed(service):
+    standin, _, _ = service
+    s = ndif.Settings(host=standin.url, api_key="", timeout=5, tokens_per_request=4096)
+    assert ndif.served_models(s) == [REPO]
+
+
+def test_remote_model_offline_without_a_cached_config_says_so(tmp_path):
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(tmp_path), True
+    try:
+        with pytest.raises(BackendError, match="config and tokenizer"):
+            ndif.remote_model("meta-llama/Llama-3.1-70B")
+    finally:
+        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = old
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "abc")
+    monkeypatch.setenv("NDIF_HOST", "http://example.invalid/")
+    monkeypatch.setenv("CIRCUIT_EXPLORER_NDIF_TIMEOUT", "nonsense")
+    s = ndif.settings()
+    assert s.api_key == "abc" and s.host == "http://example.invalid" and s.timeout == ndif.DEFAULT_TIMEOUT
+    monkeypatch.delenv("NDIF_API_KEY")
+    assert not ndif.settings().has_key
