@@ -280,7 +280,7 @@ class TLBackend(Backend):
 
     def str_tokens(self, tokens: torch.Tensor) -> list[str]:
         from core import store
-        return store.str_tokens(self.model, tokens)
+        return store.str_tokens(self.model, torch.as_tensor(tokens).reshape(-1))
 
     def _hook_fn(self, edit: Edit):
         def fn(act, hook):

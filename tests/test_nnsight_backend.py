@@ -208,6 +208,7 @@ def service(tmp_path_factory):
         constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = old
     assert str(next(meta._module.parameters()).device) == "meta"  # no weights here
     standin = Standin({meta.to_model_key(): load_local(folder)})
+    standin.hub_cache = str(cache)
     yield standin, meta, NNsightBackend(load_local(folder))
     standin.close()
 
@@ -309,3 +310,102 @@ def test_settings_come_from_the_environment(monkeypatch):
     assert s.api_key == "abc" and s.host == "http://example.invalid" and s.timeout == ndif.DEFAULT_TIMEOUT
     monkeypatch.delenv("NDIF_API_KEY")
     assert not ndif.settings().has_key
+
+
+# ---------------------------------------------------------------------------------------------
+# The Large models page
+# ---------------------------------------------------------------------------------------------
+
+PAGE_VIEWS = ["dla_layers", "dla_heads", "logit_lens", "attention", "residual_norms", "patching",
+              "attribution_patching", "steering"]
+
+
+def page_problems(at) -> list:
+    return [e.value for e in at.exception] + [e.value for e in at.error]
+
+
+@pytest.mark.slow
+def test_page_shows_every_view_on_the_apps_model():
+    from helpers import open_app
+
+    at = open_app(page="remote")
+    assert not page_problems(at) and at.get("plotly_chart")  # opens on a chart
+    for v in PAGE_VIEWS:
+        at.selectbox(key="nn_view").set_value(v).run()
+        assert not page_problems(at), (v, page_problems(at))
+        assert at.get("plotly_chart"), v
+
+
+@pytest.mark.slow
+def test_page_runs_a_folder_with_nnsight_and_refuses_bad_input(tmp_path):
+    from helpers import MARKUP_TOKENS, open_app
+
+    at = open_app(page="remote")
+    at.radio(key="nn_where").set_value("local").run()
+    at.text_input(key="nn_folder").set_value(str(checkpoint("GPT2LMHeadModel"))).run()
+    at.text_input(key="nn_answer_hf").set_value("").run()  # the model's top prediction
+    for v in PAGE_VIEWS:
+        at.selectbox(key="nn_view").set_value(v).run()
+        assert not page_problems(at), (v, page_problems(at))
+        assert at.get("plotly_chart"), v
+    at.text_area(key="nn_prompt").set_value(" ".join(MARKUP_TOKENS)).run()  # shown as text, never run
+    assert not at.exception
+    at.text_area(key="nn_prompt").set_value("   ").run()
+    assert any("empty" in e.value for e in at.error)
+    at.text_area(key="nn_prompt").set_value("hello world").run()
+    at.text_input(key="nn_answer_hf").set_value("hello world again").run()
+    assert any("single token" in e.value for e in at.error)
+    at.text_input(key="nn_folder").set_value(str(tmp_path / "nothing")).run()
+    assert at.error and not at.exception
+
+
+def test_page_remote_without_a_key_says_how_to_set_one(monkeypatch):
+    from helpers import open_app
+
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    at = open_app(page="remote")
+    at.radio(key="nn_where").set_value("remote").run()
+    assert any("NDIF_API_KEY" in e.value for e in at.error) and not at.exception
+
+
+def test_page_remote_unreachable_fails_fast(monkeypatch):
+    from helpers import open_app
+
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{free_port()}")
+    at = open_app(page="remote")
+    start = time.perf_counter()
+    at.radio(key="nn_where").set_value("remote").run()
+    assert any("cannot be reached" in e.value for e in at.error) and not at.exception
+    assert time.perf_counter() - start < ndif.STATUS_TIMEOUT + 3
+
+
+@pytest.mark.slow
+def test_page_remote_sends_a_view_on_request(service, monkeypatch):
+    from helpers import open_app
+    from huggingface_hub import constants
+
+    standin, meta, _ = service
+    standin.mode = "ok"
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    monkeypatch.setenv("NDIF_HOST", standin.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", standin.hub_cache)
+    at = open_app(page="remote")
+    at.radio(key="nn_where").set_value("remote").run()
+    assert at.selectbox(key="nn_repo").value == REPO
+    assert not page_problems(at), page_problems(at)
+    at.text_input(key="nn_answer_hf").set_value("").run()
+    assert any("Give an answer token" in e.value for e in at.error)
+    at.text_area(key="nn_prompt").set_value("the old king saw").run()
+    at.text_input(key="nn_answer_hf").set_value(" bird").run()
+    at.text_input(key="nn_wrong_hf").set_value("").run()
+    assert not at.get("plotly_chart") and not page_problems(at)  # nothing sent yet
+    sent = len(standin.received)
+    at.button(key="nn_send").click().run()
+    assert not page_problems(at), page_problems(at)
+    assert at.get("plotly_chart") and len(standin.received) == sent + 1
+    standin.mode = "refuse"
+    at.selectbox(key="nn_view").set_value("logit_lens").run()
+    at.button(key="nn_send").click().run()
+    assert any("refused" in e.value for e in at.error) and not at.exception

@@ -80,6 +80,7 @@ PAGES = [
     PageSpec("saes", "pages/saes.py", "SAE features", "🧩", "SAE features", {"sae_view": SAE_VIEWS}),
     PageSpec("steering", "pages/steering.py", "Steering", "🧭", "Steering and monitoring", {"steer_view": STEER_VIEWS}),
     PageSpec("circuits", "pages/circuits.py", "Circuits", "🕸️", "Circuits", {"circ_detail": CIRCUIT_VIEWS}),
+    PageSpec("remote", "pages/remote.py", "Large models", "🛰️", "Large models: nnsight and NDIF"),
     PageSpec("lessons", "pages/lessons.py", "Lessons", "🎓", "Lessons"),
 ]
 BY_KEY = {p.key: p for p in PAGES}
