@@ -142,8 +142,8 @@ else:
     if top is None:
         fail("Give an answer token for a remote model (finding the top prediction is a request of its own).")
     answer = int(top.argmax())
-target_label = f"{backend.str_tokens(torch.tensor([answer]))[0]}" + (
-    f" − {backend.str_tokens(torch.tensor([wrong]))[0]}" if wrong is not None else "")
+target_label = f"“{backend.str_tokens(torch.tensor([answer]))[0]}”" + (
+    f" − “{backend.str_tokens(torch.tensor([wrong]))[0]}”" if wrong is not None else "")
 
 source = None
 if choice in ("patching", "attribution_patching"):
