@@ -218,6 +218,7 @@ def remote(standin: Standin, meta, timeout: float = 30, tokens: int = 4096, key:
     return NNsightBackend(meta, ndif.Transport(s, poll_every=0.02))
 
 
+@pytest.mark.slow
 def test_remote_views_equal_local_ones_and_are_logged(service):
     standin, meta, local = service
     standin.mode = "ok"
@@ -230,6 +231,7 @@ def test_remote_views_equal_local_ones_and_are_logged(service):
     assert sum(r.what == "patching" for r in log) == 4
 
 
+@pytest.mark.slow
 def test_a_sweep_is_cut_into_requests_of_the_configured_size(service):
     standin, meta, local = service
     standin.mode = "ok"
@@ -269,6 +271,7 @@ def test_partial_failure_keeps_the_finished_requests(service):
         rb.dla(BASE, ANSWER, WRONG)
 
 
+@pytest.mark.slow
 def test_a_failed_download_is_an_error(service):
     standin, meta, _ = service
     standin.mode = "bad_result"
@@ -284,6 +287,7 @@ def test_unreachable_service_fails_fast():
     assert time.perf_counter() - start < ndif.STATUS_TIMEOUT + 1
 
 
+@pytest.mark.slow
 def test_served_models_are_listed(service):
     standin, _, _ = service
     s = ndif.Settings(host=standin.url, api_key="", timeout=5, tokens_per_request=4096)
@@ -368,6 +372,7 @@ def test_page_remote_without_a_key_says_how_to_set_one(monkeypatch):
     assert any("NDIF_API_KEY" in e.value for e in at.error) and not at.exception
 
 
+@pytest.mark.slow
 def test_page_remote_unreachable_fails_fast(monkeypatch):
     from helpers import open_app
 
