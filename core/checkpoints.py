@@ -367,7 +367,8 @@ class MemoryPlan:
         return (
             f"{self.params / 1e6:,.1f}M parameters at {self.dtype}: {self.weights / gib:.2f} GiB of weights, "
             f"about {self.needed / gib:.1f} GiB needed to load it with the activation store "
-            f"({self.store / gib:.1f} GiB) on {self.device} ({have})."
+            f"({self.store / gib:.1f} GiB) on {self.device} ({have}). A model too large for this machine "
+            "can still run on NDIF: open the Large models page."
         )
 
 

@@ -461,14 +461,25 @@ class NNsightBackend(Backend):
                 module, attr = self._blocks()[layer], "output"
             else:
                 module, attr = self._module_for(kind, layer)
-            b_V = self._value_bias(layer) if kind == "z" else None
-            plan.append((module, attr, kind, step["reads"], step["edits"], b_V))
-        n_heads, d_head, centre = self.spec.n_heads, self.spec.d_head, self.spec.layer_norm
+            block = self._blocks()[layer]
+            attn = getattr(block, self.layout.attn) if kind == "z" else None
+            plan.append((module, attr, kind, step["reads"], step["edits"], attn, block))
+        n_heads, n_kv, d_head, centre = self.spec.n_heads, self.spec.n_kv_heads, self.spec.d_head, self.spec.layer_norm
+        gpt2 = self.layout.conv1d
         lm_head = self.lm.lm_head
         be = self._backend("run")
         with self.lock, self._ctx(), self.lm.trace(tokens, backend=be):
             saved = {}
-            for module, attr, kind, names, step_edits, b_V in plan:
+            for module, attr, kind, names, step_edits, attn, block in plan:
+                # hook_z in TL excludes what each head's value bias adds (fold_value_biases); on
+                # GPT-2 that includes ln_1's bias times W_V. Read from the weights where they live.
+                b_V = None
+                if kind == "z" and gpt2:
+                    d_all = n_heads * d_head
+                    b_V = (attn.c_attn.bias.float()[2 * d_all:]
+                           + block.ln_1.bias.float() @ attn.c_attn.weight.float()[:, 2 * d_all:]).reshape(n_heads, d_head)
+                elif kind == "z" and attn.v_proj.bias is not None:
+                    b_V = attn.v_proj.bias.float().reshape(n_kv, d_head).repeat_interleave(n_heads // n_kv, 0)
                 if attr == "input":
                     act = module.input
                 elif attr == "output0":
@@ -499,21 +510,6 @@ class NNsightBackend(Backend):
             saved["logits"] = lg if logit_positions is None else lg[:, logit_positions]
             saved = nnsight.save(saved)
         return self._result(be, locals(), ["saved"], {"saved": None})["saved"]
-
-    def _value_bias(self, layer: int) -> torch.Tensor | None:
-        """[head, d_head] the value bias each head adds (None without one). Read from the
-        weights: only for a model on this machine."""
-        if self.transport is not None:
-            return None
-        a = getattr(self._blocks()[layer], self.layout.attn)._module
-        n, kv, d = self.spec.n_heads, self.spec.n_kv_heads, self.spec.d_head
-        if self.layout.conv1d:  # the value bias, and what ln_1's bias adds to every value
-            ln_b = self._blocks()[layer].ln_1._module.bias.detach().float()
-            w = a.c_attn.weight.detach().float()[:, 2 * n * d:]
-            return (a.c_attn.bias.detach().float()[2 * n * d:] + ln_b @ w).reshape(n, d)
-        if getattr(a.v_proj, "bias", None) is not None:
-            return a.v_proj.bias.detach().float().reshape(kv, d).repeat_interleave(n // kv, 0)
-        return None
 
     def gradients(self, tokens, hooks, answer, wrong=None, pos=-1):
         targets = [self._hook_target(h) for h in hooks]

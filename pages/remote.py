@@ -24,6 +24,7 @@ VIEWS = {"dla_layers": "Logit attribution by layer", "dla_heads": "Logit attribu
          "patching": "Activation patching", "attribution_patching": "Attribution patching", "steering": "Steering"}
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_SOURCE = "When Mary and John went to the store, Mary gave a drink to"
+MAX_RESULTS = 16  # views kept per session, so going back to one costs no new request
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -170,6 +171,9 @@ if choice == "steering":
 
 def compute():
     progress_box = st.empty()
+    if where == "remote":  # the status NDIF reports while a request waits (queued, running, ...)
+        status_box = st.empty()
+        backend.transport.on_status = lambda text: status_box.caption(html.escape(text))
 
     def progress(share: float, text: str) -> None:
         progress_box.progress(min(1.0, max(0.0, share)), text=text)
@@ -210,6 +214,8 @@ if key not in results:
             results[key] = compute()
     except be.BackendError as e:
         fail(str(e))
+    while len(results) > MAX_RESULTS:  # the oldest go first
+        results.pop(next(iter(results)))
 result = results[key]
 
 # -- the view ------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_every_view_equals_the_transformer_lens_backend(arch):
     check_views(tl, nn, arch)
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", pytest.param("LlamaForCausalLM", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", pytest.param("LlamaForCausalLM", marks=pytest.mark.slow),
+                                  pytest.param("Qwen2ForCausalLM", marks=pytest.mark.slow)])
 def test_runs_with_reads_edits_and_gradients_equal(arch):
     tl, nn = backends(arch)
     d = tl.spec.d_model
@@ -224,6 +225,15 @@ def test_remote_views_equal_local_ones_and_are_logged(service):
     standin.mode = "ok"
     rb = remote(standin, meta)
     check_views(local, rb, "LlamaForCausalLM")
+    reads = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"]
+    edits = [Edit("blocks.0.attn.hook_z", "zero", head=1, pos=2)]
+    x, y = local.run(BASE, reads, edits, [-1]), rb.run(BASE, reads, edits, [-1])
+    for name in [*reads, "logits"]:
+        close(x[name], y[name], f"remote run: {name}")
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"]
+    gx, gy = local.gradients(BASE, hooks, ANSWER, WRONG), rb.gradients(BASE, hooks, ANSWER, WRONG)
+    for name in hooks:
+        close(gx[name], gy[name], f"remote gradient: {name}")
     log = rb.transport.log
     assert {r.status for r in log} == {"done"} and all(r.sent > 0 and r.received > 0 for r in log)
     assert standin.received[-1]["api_key"] == "test-key"
