@@ -171,8 +171,17 @@ def _check_pair(base: torch.Tensor, source: torch.Tensor, spec: Spec) -> None:
         raise BackendError(
             f"Patching needs one base and one source prompt of the same length in tokens; got "
             f"{base.shape[-1]} and {source.shape[-1]} tokens.")
-    if base.shape[1] > spec.n_ctx:
-        raise BackendError(f"The prompts are {base.shape[1]} tokens; the model reads at most {spec.n_ctx}.")
+    _check_one(base, spec)
+
+
+def _check_one(tokens: torch.Tensor, spec: Spec) -> None:
+    """The views take one prompt, [1, pos], of at least one token and at most the context."""
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise BackendError(f"The views take one prompt at a time (tokens [1, pos]); got shape {tuple(tokens.shape)}.")
+    if tokens.shape[1] == 0:
+        raise BackendError("The prompt is empty.")
+    if tokens.shape[1] > spec.n_ctx:
+        raise BackendError(f"The prompt is {tokens.shape[1]} tokens; the model reads at most {spec.n_ctx}.")
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -333,22 +342,26 @@ class TLBackend(Backend):
 
     @torch.no_grad()
     def attention_patterns(self, tokens, layers):
+        _check_one(tokens, self.spec)
         names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
         acts = self.run(tokens, names, logit_positions=[-1])
         return torch.stack([acts[n][0] for n in names])
 
     @torch.no_grad()
     def residual_norms(self, tokens):
+        _check_one(tokens, self.spec)
         _, cache = self._cache(tokens)
         resid, labels = cache.accumulated_resid(layer=None, return_labels=True)  # [layer+1, batch, pos, d]
         return resid[:, 0].norm(dim=-1), labels
 
     def logit_lens(self, tokens, answer=None, k=5):
+        _check_one(tokens, self.spec)
         from core import attribution
         _, cache = self._cache(tokens)
         return attribution.logit_lens(self.model, cache, answer, k=k)
 
     def dla(self, tokens, answer, wrong=None, by="layer"):
+        _check_one(tokens, self.spec)
         from core import attribution
         _, cache = self._cache(tokens)
         if by == "layer":
@@ -410,6 +423,7 @@ class TLBackend(Backend):
 
     @torch.no_grad()
     def steer(self, tokens, layer, vector, alpha, from_pos=0, k=10):
+        _check_one(tokens, self.spec)
         from core.steering import distribution_shift
         edit = Edit(f"blocks.{layer}.hook_resid_pre", "add", alpha * vector.float(), start=from_pos)
         base = self.run(tokens, [], logit_positions=[-1])["logits"][0, 0]

@@ -126,21 +126,46 @@ class Request:
     job_id: str | None = None
 
 
+RETRY_STATUS = (429, 500, 502, 503, 504)  # busy or briefly down: asked again until the deadline
+CONNECT_TIMEOUT = 10.0
+
+
 @dataclass
 class Transport:
-    """Sends traced programs to NDIF (or to `host`, e.g. a stand-in in tests) and waits."""
+    """Sends traced programs to NDIF (or to `host`, e.g. a stand-in in tests) and waits.
+
+    Every HTTP call of a request (the submission, each status poll, the result download) is
+    bounded by what is left of one deadline, `settings.timeout` seconds from the submission. A
+    busy or briefly failing service (HTTP 429 or 5xx, a dropped connection) is asked again until
+    that deadline; any other refusal ends the request at once with the service's reason.
+    """
 
     settings: Settings = field(default_factory=settings)
     poll_every: float = 0.25
     on_status: Callable[[str], None] | None = None
     log: list[Request] = field(default_factory=list)
     name: str = "NDIF"
+    done: dict = field(default_factory=dict)  # results of finished sweep requests, by what they computed
+
+    MAX_DONE = 512
+
+    def remember(self, key, value) -> None:
+        self.done[key] = value
+        while len(self.done) > self.MAX_DONE:
+            self.done.pop(next(iter(self.done)))
 
     def rows_per_request(self, n_pos: int) -> int:
         return max(1, self.settings.tokens_per_request // max(1, n_pos))
 
-    def backend(self, lm, what: str):
-        """The nnsight backend object for one request of model `lm` (a meta-built TransformersModel)."""
+    def _headers(self) -> dict:
+        return {"ndif-api-key": self.settings.api_key} if self.settings.api_key else {}
+
+    def backend(self, lm, what: str, eager: bool = False):
+        """The nnsight backend object for one request of model `lm` (a meta-built TransformersModel).
+
+        `eager`: run the request with eager attention (the attention view reads its weights);
+        otherwise the faster SDPA, except on models that soft-cap attention logits (Gemma 2),
+        which need eager attention to be computed right."""
         from nnsight.intervention.backends.remote import RemoteBackend
         transport, request = self, Request(what)
         self.log.append(request)
@@ -151,9 +176,8 @@ class Transport:
                 request.sent = len(blob)
                 return blob
 
-            def finalize(self, content: bytes):
-                request.received = len(content)
-                return super().finalize(content)
+            def _post(self, request_model, blob: bytes):
+                return transport._submit(self, request_model, blob)
 
             def __call__(self, tracer=None):
                 request.started = time.perf_counter()
@@ -163,61 +187,145 @@ class Transport:
                     raise
                 except Exception as e:  # noqa: BLE001 - every failure is told to the user
                     request.status = "failed to send"
-                    raise transport._explain(e) from None
+                    raise RemoteFailed(f"The {what} request could not be sent to NDIF: {type(e).__name__}: {e}") from None
 
-        be = Remote(lm.to_model_key(), host=self.settings.host, api_key=self.settings.api_key or None,
-                    env=lm._remoteable_get_env(), blocking=False)
+        config = lm._module.config
+        softcaps = getattr(config, "attn_logit_softcapping", None) is not None
+        env = {**lm._remoteable_get_env(), "attn_implementation": "eager" if eager or softcaps else "sdpa"}
+        try:
+            key = lm.to_model_key()
+        except Exception as e:  # noqa: BLE001 - a local folder has no id NDIF knows
+            raise BackendError(f"This model has no Hugging Face id NDIF could know it by ({type(e).__name__}: {e}).") from None
+        be = Remote(key, host=self.settings.host, api_key=self.settings.api_key or None,
+                    env=env, blocking=False)
         be.display.enabled = False
         be.request = request
         return be
 
-    def _explain(self, error: Exception) -> BackendError:
+    # -- HTTP, all under one deadline -------------------------------------------------------------
+    def _left(self, request: Request) -> float:
+        return getattr(request, "started", time.perf_counter()) + self.settings.timeout - time.perf_counter()
+
+    def _timeout(self, request: Request, last: str) -> RemoteTimeout:
+        request.status = "timed out"
+        job = f"job {request.job_id}; " if request.job_id else ""
+        return RemoteTimeout(
+            f"NDIF did not finish the {request.what} request in {self.settings.timeout:.0f} s ({job}last: {last}). "
+            "It may be busy: try again later, or set CIRCUIT_EXPLORER_NDIF_TIMEOUT to wait longer.")
+
+    def _call(self, request: Request, method: str, url: str, what: str, **kwargs):
+        """One HTTP call, retried on 429/5xx and dropped connections until the deadline. Returns
+        the response (2xx or 404); raises `RemoteRefused` for any other answer."""
         import httpx
-        from nnsight.intervention.backends.remote import RemoteError
-        cause = error.__cause__ if isinstance(error, RemoteError) and error.__cause__ is not None else error
-        if isinstance(cause, httpx.HTTPStatusError):
-            code = cause.response.status_code
-            detail = str(error).removeprefix("Failed to send request: ")
-            hint = " Check NDIF_API_KEY." if code in (401, 403) else ""
-            return RemoteRefused(f"NDIF refused the request (HTTP {code}): {detail}.{hint}")
-        if isinstance(cause, httpx.TimeoutException):
-            return RemoteTimeout(f"NDIF did not answer in time ({type(cause).__name__}). Try again, or a shorter prompt.")
-        if isinstance(cause, (httpx.HTTPError, OSError)):
-            return _unreachable(self.settings.host, cause)
-        if isinstance(error, RemoteError):
-            return RemoteFailed(f"The request failed on NDIF: {error}")
-        return RemoteFailed(f"The request could not be sent to NDIF: {type(error).__name__}: {error}")
+        delay, last = self.poll_every, "no answer"
+        while True:
+            left = self._left(request)
+            if left <= 0:
+                raise self._timeout(request, last)
+            try:
+                with httpx.Client(timeout=httpx.Timeout(min(left, CONNECT_TIMEOUT), read=left)) as client:
+                    headers = {**self._headers(), **kwargs.get("headers", {})}
+                    response = client.request(method, url, **{**kwargs, "headers": headers})
+            except httpx.TimeoutException:
+                raise self._timeout(request, f"{what} got no answer") from None
+            except (httpx.HTTPError, OSError) as e:
+                if request.job_id is None and method == "POST":  # never reached it: say so at once
+                    request.status = "unreachable"
+                    raise _unreachable(self.settings.host, e) from None
+                last = f"{what}: {type(e).__name__}"
+            else:
+                code = response.status_code
+                if code < 400 or code == 404:
+                    return response
+                if code not in RETRY_STATUS:
+                    request.status = f"refused ({code})"
+                    raise RemoteRefused(self._refusal(code, response))
+                last = f"{what}: HTTP {code}"
+            if self.on_status is not None:
+                self.on_status(f"{request.what}: {last}, asking again")
+            time.sleep(min(delay, max(0.0, self._left(request))))
+            delay = min(delay * 1.5, 2.0)
+
+    @staticmethod
+    def _refusal(code: int, response) -> str:
+        try:
+            body = response.json()
+            detail = body.get("detail") if isinstance(body, dict) else body
+        except ValueError:
+            detail = response.text[:300] or None
+        hint = {401: " Check NDIF_API_KEY.", 403: " Check NDIF_API_KEY.",
+                413: " The request is too large: lower CIRCUIT_EXPLORER_NDIF_TOKENS or use a shorter prompt."}.get(code, "")
+        return f"NDIF refused the request (HTTP {code}): {detail or response.reason_phrase}.{hint}"
+
+    def _submit(self, be, request_model, blob: bytes):
+        request: Request = be.request
+        headers = {"ndif-timestamp": repr(time.time())}
+        response = self._call(request, "POST", f"{self.settings.host}/request", "submission",
+                              data={"data": request_model.metadata()},
+                              files={"blob": ("request", blob, "application/octet-stream")}, headers=headers)
+        if response.status_code == 404:
+            request.status = "refused (404)"
+            raise RemoteRefused(f"NDIF has no request endpoint at {self.settings.host} (HTTP 404). Check NDIF_HOST.")
+        answer = self._parse(request, response.text)
+        request.job_id = answer.id
+        return answer
+
+    def _parse(self, request: Request, text: str):
+        from nnsight.schema.response import ResponseModel
+        try:
+            return ResponseModel.model_validate_json(text)
+        except ValueError:
+            request.status = "bad answer"
+            raise RemoteFailed(f"NDIF's answer to the {request.what} request could not be read: {text[:200]!r}") from None
 
     def wait(self, be, shapes: dict) -> dict:
         """Poll until the request's result is in, the server reports an error, or the deadline."""
+        from nnsight.schema.response import Status
         request: Request = be.request
-        request.job_id = be.job_id
         start = getattr(request, "started", time.perf_counter())
-        deadline = start + self.settings.timeout
         delay = self.poll_every
-        while True:
-            try:
-                result = be.poll()
-            except BackendError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                request.status = "failed"
-                raise self._explain(e) from None
-            finally:
-                request.seconds = time.perf_counter() - start
-            if result is not None:
-                request.status = "done"
-                return result
-            if self.on_status is not None and be.status is not None:
-                self.on_status(f"{request.what}: {be.status.value.lower()} ({request.seconds:.0f} s)")
-            if time.perf_counter() + delay > deadline:
-                request.status = "timed out"
-                raise RemoteTimeout(
-                    f"NDIF did not finish the {request.what} request in {self.settings.timeout:.0f} s "
-                    f"(job {be.job_id}; last status: {be.status.value if be.status else 'none'}). It may be busy: "
-                    "try again later, or set CIRCUIT_EXPLORER_NDIF_TIMEOUT to wait longer.")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+        try:
+            while True:
+                response = self._call(request, "GET", f"{self.settings.host}/response/{request.job_id}", "status")
+                if response.status_code != 404:  # 404: no status recorded yet
+                    answer = self._parse(request, response.text)
+                    if answer.status == Status.ERROR:
+                        request.status = "failed"
+                        raise RemoteFailed(f"The {request.what} request failed on NDIF: {answer.description}")
+                    if answer.status == Status.COMPLETED:
+                        return self._download(be, request, answer.data)
+                    if self.on_status is not None:
+                        self.on_status(f"{request.what}: {answer.status.value.lower()} ({time.perf_counter() - start:.0f} s)")
+                if self._left(request) <= delay:
+                    raise self._timeout(request, f"status {answer.status.value}" if response.status_code != 404 else "no status")
+                time.sleep(delay)
+                delay = min(delay * 1.5, 2.0)
+        finally:
+            request.seconds = time.perf_counter() - start
+
+    def _download(self, be, request: Request, data) -> dict:
+        if isinstance(data, (bytes, bytearray)):
+            content = bytes(data)
+        elif isinstance(data, str) and data:
+            response = self._call(request, "GET", data, "result download")
+            if response.status_code == 404:
+                request.status = "result missing"
+                raise RemoteFailed(f"NDIF finished the {request.what} request but its result is gone (HTTP 404).")
+            content = response.content
+        else:
+            request.status = "no result"
+            raise RemoteFailed(f"NDIF finished the {request.what} request but sent no result.")
+        request.received = len(content)
+        try:
+            result = be.finalize(content)
+        except Exception as e:  # noqa: BLE001 - a damaged result is told, not raised as a traceback
+            request.status = "bad result"
+            raise RemoteFailed(f"The result of the {request.what} request could not be read: {type(e).__name__}: {e}") from None
+        if not isinstance(result, dict):
+            request.status = "bad result"
+            raise RemoteFailed(f"The result of the {request.what} request is not the saved values.")
+        request.status = "done"
+        return result
 
 
 def remote_model(repo_id: str):
@@ -252,7 +360,7 @@ class DryRun(Transport):
     `Transport` would send it; the answer is random numbers of the shapes the view saves, and
     its size is what NDIF would send back (compressed as NDIF compresses it)."""
 
-    def backend(self, lm, what: str):
+    def backend(self, lm, what: str, eager: bool = False):
         from nnsight.schema.request import RequestModel
         from nnsight.tracing.backend import Backend as NNBackend
         request = Request(what)
@@ -271,7 +379,8 @@ class DryRun(Transport):
     def wait(self, be, shapes: dict) -> dict:
         import zstandard
         gen = torch.Generator().manual_seed(len(self.log))
-        out = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items() if shape is not None}
+        # A primitive run (shape None) saves whatever it was asked for: counted as nothing here.
+        out = {name: torch.randn(shape, generator=gen) if shape is not None else {} for name, shape in shapes.items()}
         buf = io.BytesIO()
         torch.save(out, buf, pickle_protocol=4)
         be.request.received = len(zstandard.ZstdCompressor(level=6).compress(buf.getvalue()))

@@ -13,7 +13,6 @@ them; every loop below goes layer by layer for that reason.
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 from pathlib import Path
 
 import nnsight
@@ -25,6 +24,7 @@ from core.backend import (
     BackendError,
     Patching,
     Spec,
+    _check_one,
     _check_pair,
     _chunks,
     _units,
@@ -44,8 +44,23 @@ def load_local(path: str | Path, dtype: str = "float32"):
     try:
         return TransformersModel(str(path), task="text-generation", dispatch=True, attn_implementation="eager",
                                  dtype=torch_dtype, tokenizer=load_tokenizer(Path(path)))
-    except (OSError, ValueError) as e:
-        raise BackendError(f"nnsight could not load {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged or unreadable folder is told, not raised
+        raise BackendError(f"nnsight could not load {path}: {type(e).__name__}: {e}") from None
+
+
+_locks_guard = threading.Lock()
+
+
+def _model_lock(lm) -> threading.RLock:
+    """One lock per nnsight model, shared by every backend built on it (the page builds a backend
+    per run; the model is cached for every session)."""
+    module = lm._module
+    with _locks_guard:
+        lock = module.__dict__.get("_circuit_explorer_lock")
+        if lock is None:
+            lock = threading.RLock()
+            module.__dict__["_circuit_explorer_lock"] = lock
+        return lock
 
 
 def _detached(value):
@@ -91,7 +106,7 @@ class NNsightBackend(Backend):
         self.spec = _spec(config, architecture)
         self.eps = float(getattr(config, "layer_norm_epsilon", None) or getattr(config, "rms_norm_eps", None) or 1e-5)
         self.center_unembed = self.spec.softcap is None
-        self.lock = threading.RLock()
+        self.lock = _model_lock(lm)
         self.eager = getattr(config, "_attn_implementation", None) == "eager"
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -108,18 +123,16 @@ class NNsightBackend(Backend):
         return ids
 
     def str_tokens(self, tokens: torch.Tensor) -> list[str]:
-        return [self.lm.tokenizer.decode([int(t)]) for t in tokens.reshape(-1)]
+        with self.lock:
+            return [self.lm.tokenizer.decode([int(t)]) for t in torch.as_tensor(tokens).reshape(-1)]
 
-    def _backend(self, what: str):
-        return None if self.transport is None else self.transport.backend(self.lm, what)
+    def _backend(self, what: str, eager: bool = False):
+        return None if self.transport is None else self.transport.backend(self.lm, what, eager=eager)
 
     def _result(self, backend, local: dict, names: list[str], shapes: dict | None = None) -> dict:
         """The saved values: from the trace's frame here, from the transport when remote."""
         out = {n: local[n] for n in names} if backend is None else self.transport.wait(backend, shapes or {})
         return {n: _detached(v) for n, v in out.items()}
-
-    def _ctx(self, grad: bool = False):
-        return nullcontext() if grad else torch.no_grad()
 
     def _blocks(self):
         return _get(self.lm, self.layout.layers)
@@ -129,18 +142,24 @@ class NNsightBackend(Backend):
 
     # -- views ---------------------------------------------------------------------------------
     def attention_patterns(self, tokens, layers):
+        _check_one(tokens, self.spec)
         if not self.eager:
             raise BackendError("This model was loaded without eager attention, so it computes no attention weights.")
-        layers = sorted(set(int(layer) for layer in layers))
+        asked = [int(layer) for layer in layers]
+        if any(not 0 <= layer < self.spec.n_layers for layer in asked):
+            raise BackendError(f"Layers are 0 to {self.spec.n_layers - 1}; asked for {asked}.")
+        layers = sorted(set(asked))  # read in the order the forward pass runs them
         blocks, attn = self._blocks(), self.layout.attn
-        be = self._backend("attention patterns")
-        with self.lock, self._ctx(), self.lm.trace(tokens, backend=be):
-            pats = []
-            for layer in layers:
-                pats.append(getattr(blocks[layer], attn).output[1][0].float())
-            patterns = torch.stack(pats).save()
+        be = self._backend("attention patterns", eager=True)
+        with self.lock, self.lm.trace(tokens, backend=be):
+            with torch.no_grad():  # on the server too: no autograd graph of the forward pass
+                pats = []
+                for layer in layers:
+                    pats.append(getattr(blocks[layer], attn).output[1][0].float())
+                patterns = torch.stack(pats).save()
         shape = (len(layers), self.spec.n_heads, tokens.shape[1], tokens.shape[1])
-        return self._result(be, locals(), ["patterns"], {"patterns": shape})["patterns"]
+        patterns = self._result(be, locals(), ["patterns"], {"patterns": shape})["patterns"]
+        return patterns[[layers.index(layer) for layer in asked]]  # in the order asked
 
     def _residuals_trace(self, tokens, answer, k, what):
         """Residual stream before each layer and after the last: norms, and the logit lens."""
@@ -148,32 +167,33 @@ class NNsightBackend(Backend):
         n_layers, centre, cap = self.spec.n_layers, self.spec.layer_norm, self.spec.softcap
         lens = what == "lens"
         be = self._backend("logit lens" if lens else "residual norms")
-        with self.lock, self._ctx(), self.lm.trace(tokens, backend=be):
-            resid = [blocks[layer].input[0].float().clone() for layer in range(n_layers)]
-            resid.append(final_norm.input[0].float().clone())
-            stack = torch.stack(resid)  # [layer + 1, pos, d_model]
-            if not lens:
-                if centre:
-                    stack = stack - stack.mean(-1, keepdim=True)
-                norms = stack.norm(dim=-1).save()
-            else:
-                ids, probs, a_prob, a_rank = [], [], [], []
-                for r in stack:
-                    logits = lm_head(final_norm(r[None].to(final_norm.weight.dtype)))[0].float()
-                    if cap is not None:
-                        logits = cap * torch.tanh(logits / cap)
-                    p = logits.softmax(-1)
-                    top = p.topk(k, dim=-1)
-                    ids.append(top.indices)
-                    probs.append(top.values)
+        with self.lock, self.lm.trace(tokens, backend=be):
+            with torch.no_grad():  # on the server too: no autograd graph of the forward pass
+                resid = [blocks[layer].input[0].float().clone() for layer in range(n_layers)]
+                resid.append(final_norm.input[0].float().clone())
+                stack = torch.stack(resid)  # [layer + 1, pos, d_model]
+                if not lens:
+                    if centre:
+                        stack = stack - stack.mean(-1, keepdim=True)
+                    norms = stack.norm(dim=-1).save()
+                else:
+                    ids, probs, a_prob, a_rank = [], [], [], []
+                    for r in stack:
+                        logits = lm_head(final_norm(r[None].to(final_norm.weight.dtype)))[0].float()
+                        if cap is not None:
+                            logits = cap * torch.tanh(logits / cap)
+                        p = logits.softmax(-1)
+                        top = p.topk(k, dim=-1)
+                        ids.append(top.indices)
+                        probs.append(top.values)
+                        if answer is not None:
+                            a_prob.append(p[:, answer])
+                            a_rank.append((logits > logits[:, answer:answer + 1]).sum(-1))
+                    top_ids = torch.stack(ids).save()
+                    top_probs = torch.stack(probs).save()
                     if answer is not None:
-                        a_prob.append(p[:, answer])
-                        a_rank.append((logits > logits[:, answer:answer + 1]).sum(-1))
-                top_ids = torch.stack(ids).save()
-                top_probs = torch.stack(probs).save()
-                if answer is not None:
-                    answer_prob = torch.stack(a_prob).save()
-                    answer_rank = torch.stack(a_rank).save()
+                        answer_prob = torch.stack(a_prob).save()
+                        answer_rank = torch.stack(a_rank).save()
         n, p = n_layers + 1, tokens.shape[1]
         if not lens:
             return self._result(be, locals(), ["norms"], {"norms": (n, p)})["norms"]
@@ -182,15 +202,18 @@ class NNsightBackend(Backend):
         return self._result(be, locals(), names, shapes)
 
     def residual_norms(self, tokens):
+        _check_one(tokens, self.spec)
         labels = [f"{layer}_pre" for layer in range(self.spec.n_layers)] + ["final_post"]
         return self._residuals_trace(tokens, None, 1, "norms"), labels
 
     def logit_lens(self, tokens, answer=None, k=5):
+        _check_one(tokens, self.spec)
         out = self._residuals_trace(tokens, answer, k, "lens")
         labels = [f"{layer}_pre" for layer in range(self.spec.n_layers)] + ["final_post"]
         return LogitLens(labels, out["top_ids"], out["top_probs"], out.get("answer_prob"), out.get("answer_rank"))
 
     def dla(self, tokens, answer, wrong=None, by="layer"):
+        _check_one(tokens, self.spec)
         if by not in ("layer", "head"):
             raise BackendError(f"Unknown attribution {by!r}: 'layer' or 'head'.")
         lay, spec = self.layout, self.spec
@@ -204,79 +227,81 @@ class NNsightBackend(Backend):
         single_centred = wrong is None and self.center_unembed
         gpt2 = conv1d
         be = self._backend("direct logit attribution")
-        with self.lock, self._ctx(), self.lm.trace(tokens, backend=be):
-            first = []
-            if pos_embed is not None:
-                first.append(embed.output[0, -1].float())
-                first.append(pos_embed.output[0, -1].float())
-            else:
-                first.append(blocks[0].input[0, -1].float())
-            zs, attn_raw, attn_res, mlp_res = [], [], [], []
-            for layer in range(n_layers):
-                block = blocks[layer]
-                a = getattr(block, attn)
-                zs.append(getattr(a, out_proj).input[0, -1].float())
-                raw = a.output[0][0, -1].float()
-                attn_raw.append(raw)
-                attn_res.append(getattr(block, post_attn).output[0, -1].float() if post_attn else raw)
-                m_out = getattr(block, mlp).output[0, -1].float()
-                mlp_res.append(getattr(block, post_mlp).output[0, -1].float() if post_mlp else m_out)
-            final = final_norm.input[0, -1].float()
-            logits = lm_head.output[0, -1].float()
-            # The direction in the normalised residual stream whose dot product is the target.
-            W_U = lm_head.weight.float()
-            du = W_U[answer] - (W_U[wrong] if wrong is not None else (W_U.mean(0) if single_centred else 0.0))
-            w_final = final_norm.weight.float() + offset
-            u = du * w_final
-            if centre:
-                u = u - u.mean()
-                scale = ((final - final.mean()) ** 2).mean().add(eps).sqrt()
-            else:
-                scale = (final ** 2).mean().add(eps).sqrt()
-            bias = torch.zeros(())
-            if getattr(final_norm, "bias", None) is not None:
-                bias = bias + (final_norm.bias.float() * du).sum()
-            if lm_head.bias is not None:
-                b_U = lm_head.bias.float()
-                bias = bias + b_U[answer] - (b_U[wrong] if wrong is not None else (b_U.mean() if single_centred else 0.0))
-            comps = [(c * u).sum() / scale for c in first]
-            for layer in range(n_layers):
-                comps.append((attn_res[layer] * u).sum() / scale)
-                comps.append((mlp_res[layer] * u).sum() / scale)
-            heads, attn_bias = [], torch.zeros(())
-            for layer in range(n_layers):
-                block = blocks[layer]
-                a = getattr(block, attn)
-                proj = getattr(a, out_proj)
-                w_in = u
-                if post_attn:  # through the norm after attention, with this run's own scale
-                    pn = getattr(block, post_attn)
-                    raw = attn_raw[layer]
-                    s_post = (raw ** 2).mean().add(eps).sqrt()
-                    w_in = u * (pn.weight.float() + offset) / s_post
-                W_O = proj.weight.float()
-                v = (W_O @ w_in if conv1d else w_in @ W_O).reshape(n_heads, d_head)  # [head, d_head]
-                z = zs[layer].reshape(n_heads, d_head)
-                if gpt2:  # the value bias, and what ln_1's bias adds to every value
-                    d_all = n_heads * d_head
-                    b_V = (a.c_attn.bias.float()[2 * d_all:]
-                           + block.ln_1.bias.float() @ a.c_attn.weight.float()[:, 2 * d_all:]).reshape(n_heads, d_head)
-                elif a.v_proj.bias is not None:
-                    b_V = a.v_proj.bias.float().reshape(n_kv, d_head).repeat_interleave(n_heads // n_kv, 0)
+        with self.lock, self.lm.trace(tokens, backend=be):
+            with torch.no_grad():  # on the server too: no autograd graph of the forward pass
+                first = []
+                if pos_embed is not None:
+                    first.append(embed.output[0, -1].float())
+                    first.append(pos_embed.output[0, -1].float())
                 else:
-                    b_V = torch.zeros_like(z)
-                heads.append(((z - b_V) * v).sum(-1) / scale)
-                layer_bias = (b_V * v).sum()
-                if proj.bias is not None:
-                    b_O = proj.bias.float()
-                    layer_bias = layer_bias + ((b_O * w_in).sum() if not post_attn else 0.0)
-                attn_bias = attn_bias + layer_bias / scale
-            if cap is not None:
-                logits = cap * torch.tanh(logits / cap)
-            components = torch.stack(comps).save()
-            head_values = torch.cat(heads).save()
-            attn_bias = attn_bias.save()
-            bias = bias.save()
+                    first.append(blocks[0].input[0, -1].float())
+                zs, attn_raw, attn_res, mlp_res = [], [], [], []
+                for layer in range(n_layers):
+                    block = blocks[layer]
+                    a = getattr(block, attn)
+                    zs.append(getattr(a, out_proj).input[0, -1].float())
+                    raw = a.output[0][0, -1].float()
+                    attn_raw.append(raw)
+                    attn_res.append(getattr(block, post_attn).output[0, -1].float() if post_attn else raw)
+                    m_out = getattr(block, mlp).output[0, -1].float()
+                    mlp_res.append(getattr(block, post_mlp).output[0, -1].float() if post_mlp else m_out)
+                final = final_norm.input[0, -1].float()
+                logits = lm_head.output[0, -1].float()
+                # The direction in the normalised residual stream whose dot product is the target.
+                W_U = lm_head.weight
+                du = W_U[answer].float() - (W_U[wrong].float() if wrong is not None
+                                            else (W_U.mean(0, dtype=torch.float32) if single_centred else 0.0))
+                w_final = final_norm.weight.float() + offset
+                u = du * w_final
+                if centre:
+                    u = u - u.mean()
+                    scale = ((final - final.mean()) ** 2).mean().add(eps).sqrt()
+                else:
+                    scale = (final ** 2).mean().add(eps).sqrt()
+                bias = torch.zeros(())
+                if getattr(final_norm, "bias", None) is not None:
+                    bias = bias + (final_norm.bias.float() * du).sum()
+                if lm_head.bias is not None:
+                    b_U = lm_head.bias.float()
+                    bias = bias + b_U[answer] - (b_U[wrong] if wrong is not None else (b_U.mean() if single_centred else 0.0))
+                comps = [(c * u).sum() / scale for c in first]
+                for layer in range(n_layers):
+                    comps.append((attn_res[layer] * u).sum() / scale)
+                    comps.append((mlp_res[layer] * u).sum() / scale)
+                heads, attn_bias = [], torch.zeros(())
+                for layer in range(n_layers):
+                    block = blocks[layer]
+                    a = getattr(block, attn)
+                    proj = getattr(a, out_proj)
+                    w_in = u
+                    if post_attn:  # through the norm after attention, with this run's own scale
+                        pn = getattr(block, post_attn)
+                        raw = attn_raw[layer]
+                        s_post = (raw ** 2).mean().add(eps).sqrt()
+                        w_in = u * (pn.weight.float() + offset) / s_post
+                    W_O = proj.weight.float()
+                    v = (W_O @ w_in if conv1d else w_in @ W_O).reshape(n_heads, d_head)  # [head, d_head]
+                    z = zs[layer].reshape(n_heads, d_head)
+                    if gpt2:  # the value bias, and what ln_1's bias adds to every value
+                        d_all = n_heads * d_head
+                        b_V = (a.c_attn.bias.float()[2 * d_all:]
+                               + block.ln_1.bias.float() @ a.c_attn.weight.float()[:, 2 * d_all:]).reshape(n_heads, d_head)
+                    elif a.v_proj.bias is not None:
+                        b_V = a.v_proj.bias.float().reshape(n_kv, d_head).repeat_interleave(n_heads // n_kv, 0)
+                    else:
+                        b_V = torch.zeros_like(z)
+                    heads.append(((z - b_V) * v).sum(-1) / scale)
+                    layer_bias = (b_V * v).sum()
+                    if proj.bias is not None:
+                        b_O = proj.bias.float()
+                        layer_bias = layer_bias + ((b_O * w_in).sum() if not post_attn else 0.0)
+                    attn_bias = attn_bias + layer_bias / scale
+                if cap is not None:
+                    logits = cap * torch.tanh(logits / cap)
+                components = torch.stack(comps).save()
+                head_values = torch.cat(heads).save()
+                attn_bias = attn_bias.save()
+                bias = bias.save()
         n_first = 2 if pos_embed is not None else 1
         shapes = {"components": (n_first + 2 * n_layers,), "head_values": (n_layers * n_heads,),
                   "attn_bias": (), "bias": ()}
@@ -335,7 +360,21 @@ class NNsightBackend(Backend):
         return Patching(target, values.reshape(self.spec.n_layers, -1), base_m, source_m, failed)
 
     def _patch_chunk(self, base, source, answer, wrong, target, units) -> torch.Tensor:
-        """[2 + len(units)] metric of the source, the base and each patched base run."""
+        """[2 + len(units)] metric of the source, the base and each patched base run. A remote
+        chunk that finished before is not sent again (a sweep run again after a failure sends only
+        what is missing)."""
+        key = None
+        if self.transport is not None:
+            key = ("patch", id(self.lm), target, tuple(base[0].tolist()), tuple(source[0].tolist()), answer, wrong,
+                   tuple(units))
+            if key in self.transport.done:
+                return self.transport.done[key]
+        metric = self._patch_chunk_run(base, source, answer, wrong, target, units)
+        if key is not None:
+            self.transport.remember(key, metric)
+        return metric
+
+    def _patch_chunk_run(self, base, source, answer, wrong, target, units) -> torch.Tensor:
         rows = torch.cat([source, base] + [base] * len(units))
         by_layer: dict[int, tuple[list[int], list[int]]] = {}
         for r, (layer, i) in enumerate(units, start=2):
@@ -350,24 +389,25 @@ class NNsightBackend(Backend):
         centred = wrong is None and self.center_unembed
         lm_head = self.lm.lm_head
         be = self._backend("patching")
-        with self.lock, self._ctx(), self.lm.trace(rows, backend=be):
-            for module, attr, r, i in plan:
-                act = module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output)
-                if heads:
-                    for row, head in zip(r.tolist(), i.tolist()):
-                        cols = slice(head * d_head, (head + 1) * d_head)
-                        act[row, :, cols] = act[0, :, cols]
+        with self.lock, self.lm.trace(rows, backend=be):
+            with torch.no_grad():  # on the server too: no autograd graph of the forward pass
+                for module, attr, r, i in plan:
+                    act = module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output)
+                    if heads:
+                        for row, head in zip(r.tolist(), i.tolist()):
+                            cols = slice(head * d_head, (head + 1) * d_head)
+                            act[row, :, cols] = act[0, :, cols]
+                    else:
+                        act[r, i] = act[0, i]
+                lg = lm_head.output[:, -1].float()
+                if cap is not None:
+                    lg = cap * torch.tanh(lg / cap)
+                if wrong is not None:
+                    metric = (lg[:, answer] - lg[:, wrong]).save()
+                elif centred:
+                    metric = (lg[:, answer] - lg.mean(-1)).save()
                 else:
-                    act[r, i] = act[0, i]
-            lg = lm_head.output[:, -1].float()
-            if cap is not None:
-                lg = cap * torch.tanh(lg / cap)
-            if wrong is not None:
-                metric = (lg[:, answer] - lg[:, wrong]).save()
-            elif centred:
-                metric = (lg[:, answer] - lg.mean(-1)).save()
-            else:
-                metric = lg[:, answer].save()
+                    metric = lg[:, answer].save()
         return self._result(be, locals(), ["metric"], {"metric": (rows.shape[0],)})["metric"]
 
     def attribution_patch(self, base, source, answer, wrong=None, target="resid_pre"):
@@ -380,35 +420,39 @@ class NNsightBackend(Backend):
         rows = torch.cat([source, base])
         be = self._backend("attribution patching")
         with self.lock, self.lm.trace(rows, backend=be):
-            acts = []
-            for module, attr in mods:
-                acts.append(module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output))
-            lg = lm_head.output[:, -1].float()
-            if cap is not None:
-                lg = cap * torch.tanh(lg / cap)
-            if wrong is not None:
-                m = lg[:, answer] - lg[:, wrong]
-            elif centred:
-                m = lg[:, answer] - lg.mean(-1)
-            else:
-                m = lg[:, answer]
-            metric = m.detach().save()
-            est = [None] * n_layers
-            with m[1].backward():
-                for layer in reversed(range(n_layers)):
-                    g = acts[layer].grad[1].float()
-                    diff = (acts[layer][0] - acts[layer][1]).detach().float() * g
+            with torch.enable_grad():  # a server may run with gradients off or its weights frozen
+                acts = []
+                for module, attr in mods:
+                    act = module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output)
+                    if not act.requires_grad:
+                        act.requires_grad_(True)
+                    acts.append(act)
+                lg = lm_head.output[:, -1].float()
+                if cap is not None:
+                    lg = cap * torch.tanh(lg / cap)
+                if wrong is not None:
+                    m = lg[:, answer] - lg[:, wrong]
+                elif centred:
+                    m = lg[:, answer] - lg.mean(-1)
+                else:
+                    m = lg[:, answer]
+                metric = m.detach().save()
+                grads = torch.autograd.grad(m[1], acts)
+                est = []
+                for act, g in zip(acts, grads):
+                    diff = (act[0] - act[1]).detach().float() * g[1].float()
                     if heads:
-                        est[layer] = diff.reshape(diff.shape[0], n_heads, d_head).sum(dim=(0, 2))
+                        est.append(diff.reshape(diff.shape[0], n_heads, d_head).sum(dim=(0, 2)))
                     else:
-                        est[layer] = diff.sum(-1)
-            estimate = torch.stack(est).save()
+                        est.append(diff.sum(-1))
+                estimate = torch.stack(est).save()
         shapes = {"metric": (2,), "estimate": (n_layers, n_heads if heads else base.shape[1])}
         out = self._result(be, locals(), ["metric", "estimate"], shapes)
         base_m = float(out["metric"][1])
         return Patching(target, (base_m + out["estimate"]).float(), base_m, float(out["metric"][0]))
 
     def steer(self, tokens, layer, vector, alpha, from_pos=0, k=10):
+        _check_one(tokens, self.spec)
         from core.steering import distribution_shift
         if not 0 <= layer < self.spec.n_layers:
             raise BackendError(f"Layer {layer} is not in the model (0 to {self.spec.n_layers - 1}).")
@@ -418,15 +462,16 @@ class NNsightBackend(Backend):
         centred = self.center_unembed
         add = (alpha * vector.float())
         be = self._backend("steering")
-        with self.lock, self._ctx(), self.lm.trace(torch.cat([tokens, tokens]), backend=be):
-            h = block.input
-            h[1, from_pos:] += add.to(h.dtype)
-            lg = lm_head.output[:, -1].float()
-            if cap is not None:
-                lg = cap * torch.tanh(lg / cap)
-            if centred:
-                lg = lg - lg.mean(-1, keepdim=True)
-            logits = lg.save()
+        with self.lock, self.lm.trace(torch.cat([tokens, tokens]), backend=be):
+            with torch.no_grad():  # on the server too: no autograd graph of the forward pass
+                h = block.input
+                h[1, from_pos:] += add.to(h.dtype)
+                lg = lm_head.output[:, -1].float()
+                if cap is not None:
+                    lg = cap * torch.tanh(lg / cap)
+                if centred:
+                    lg = lg - lg.mean(-1, keepdim=True)
+                logits = lg.save()
         out = self._result(be, locals(), ["logits"], {"logits": (2, self.spec.d_vocab)})["logits"]
         return distribution_shift(out[0], out[1], k)
 
@@ -451,7 +496,12 @@ class NNsightBackend(Backend):
             layer, kind = self._hook_target(e.hook)
             if kind == "pattern":
                 raise BackendError("Attention patterns can be read, not edited, on the nnsight backend.")
-            steps.setdefault((layer, _STAGE[kind]), {"kind": kind, "reads": [], "edits": []})["edits"].append(e)
+            if e.kind not in ("patch", "add", "zero"):
+                raise BackendError(f"Unknown edit {e.kind!r}: 'patch', 'add' or 'zero'.")
+            value = None if e.value is None else torch.as_tensor(e.value).float()
+            # A plain tuple: the request is unpickled on NDIF, where this package is not installed.
+            steps.setdefault((layer, _STAGE[kind]), {"kind": kind, "reads": [], "edits": []})["edits"].append(
+                (e.kind, value, e.pos, e.head, e.start))
         plan = []
         for (layer, _), step in sorted(steps.items()):
             kind = step["kind"]
@@ -465,54 +515,62 @@ class NNsightBackend(Backend):
             attn = getattr(block, self.layout.attn) if kind == "z" else None
             plan.append((module, attr, kind, step["reads"], step["edits"], attn, block))
         n_heads, n_kv, d_head, centre = self.spec.n_heads, self.spec.n_kv_heads, self.spec.d_head, self.spec.layer_norm
-        gpt2 = self.layout.conv1d
+        gpt2, cap = self.layout.conv1d, self.spec.softcap
         lm_head = self.lm.lm_head
-        be = self._backend("run")
-        with self.lock, self._ctx(), self.lm.trace(tokens, backend=be):
-            saved = {}
-            for module, attr, kind, names, step_edits, attn, block in plan:
-                # hook_z in TL excludes what each head's value bias adds (fold_value_biases); on
-                # GPT-2 that includes ln_1's bias times W_V. Read from the weights where they live.
-                b_V = None
-                if kind == "z" and gpt2:
-                    d_all = n_heads * d_head
-                    b_V = (attn.c_attn.bias.float()[2 * d_all:]
-                           + block.ln_1.bias.float() @ attn.c_attn.weight.float()[:, 2 * d_all:]).reshape(n_heads, d_head)
-                elif kind == "z" and attn.v_proj.bias is not None:
-                    b_V = attn.v_proj.bias.float().reshape(n_kv, d_head).repeat_interleave(n_heads // n_kv, 0)
-                if attr == "input":
-                    act = module.input
-                elif attr == "output0":
-                    act = module.output[0]
-                elif attr == "output1":
-                    act = module.output[1]
-                else:
-                    act = module.output
-                view = act.view(act.shape[0], act.shape[1], n_heads, d_head) if kind == "z" else act
-                for e in step_edits:
-                    sel = view[:, :, e.head] if e.head is not None else view
-                    idx = (slice(None), e.pos) if e.pos is not None else (slice(None), slice(e.start, None))
-                    bv = 0.0 if b_V is None else (b_V[e.head] if e.head is not None else b_V)
-                    if e.kind == "zero":
-                        sel[idx] = bv
-                    elif e.kind == "patch":
-                        sel[idx] = (e.value + bv).to(act.dtype)
+        be = self._backend("run", eager=any(step["kind"] == "pattern" for step in steps.values()))
+        with self.lock, self.lm.trace(tokens, backend=be):
+            with torch.no_grad():  # on the server too: no autograd graph of the forward pass
+                saved = {}
+                for module, attr, kind, names, step_edits, attn, block in plan:
+                    # hook_z in TL excludes what each head's value bias adds (fold_value_biases); on
+                    # GPT-2 that includes ln_1's bias times W_V. Read from the weights where they live.
+                    b_V = None
+                    if kind == "z" and gpt2:
+                        d_all = n_heads * d_head
+                        b_V = (attn.c_attn.bias.float()[2 * d_all:]
+                               + block.ln_1.bias.float() @ attn.c_attn.weight.float()[:, 2 * d_all:]).reshape(n_heads, d_head)
+                    elif kind == "z" and attn.v_proj.bias is not None:
+                        b_V = attn.v_proj.bias.float().reshape(n_kv, d_head).repeat_interleave(n_heads // n_kv, 0)
+                    if attr == "input":
+                        act = module.input
+                    elif attr == "output0":
+                        act = module.output[0]
+                    elif attr == "output1":
+                        act = module.output[1]
                     else:
-                        sel[idx] += e.value.to(act.dtype)
-                value = view.detach().float().clone()
-                if kind == "z" and b_V is not None:
-                    value = value - b_V
-                elif centre and kind in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
-                    value = value - value.mean(-1, keepdim=True)
-                for name in names:
-                    saved[name] = value
-            lg = lm_head.output.float()
-            saved["logits"] = lg if logit_positions is None else lg[:, logit_positions]
-            saved = nnsight.save(saved)
+                        act = module.output
+                    view = act.view(act.shape[0], act.shape[1], n_heads, d_head) if kind == "z" else act
+                    for e_kind, e_value, e_pos, e_head, e_start in step_edits:
+                        sel = view[:, :, e_head] if e_head is not None else view
+                        idx = (slice(None), e_pos) if e_pos is not None else (slice(None), slice(e_start, None))
+                        bv = 0.0 if b_V is None else (b_V[e_head] if e_head is not None else b_V)
+                        if e_kind == "zero":
+                            sel[idx] = bv
+                        elif e_kind == "patch":
+                            sel[idx] = (e_value + bv).to(act.dtype)
+                        else:
+                            sel[idx] += e_value.to(act.dtype)
+                    value = view.detach().float().clone()
+                    if kind == "z" and b_V is not None:
+                        value = value - b_V
+                    elif centre and kind in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+                        value = value - value.mean(-1, keepdim=True)
+                    for name in names:
+                        saved[name] = value
+                lg = lm_head.output.float()
+                lg = lg if logit_positions is None else lg[:, logit_positions]
+                if cap is not None:
+                    lg = cap * torch.tanh(lg / cap)
+                saved["logits"] = lg
+                saved = nnsight.save(saved)
         return self._result(be, locals(), ["saved"], {"saved": None})["saved"]
 
     def gradients(self, tokens, hooks, answer, wrong=None, pos=-1):
         targets = [self._hook_target(h) for h in hooks]
+        for name, (_, kind) in zip(hooks, targets):
+            if kind not in ("resid_pre", "attn_out", "mlp_out", "z"):
+                raise BackendError(f"Gradients are taken at hook_resid_pre, hook_attn_out, hook_mlp_out and "
+                                   f"attn.hook_z on the nnsight backend; not {name!r}.")
         order = sorted(range(len(hooks)), key=lambda j: (targets[j][0], _STAGE[targets[j][1]]))
         mods = [self._module_for(targets[j][1], targets[j][0]) for j in order]
         cap, centred = self.spec.softcap, wrong is None and self.center_unembed
@@ -521,25 +579,26 @@ class NNsightBackend(Backend):
         lm_head = self.lm.lm_head
         be = self._backend("gradients")
         with self.lock, self.lm.trace(tokens, backend=be):
-            acts = []
-            for module, attr in mods:
-                acts.append(module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output))
-            lg = lm_head.output[:, pos].float()
-            if cap is not None:
-                lg = cap * torch.tanh(lg / cap)
-            if wrong is not None:
-                m = lg[:, answer] - lg[:, wrong]
-            elif centred:
-                m = lg[:, answer] - lg.mean(-1)
-            else:
-                m = lg[:, answer]
-            grads = [None] * len(acts)
-            with m.sum().backward():
-                for j in reversed(range(len(acts))):
-                    g = acts[j].grad.float()
-                    if kinds[j] == "z":
-                        g = g.reshape(g.shape[0], g.shape[1], n_heads, d_head)
-                    grads[j] = g.clone()
-            grads = nnsight.save(grads)
+            with torch.enable_grad():  # a server may run with gradients off or its weights frozen
+                acts = []
+                for module, attr in mods:
+                    act = module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output)
+                    if not act.requires_grad:
+                        act.requires_grad_(True)
+                    acts.append(act)
+                lg = lm_head.output[:, pos].float()
+                if cap is not None:
+                    lg = cap * torch.tanh(lg / cap)
+                if wrong is not None:
+                    m = lg[:, answer] - lg[:, wrong]
+                elif centred:
+                    m = lg[:, answer] - lg.mean(-1)
+                else:
+                    m = lg[:, answer]
+                grads = []
+                for kind, g in zip(kinds, torch.autograd.grad(m.sum(), acts)):
+                    g = g.detach().float()
+                    grads.append(g.reshape(g.shape[0], g.shape[1], n_heads, d_head) if kind == "z" else g)
+                grads = nnsight.save(grads)
         out = self._result(be, locals(), ["grads"], {"grads": None})["grads"]
         return {hooks[j]: out[i] for i, j in enumerate(order)}

@@ -46,8 +46,13 @@ def served(host: str) -> list[str]:
 
 
 def fail(message: str) -> None:
-    st.error(message)
+    st.error(ui.md_escape(message))  # paths, ids and server messages shown as typed
     st.stop()
+
+
+NEEDS_ANSWER = {"dla_layers", "dla_heads", "patching", "attribution_patching"}
+MAX_REQUESTS = 100  # a remote sweep of more asks for a shorter prompt or a larger CIRCUIT_EXPLORER_NDIF_TOKENS
+BIG = 256  # heads: above this, the attention view fetches and draws one layer
 
 
 where = st.radio("Where the model runs", list(WHERE), format_func=WHERE.get, horizontal=True, key="nn_where")
@@ -63,6 +68,10 @@ elif where == "local":
         st.info(f"Type the path of a Hugging Face checkpoint folder. nnsight maps these architectures: "
                 f"{', '.join(be.supported_architectures())}.")
         st.stop()
+    from pathlib import Path
+    if not Path(folder).is_dir() or not (Path(folder) / "config.json").is_file():
+        fail(f"{folder} is not a checkpoint folder (a folder with config.json, the weights and the tokenizer). "
+             "A model on the Hugging Face hub that does not fit here runs remotely: choose Remote.")
     try:
         with st.spinner(f"Loading {folder} with nnsight…"):
             backend = local_backend(folder)
@@ -123,7 +132,7 @@ def single_token(label: str, value: str) -> int | None:
         bos_id = view.model.tokenizer.bos_token_id if getattr(view.model.cfg, "default_prepend_bos", True) else None
     ids = [int(t) for t in ids if bos_id is None or int(t) != bos_id]
     if len(ids) != 1:
-        fail(f"The {label} {value!r} is {len(ids)} tokens for this model; give a single token "
+        fail(f"The {label} “{value}” is {len(ids)} tokens for this model; give a single token "
              f"(often with a leading space, like ' Mary').")
     return ids[0]
 
@@ -136,14 +145,12 @@ wrong_text = c2.text_input("Wrong token (optional)", " John" if where != "app" e
                            help="With one, the target is the logit difference answer − wrong.")
 choice = c3.selectbox("View", list(VIEWS), format_func=VIEWS.get, key="nn_view")
 wrong = single_token("wrong token", wrong_text)
-if answer_text:
-    answer = single_token("answer", answer_text)
-else:
-    top = backend.run(tokens, [], logit_positions=[-1])["logits"][0, 0] if where != "remote" else None
-    if top is None:
-        fail("Give an answer token for a remote model (finding the top prediction is a request of its own).")
-    answer = int(top.argmax())
-target_label = f"“{backend.str_tokens(torch.tensor([answer]))[0]}”" + (
+answer = single_token("answer", answer_text) if answer_text else None
+if answer is None and where != "remote":  # the model's top prediction: one run here
+    answer = int(backend.run(tokens, [], logit_positions=[-1])["logits"][0, 0].argmax())
+if answer is None and choice in NEEDS_ANSWER:
+    fail("Give an answer token for a remote model (finding the top prediction is a request of its own).")
+target_label = "" if answer is None else f"“{backend.str_tokens(torch.tensor([answer]))[0]}”" + (
     f" − “{backend.str_tokens(torch.tensor([wrong]))[0]}”" if wrong is not None else "")
 
 source = None
@@ -159,6 +166,21 @@ if choice in ("patching", "attribution_patching"):
         st.info("The source prompt is the prompt itself, so no patch changes anything: change a word.")
     target = st.radio("Patch", list(be.PATCH_TARGETS), format_func=be.PATCH_TARGETS.get, horizontal=True,
                       key="nn_target")
+    if where == "remote" and choice == "patching":
+        n_units = spec.n_layers * (spec.n_heads if target == "z" else tokens.shape[1])
+        per = max(1, backend.transport.rows_per_request(tokens.shape[1]) - 2)
+        n_requests = -(-n_units // per)
+        if n_requests > MAX_REQUESTS:
+            fail(f"This sweep is {n_units:,} patched runs: {n_requests:,} requests of {per} runs each. Use a shorter "
+                 f"prompt, or allow more tokens a request (CIRCUIT_EXPLORER_NDIF_TOKENS, now "
+                 f"{backend.transport.settings.tokens_per_request}); at most {MAX_REQUESTS} requests are sent at once.")
+        st.caption(f"{n_units:,} patched runs in {n_requests} request{'s' if n_requests != 1 else ''}.")
+att_layers = None
+if choice == "attention":  # a large model: fetch and draw one layer
+    a1, a2 = st.columns(2)
+    att_layer = a1.slider("Layer", 0, spec.n_layers - 1, 0, key="nn_att_layer")
+    att_head = a2.slider("Head", 0, spec.n_heads - 1, 0, key="nn_att_head")
+    att_layers = tuple(range(spec.n_layers)) if spec.n_layers * spec.n_heads <= BIG else (att_layer,)
 if choice == "steering":
     s1, s2, s3 = st.columns(3)
     toward = s1.text_input("Toward (a prompt)", " love", key="nn_toward")
@@ -185,7 +207,7 @@ def compute():
     if choice == "logit_lens":
         return backend.logit_lens(tokens, answer, k=5)
     if choice == "attention":
-        return backend.attention_patterns(tokens, range(spec.n_layers))
+        return backend.attention_patterns(tokens, att_layers)
     if choice == "residual_norms":
         return backend.residual_norms(tokens)
     if choice == "patching":
@@ -200,23 +222,30 @@ def compute():
     return backend.steer(tokens, layer, pos - neg, alpha, from_pos=1)
 
 
-key = ("nn_result", where, model_label, choice, text, answer, wrong,
-       None if source is None else tuple(source[0].tolist()),
-       target if source is not None else None,
-       (toward, away, layer, alpha) if choice == "steering" else None)
+uses_answer = choice in NEEDS_ANSWER or choice == "logit_lens"
+key = ("nn_result", where, model_label, choice, tuple(tokens[0].tolist()),
+       (answer, wrong) if uses_answer else None,
+       None if source is None else (tuple(source[0].tolist()), target),
+       att_layers, (toward, away, layer, alpha) if choice == "steering" else None)
 results = st.session_state.setdefault("nn_results", {})
-if key not in results:
+if key in results:
+    results[key] = results.pop(key)  # most recently used last
+else:
     if where == "remote" and not st.button("Run on NDIF", type="primary", key="nn_send"):
         st.info("Each view is sent to NDIF as one request (a sweep as a few). Press **Run on NDIF** to send it.")
         st.stop()
     try:
         with st.spinner(f"{VIEWS[choice]} on {backend.where if where != 'app' else 'this machine'}…"):
-            results[key] = compute()
+            computed = compute()
     except be.BackendError as e:
         fail(str(e))
-    while len(results) > MAX_RESULTS:  # the oldest go first
-        results.pop(next(iter(results)))
-result = results[key]
+    if getattr(computed, "failed", None):
+        result = computed  # shown, not kept: running it again sends only the missing requests
+    else:
+        results[key] = computed
+        while len(results) > MAX_RESULTS:  # the least recently used go first
+            results.pop(next(iter(results)))
+result = results.get(key, locals().get("result"))
 
 # -- the view ------------------------------------------------------------------------------------
 if choice == "dla_layers":
@@ -237,12 +266,11 @@ elif choice == "logit_lens":
         charts.show(plots.answer_by_layer(result.labels, result.answer_prob[:, -1], result.answer_rank[:, -1],
                                           backend.str_tokens(torch.tensor([answer]))[0]), key="nn_lens_answer")
 elif choice == "attention":
-    if spec.n_layers * spec.n_heads <= 256:
-        charts.show(plots.all_heads_grid(result, str_tokens), key="nn_att_all")
-    layer_sel = st.slider("Layer", 0, spec.n_layers - 1, 0, key="nn_att_layer")
-    head_sel = st.slider("Head", 0, spec.n_heads - 1, 0, key="nn_att_head")
-    charts.show(plots.pattern_heatmap(result[layer_sel, head_sel], str_tokens, f"L{layer_sel}H{head_sel}"),
+    row = att_layers.index(att_layer)
+    charts.show(plots.pattern_heatmap(result[row, att_head], str_tokens, f"L{att_layer}H{att_head}"),
                 key="nn_att_head_fig")
+    if len(att_layers) == spec.n_layers:
+        charts.show(plots.all_heads_grid(result, str_tokens, selected=(att_layer, att_head)), key="nn_att_all")
 elif choice == "residual_norms":
     norms, _ = result
     charts.show(plots.residual_norm_heatmap(norms, str_tokens), key="nn_norms")
@@ -259,7 +287,10 @@ elif choice in ("patching", "attribution_patching"):
     st.caption(f"Target {html.escape(target_label)}: base {result.base:+.4f}, source {result.source:+.4f}; "
                "0 = no change from the base prompt, 1 = the source prompt's value.")
     if result.failed:
-        st.warning(f"Part of the sweep is missing (blank cells): {result.failed}")
+        st.warning(ui.md_escape(f"Part of the sweep is missing (blank cells): {result.failed}. Press Run on NDIF "
+                                "again to send the missing requests; the finished ones are not sent again."))
+        if where == "remote":
+            st.button("Run on NDIF", type="primary", key="nn_send")
 else:
     rows = result["rows"]
     names = [backend.str_tokens(torch.tensor([r["token"]]))[0] for r in rows]

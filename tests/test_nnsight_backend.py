@@ -25,7 +25,6 @@ import pytest
 import torch
 from helpers import free_port, hub_cache_from_folder
 from hf_checkpoints import make_checkpoint
-from ndif_standin import Standin
 
 from core import ndif
 from core.backend import Backend, BackendError, Edit, TLBackend, supported_architectures
@@ -191,42 +190,59 @@ def test_concurrent_views_and_tokenisation_share_one_model():
 # ---------------------------------------------------------------------------------------------
 
 REPO = "test-org/tiny-llama"
+REPOS = {"LlamaForCausalLM": REPO, "GPT2LMHeadModel": "test-org/tiny-gpt2"}
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    """(stand-in, meta-built remote model, local nnsight backend) for a Llama checkpoint."""
+def services(tmp_path_factory):
+    """(stand-in process, {arch: meta-built remote model}, {arch: local nnsight backend}, hub cache)
+    for a Llama and a GPT-2 checkpoint, served by `ndif_standin` in a process of its own."""
     from huggingface_hub import constants
+    from ndif_standin import StandinProcess
 
     cache = tmp_path_factory.mktemp("hub")
-    folder = checkpoint("LlamaForCausalLM")
-    hub_cache_from_folder(folder, cache, REPO)
+    metas, locals_ = {}, {}
     old = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
     constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache), True
     try:
-        meta = ndif.remote_model(REPO)
+        for arch, repo in REPOS.items():
+            hub_cache_from_folder(checkpoint(arch), cache, repo)
+            metas[arch] = ndif.remote_model(repo)
+            assert str(next(metas[arch]._module.parameters()).device) == "meta"  # no weights here
+            locals_[arch] = NNsightBackend(load_local(checkpoint(arch)))
     finally:
         constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = old
-    assert str(next(meta._module.parameters()).device) == "meta"  # no weights here
-    standin = Standin({meta.to_model_key(): load_local(folder)})
+    standin = StandinProcess({metas[arch].to_model_key(): checkpoint(arch) for arch in REPOS})
     standin.hub_cache = str(cache)
-    yield standin, meta, NNsightBackend(load_local(folder))
+    yield standin, metas, locals_
     standin.close()
 
 
-def remote(standin: Standin, meta, timeout: float = 30, tokens: int = 4096, key: str = "test-key") -> NNsightBackend:
+@pytest.fixture
+def service(services):
+    standin, metas, locals_ = services
+    standin.mode = "ok"
+    yield standin, metas["LlamaForCausalLM"], locals_["LlamaForCausalLM"]
+    standin.mode = "ok"
+
+
+def remote(standin, meta, timeout: float = 30, tokens: int = 4096, key: str = "test-key") -> NNsightBackend:
     s = ndif.Settings(host=standin.url, api_key=key, timeout=timeout, tokens_per_request=tokens)
     return NNsightBackend(meta, ndif.Transport(s, poll_every=0.02))
 
 
 @pytest.mark.slow
-def test_remote_views_equal_local_ones_and_are_logged(service):
-    standin, meta, local = service
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_remote_views_equal_local_ones_and_are_logged(services, arch):
+    """Every view, a run with reads and edits, and gradients, sent to the stand-in (its own process,
+    where this package cannot be imported) equal the same computations here."""
+    standin, metas, locals_ = services
     standin.mode = "ok"
-    rb = remote(standin, meta)
-    check_views(local, rb, "LlamaForCausalLM")
+    local, rb = locals_[arch], remote(standin, metas[arch])
+    check_views(local, rb, arch)
     reads = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"]
-    edits = [Edit("blocks.0.attn.hook_z", "zero", head=1, pos=2)]
+    edits = [Edit("blocks.0.attn.hook_z", "zero", head=1, pos=2),
+             Edit("blocks.0.hook_resid_pre", "add", torch.linspace(-1, 1, local.spec.d_model), start=4)]
     x, y = local.run(BASE, reads, edits, [-1]), rb.run(BASE, reads, edits, [-1])
     for name in [*reads, "logits"]:
         close(x[name], y[name], f"remote run: {name}")
@@ -236,7 +252,11 @@ def test_remote_views_equal_local_ones_and_are_logged(service):
         close(gx[name], gy[name], f"remote gradient: {name}")
     log = rb.transport.log
     assert {r.status for r in log} == {"done"} and all(r.sent > 0 and r.received > 0 for r in log)
-    assert standin.received[-1]["api_key"] == "test-key"
+    received = standin.received
+    assert received[-1]["api_key"] == "test-key"
+    # Eager attention only where attention weights are read; SDPA otherwise.
+    envs = [r["env"]["attn_implementation"] for r in received[-len(log):]]
+    assert [w.what for w, env in zip(log, envs) if env == "eager"] == ["attention patterns", "run"]
     # One request per view: a sweep of 2 layers x 7 positions fits in one.
     assert sum(r.what == "patching" for r in log) == 4
 
@@ -244,48 +264,83 @@ def test_remote_views_equal_local_ones_and_are_logged(service):
 @pytest.mark.slow
 def test_a_sweep_is_cut_into_requests_of_the_configured_size(service):
     standin, meta, local = service
-    standin.mode = "ok"
     rb = remote(standin, meta, tokens=7 * 6)  # 6 rows a request: source, base and 4 patches
-    result = rb.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre", progress=lambda f, text: None)
+    shares = []
+    result = rb.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre", progress=lambda f, text: shares.append(f))
     assert len(rb.transport.log) == 4  # 14 patches / 4 per request
+    assert shares == [0, 0.25, 0.5, 0.75, 1.0]  # a progress step per request
     close(result.values, local.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre").values, "chunked sweep")
 
 
+@pytest.mark.slow
 def test_refusal_says_why(service):
     standin, meta, _ = service
     standin.mode = "refuse"
     with pytest.raises(ndif.RemoteRefused, match="401.*Invalid API key.*NDIF_API_KEY"):
         remote(standin, meta).dla(BASE, ANSWER, WRONG)
+    standin.mode = "too_large"
+    with pytest.raises(ndif.RemoteRefused, match="413.*CIRCUIT_EXPLORER_NDIF_TOKENS"):
+        remote(standin, meta).dla(BASE, ANSWER, WRONG)
 
 
+@pytest.mark.slow
 def test_a_stalled_job_times_out_with_its_id(service):
     standin, meta, _ = service
     standin.mode = "stall"
     start = time.perf_counter()
     with pytest.raises(ndif.RemoteTimeout, match="did not finish .* in 1 s.*job [0-9a-f]+"):
         remote(standin, meta, timeout=1).residual_norms(BASE)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 3
 
 
+@pytest.mark.slow
+def test_a_hanging_service_is_bounded_by_the_deadline(service):
+    """A status request that gets no answer does not outlast the deadline (nnsight's own HTTP
+    timeouts are 10 s to connect and 600 s to read)."""
+    standin, meta, _ = service
+    standin.control(mode="hang", hang=8.0)
+    start = time.perf_counter()
+    with pytest.raises(ndif.RemoteTimeout, match="did not finish"):
+        remote(standin, meta, timeout=1.5).residual_norms(BASE)
+    assert time.perf_counter() - start < 4
+
+
+@pytest.mark.slow
+def test_a_busy_service_is_asked_again(service):
+    """HTTP 503 on the first status requests: asked again until it answers, then the result."""
+    standin, meta, local = service
+    standin.mode = "flaky"
+    norms, _ = remote(standin, meta).residual_norms(BASE)
+    close(norms, local.residual_norms(BASE)[0], "after 503s")
+
+
+@pytest.mark.slow
 def test_partial_failure_keeps_the_finished_requests(service):
     standin, meta, local = service
-    standin.mode, standin.ok_jobs = "error_after", sum(j.status.value == "COMPLETED" for j in standin.jobs.values()) + 1
+    standin.control(mode="error_after", ok_jobs=1)
     rb = remote(standin, meta, tokens=7 * 6)
     result = rb.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre")
     assert "1 of 4 requests finished" in result.failed and "CUDA out of memory" in result.failed
     done = ~torch.isnan(result.values)
     assert int(done.sum()) == 4  # the first request's four patches
     close(result.values[done], local.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre").values[done], "kept rows")
+    # Run again: the finished request is not sent again, the missing ones are.
+    standin.mode = "ok"
+    again = rb.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre")
+    assert again.failed is None and len(rb.transport.log) == 2 + 3  # 1 done + 1 failed, then the 3 missing
+    close(again.values, local.patch(BASE, SOURCE, ANSWER, WRONG, "resid_pre").values, "completed sweep")
     # A request that fails on its own is an error, not an empty view.
+    standin.control(mode="error_after", ok_jobs=0)
     with pytest.raises(ndif.RemoteFailed, match="failed on NDIF.*CUDA out of memory"):
         rb.dla(BASE, ANSWER, WRONG)
 
 
 @pytest.mark.slow
-def test_a_failed_download_is_an_error(service):
+@pytest.mark.parametrize("mode, message", [("bad_result", "could not be read"), ("no_data", "sent no result")])
+def test_a_broken_result_is_an_error(service, mode, message):
     standin, meta, _ = service
-    standin.mode = "bad_result"
-    with pytest.raises(BackendError, match="NDIF"):
+    standin.mode = mode
+    with pytest.raises(ndif.RemoteFailed, match=message):
         remote(standin, meta).logit_lens(BASE, ANSWER)
 
 
@@ -298,10 +353,20 @@ def test_unreachable_service_fails_fast():
 
 
 @pytest.mark.slow
+def test_a_request_to_an_unreachable_service_fails_fast(service):
+    _, meta, _ = service
+    s = ndif.Settings(host=f"http://127.0.0.1:{free_port()}", api_key="k", timeout=30, tokens_per_request=4096)
+    start = time.perf_counter()
+    with pytest.raises(ndif.RemoteUnreachable, match="cannot be reached"):
+        NNsightBackend(meta, ndif.Transport(s)).residual_norms(BASE)
+    assert time.perf_counter() - start < ndif.STATUS_TIMEOUT + 1
+
+
+@pytest.mark.slow
 def test_served_models_are_listed(service):
     standin, _, _ = service
     s = ndif.Settings(host=standin.url, api_key="", timeout=5, tokens_per_request=4096)
-    assert ndif.served_models(s) == [REPO]
+    assert ndif.served_models(s) == sorted(REPOS.values())
 
 
 def test_remote_model_offline_without_a_cached_config_says_so(tmp_path):
@@ -338,6 +403,13 @@ def page_problems(at) -> list:
     return [e.value for e in at.exception] + [e.value for e in at.error]
 
 
+def errors(at) -> list[str]:
+    """The page's error messages as plain text (they are Markdown-escaped)."""
+    from helpers import plain
+
+    return [plain(e.value) for e in at.error]
+
+
 @pytest.mark.slow
 def test_page_shows_every_view_on_the_apps_model():
     from helpers import open_app
@@ -365,12 +437,19 @@ def test_page_runs_a_folder_with_nnsight_and_refuses_bad_input(tmp_path):
     at.text_area(key="nn_prompt").set_value(" ".join(MARKUP_TOKENS)).run()  # shown as text, never run
     assert not at.exception
     at.text_area(key="nn_prompt").set_value("   ").run()
-    assert any("empty" in e.value for e in at.error)
+    assert any("empty" in e for e in errors(at))
     at.text_area(key="nn_prompt").set_value("hello world").run()
     at.text_input(key="nn_answer_hf").set_value("hello world again").run()
-    assert any("single token" in e.value for e in at.error)
+    assert any("single token" in e for e in errors(at))
     at.text_input(key="nn_folder").set_value(str(tmp_path / "nothing")).run()
-    assert at.error and not at.exception
+    assert any("not a checkpoint folder" in e for e in errors(at)) and not at.exception
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(checkpoint("GPT2LMHeadModel"), corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not safetensors")
+    at.text_input(key="nn_folder").set_value(str(corrupt)).run()
+    assert any("could not load" in e for e in errors(at)) and not at.exception
 
 
 def test_page_remote_without_a_key_says_how_to_set_one(monkeypatch):
@@ -379,7 +458,7 @@ def test_page_remote_without_a_key_says_how_to_set_one(monkeypatch):
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     at = open_app(page="remote")
     at.radio(key="nn_where").set_value("remote").run()
-    assert any("NDIF_API_KEY" in e.value for e in at.error) and not at.exception
+    assert any("NDIF_API_KEY" in e for e in errors(at)) and not at.exception
 
 
 @pytest.mark.slow
@@ -391,7 +470,7 @@ def test_page_remote_unreachable_fails_fast(monkeypatch):
     at = open_app(page="remote")
     start = time.perf_counter()
     at.radio(key="nn_where").set_value("remote").run()
-    assert any("cannot be reached" in e.value for e in at.error) and not at.exception
+    assert any("cannot be reached" in e for e in errors(at)) and not at.exception
     assert time.perf_counter() - start < ndif.STATUS_TIMEOUT + 3
 
 
@@ -411,7 +490,7 @@ def test_page_remote_sends_a_view_on_request(service, monkeypatch):
     assert at.selectbox(key="nn_repo").value == REPO
     assert not page_problems(at), page_problems(at)
     at.text_input(key="nn_answer_hf").set_value("").run()
-    assert any("Give an answer token" in e.value for e in at.error)
+    assert any("Give an answer token" in e for e in errors(at))
     at.text_area(key="nn_prompt").set_value("the old king saw").run()
     at.text_input(key="nn_answer_hf").set_value(" bird").run()
     at.text_input(key="nn_wrong_hf").set_value("").run()
@@ -423,4 +502,4 @@ def test_page_remote_sends_a_view_on_request(service, monkeypatch):
     standin.mode = "refuse"
     at.selectbox(key="nn_view").set_value("logit_lens").run()
     at.button(key="nn_send").click().run()
-    assert any("refused" in e.value for e in at.error) and not at.exception
+    assert any("refused" in e for e in errors(at)) and not at.exception
