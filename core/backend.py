@@ -134,11 +134,6 @@ class Patching:
     source: float
     failed: str | None = None
 
-    def normalised(self) -> torch.Tensor:
-        """0 = the base run's metric, 1 = the source run's (the usual patching scale)."""
-        span = self.source - self.base
-        return (self.values - self.base) / (span if abs(span) > 1e-12 else float("nan"))
-
 
 @dataclass(frozen=True)
 class Edit:

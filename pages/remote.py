@@ -153,9 +153,20 @@ if answer is None and choice in NEEDS_ANSWER:
 target_label = "" if answer is None else f"“{backend.str_tokens(torch.tensor([answer]))[0]}”" + (
     f" − “{backend.str_tokens(torch.tensor([wrong]))[0]}”" if wrong is not None else "")
 
+def reversed_first_half() -> str:
+    """A source prompt for the sidebar's: its first half reversed, so what the second half copies
+    from the first (induction) changes; the prompt itself where that changes its length."""
+    body = tokens[0, 1:].tolist()
+    half = len(body) // 2
+    if half < 2:
+        return text
+    candidate = store.decode(view.model, body[:half][::-1] + body[half:])
+    return candidate if backend.to_tokens(candidate).shape == tokens.shape else text
+
+
 source = None
 if choice in ("patching", "attribution_patching"):
-    default_source = DEFAULT_SOURCE if where != "app" else text
+    default_source = DEFAULT_SOURCE if where != "app" else reversed_first_half()
     source_text = st.text_area("Source prompt (patched into the prompt above; the same length in tokens)",
                                default_source, key="nn_source", height=68)
     source = backend.to_tokens(source_text)
@@ -275,17 +286,20 @@ elif choice == "residual_norms":
     norms, _ = result
     charts.show(plots.residual_norm_heatmap(norms, str_tokens), key="nn_norms")
 elif choice in ("patching", "attribution_patching"):
-    values = result.normalised()
+    # The change from the base run, in logits: a share of (source - base) would blow up where the
+    # two prompts barely differ on the target.
+    values = result.values - result.base
+    unit = "change in the logit difference" if wrong is not None else "change in the logit"
     if result.target == "z":
-        fig = plots.head_heatmap(values, f"{VIEWS[choice]}: heads", "share of the source's effect")
+        fig = plots.head_heatmap(values, f"{VIEWS[choice]}: heads", unit)
     else:
         ys = [f"layer {layer}" for layer in range(spec.n_layers)]
         fig = plots.importance_heatmap(values, ys, plots.position_labels(str_tokens),
-                                       f"{VIEWS[choice]}: {be.PATCH_TARGETS[result.target]}",
-                                       "share of the source's effect")
+                                       f"{VIEWS[choice]}: {be.PATCH_TARGETS[result.target]}", unit)
     charts.show(fig, key="nn_patch")
-    st.caption(f"Target {html.escape(target_label)}: base {result.base:+.4f}, source {result.source:+.4f}; "
-               "0 = no change from the base prompt, 1 = the source prompt's value.")
+    st.caption(f"Target {html.escape(target_label)}: {result.base:+.3f} on the prompt, {result.source:+.3f} on the "
+               f"source prompt (a change of {result.source - result.base:+.3f}). Each cell: the target with that one "
+               "activation taken from the source run, minus the prompt's.")
     if result.failed:
         st.warning(ui.md_escape(f"Part of the sweep is missing (blank cells): {result.failed}. Press Run on NDIF "
                                 "again to send the missing requests; the finished ones are not sent again."))

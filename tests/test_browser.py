@@ -231,7 +231,9 @@ def test_sae_page_click_a_feature_opens_its_dashboard(server):
         page.get_by_text("Top activating contexts").first.wait_for(timeout=60_000)
         page.wait_for_timeout(1000)
         assert f"feature={point['f']}" in page.url
-        assert page.get_by_role("spinbutton", name=re.compile("Feature")).input_value() == str(point["f"])
+        # The feature box follows the click on the page's next run: wait for it, on a loaded machine too.
+        sync_api.expect(page.get_by_role("spinbutton", name=re.compile("Feature"))).to_have_value(
+            str(point["f"]), timeout=60_000)
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "sae_feature.png"), full_page=False)
         browser.close()
@@ -311,7 +313,8 @@ def test_nothing_is_cut_off_and_the_pattern_axis_is_in_view_at_1280x720(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 720})
         for path, ready in (("/patching?model=ce-circuits-3l-attn&source=ioi", "Head outputs (z), all positions: exact"),
-                            ("/attention", "attention pattern"), ("/attribution", "Direct effect of each component")):
+                            ("/attention", "attention pattern"), ("/attribution", "Direct effect of each component"),
+                            ("/remote", "Direct logit attribution to")):
             page.goto(server + path, wait_until="domcontentloaded")
             page.get_by_text(ready).first.wait_for(timeout=120_000)
             page.wait_for_timeout(1500)
