@@ -150,6 +150,20 @@ def test_unsupported_architecture_is_named():
     assert "LlamaForCausalLM" in supported_architectures()
 
 
+def test_backends_on_one_model_share_its_lock_and_refuse_batches():
+    """The page builds a backend per run over one cached model: they must share its lock. The
+    views take one prompt at a time, on both backends."""
+    tl, nn = backends("GPT2LMHeadModel")
+    assert NNsightBackend(nn.lm).lock is nn.lock
+    for backend in (tl, nn):
+        with pytest.raises(BackendError, match="one prompt at a time"):
+            backend.dla(torch.cat([BASE, SOURCE]), ANSWER, WRONG)
+        with pytest.raises(BackendError, match="at most"):
+            backend.residual_norms(torch.zeros(1, backend.spec.n_ctx + 1, dtype=torch.long))
+    assert nn.attention_patterns(BASE, [1, 0]).shape[0] == 2
+    close(nn.attention_patterns(BASE, [1, 0]), tl.attention_patterns(BASE, [1, 0]), "layers in the asked order")
+
+
 def test_patching_refuses_prompts_of_different_lengths():
     _, nn = backends("GPT2LMHeadModel")
     with pytest.raises(BackendError, match="same length"):
