@@ -222,6 +222,10 @@ def test_prefetch_builds_every_embedded_index_once_the_loaded_models_first(monke
     cache.prefetch_embedded_indexes(zoo_model)
     cache.prefetch_embedded_indexes(zoo_model)  # a second session: nothing queued twice
     assert requested.wait(10)
+    # The worker records the build's status just after requesting it: wait for that, not a race.
+    deadline = time.monotonic() + 10
+    while cache.embedded_index_progress().get(mine[0]) != (0.5, "encoding") and time.monotonic() < deadline:
+        time.sleep(0.005)
     progress = cache.embedded_index_progress()
     assert list(progress) == mine + [n for n in everything if n not in mine]  # the loaded model's first
     assert progress[mine[0]] == (0.5, "encoding") and all(v == (0.0, "queued") for v in list(progress.values())[1:])
