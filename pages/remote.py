@@ -5,8 +5,6 @@ Hugging Face checkpoint folder through nnsight here, or a model NDIF serves (nns
 Each view is computed by the chosen backend only when it is open; a remote view is sent when
 "Run on NDIF" is pressed, and its result stays on the page.
 """
-import html
-
 import streamlit as st
 import torch
 
@@ -103,7 +101,7 @@ else:
     model_label = f"{repo} on NDIF"
 
 spec = backend.spec
-st.caption(f"{html.escape(model_label)} · {spec.architecture} · {spec.n_layers} layers × {spec.n_heads} heads · "
+st.caption(f"{ui.md_escape(model_label)} · {spec.architecture} · {spec.n_layers} layers × {spec.n_heads} heads · "
            f"d_model {spec.d_model}")
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -206,7 +204,7 @@ def compute():
     progress_box = st.empty()
     if where == "remote":  # the status NDIF reports while a request waits (queued, running, ...)
         status_box = st.empty()
-        backend.transport.on_status = lambda text: status_box.caption(html.escape(text))
+        backend.transport.on_status = lambda text: status_box.caption(ui.md_escape(text))
 
     def progress(share: float, text: str) -> None:
         progress_box.progress(min(1.0, max(0.0, share)), text=text)
@@ -297,7 +295,7 @@ elif choice in ("patching", "attribution_patching"):
         fig = plots.importance_heatmap(values, ys, plots.position_labels(str_tokens),
                                        f"{VIEWS[choice]}: {be.PATCH_TARGETS[result.target]}", unit)
     charts.show(fig, key="nn_patch")
-    st.caption(f"Target {html.escape(target_label)}: {result.base:+.3f} on the prompt, {result.source:+.3f} on the "
+    st.caption(f"Target {ui.md_escape(target_label)}: {result.base:+.3f} on the prompt, {result.source:+.3f} on the "
                f"source prompt (a change of {result.source - result.base:+.3f}). Each cell: the target with that one "
                "activation taken from the source run, minus the prompt's.")
     if result.failed:
