@@ -420,7 +420,7 @@ class NNsightBackend(Backend):
         rows = torch.cat([source, base])
         be = self._backend("attribution patching")
         with self.lock, self.lm.trace(rows, backend=be):
-            with torch.enable_grad():  # a server may run with gradients off or its weights frozen
+            with torch.enable_grad():  # a server may run requests with gradients off or its weights frozen
                 acts = []
                 for module, attr in mods:
                     act = module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output)
@@ -579,7 +579,7 @@ class NNsightBackend(Backend):
         lm_head = self.lm.lm_head
         be = self._backend("gradients")
         with self.lock, self.lm.trace(tokens, backend=be):
-            with torch.enable_grad():  # a server may run with gradients off or its weights frozen
+            with torch.enable_grad():  # a server may run requests with gradients off or its weights frozen
                 acts = []
                 for module, attr in mods:
                     act = module.input if attr == "input" else (module.output[0] if attr == "output0" else module.output)

@@ -299,10 +299,9 @@ elif choice in ("patching", "attribution_patching"):
                f"source prompt (a change of {result.source - result.base:+.3f}). Each cell: the target with that one "
                "activation taken from the source run, minus the prompt's.")
     if result.failed:
+        # Not kept, so the "Run on NDIF" button above stays: pressing it sends only what is missing.
         st.warning(ui.md_escape(f"Part of the sweep is missing (blank cells): {result.failed}. Press Run on NDIF "
                                 "again to send the missing requests; the finished ones are not sent again."))
-        if where == "remote":
-            st.button("Run on NDIF", type="primary", key="nn_send")
 else:
     rows = result["rows"]
     names = [backend.str_tokens(torch.tensor([r["token"]]))[0] for r in rows]

@@ -13,7 +13,7 @@ Failure modes, set with `mode`: "refuse" (HTTP 401 with a reason), "too_large" (
 "stall" (the job never finishes), "hang" (status requests get no answer for `hang` seconds),
 "flaky" (each job's first two status requests answer 503), "error_after" (after `ok_jobs` more
 jobs, jobs end in ERROR), "no_data" (COMPLETED without a result), "bad_result" (the result is
-not what torch saved).
+not what torch saved). `control(grad=False)` runs requests with gradients off.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class Standin:
 
         self.models = models
         self.mode, self.ok_jobs, self.hang = "ok", 0, 0.0
+        self.grad = True  # False: run requests under torch.no_grad, as a server may
         self.jobs: dict = {}
         self.polls: dict[str, int] = {}
         self.results: dict[str, bytes] = {}
@@ -68,6 +69,7 @@ class Standin:
                     standin.mode = control.get("mode", standin.mode)
                     standin.ok_jobs = control.get("ok_jobs", 0)
                     standin.hang = control.get("hang", 0.0)
+                    standin.grad = control.get("grad", True)
                     return self._json(200, {})
                 from nnsight.schema.request import RequestModel
                 head = b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n"
@@ -137,7 +139,8 @@ class Standin:
                 tracer = RequestModel.deserialize(blob, lm._remoteable_persistent_objects(), compress=meta.compress)
                 inc()
                 try:
-                    tracer.execute(tracer.info.code)
+                    with torch.set_grad_enabled(self.grad):
+                        tracer.execute(tracer.info.code)
                     saves = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in _saves()}
                 finally:
                     dec()

@@ -320,6 +320,19 @@ def test_a_hanging_service_is_bounded_by_the_deadline(service):
 
 
 @pytest.mark.slow
+def test_gradients_work_on_a_server_that_runs_with_gradients_off(service):
+    standin, meta, local = service
+    standin.control(mode="ok", grad=False)
+    try:
+        rb = remote(standin, meta)
+        close(rb.attribution_patch(BASE, SOURCE, ANSWER, WRONG, "z").values,
+              local.attribution_patch(BASE, SOURCE, ANSWER, WRONG, "z").values, "attribution patching, gradients off")
+        close(rb.dla(BASE, ANSWER, WRONG).values, local.dla(BASE, ANSWER, WRONG).values, "DLA, gradients off")
+    finally:
+        standin.control(mode="ok", grad=True)
+
+
+@pytest.mark.slow
 def test_a_busy_service_is_asked_again(service):
     """HTTP 503 on the first status requests: asked again until it answers, then the result."""
     standin, meta, local = service
@@ -490,7 +503,7 @@ def test_page_remote_unreachable_fails_fast(monkeypatch):
 
 @pytest.mark.slow
 def test_page_remote_sends_a_view_on_request(service, monkeypatch):
-    from helpers import open_app
+    from helpers import open_app, plain
     from huggingface_hub import constants
 
     standin, meta, _ = service
@@ -517,3 +530,21 @@ def test_page_remote_sends_a_view_on_request(service, monkeypatch):
     at.selectbox(key="nn_view").set_value("logit_lens").run()
     at.button(key="nn_send").click().run()
     assert any("refused" in e for e in errors(at)) and not at.exception
+    # A sweep whose second request fails: the finished part is shown with a warning; pressing the
+    # button again sends only the missing requests and completes it.
+    monkeypatch.setenv("CIRCUIT_EXPLORER_NDIF_TOKENS", str(6 * 6))
+    standin.control(mode="error_after", ok_jobs=1)
+    at.text_area(key="nn_prompt").set_value("the old king saw a bird").run()  # 7 tokens: 3 patches a request
+    at.selectbox(key="nn_view").set_value("patching").run()
+    at.text_area(key="nn_source").set_value("the old king saw a dog").run()
+    at.session_state[f"nn_transport:{REPO}"] = ndif.Transport(ndif.settings(), poll_every=0.02)
+    at.run()
+    assert not page_problems(at), page_problems(at)
+    at.button(key="nn_send").click().run()
+    assert not at.exception and at.get("plotly_chart")
+    assert any("Part of the sweep is missing" in w for w in [plain(w.value) for w in at.warning])
+    sent = len(standin.received)
+    standin.mode = "ok"
+    at.button(key="nn_send").click().run()
+    assert not page_problems(at) and not at.warning and at.get("plotly_chart")
+    assert len(standin.received) == sent + 4  # 14 patches in 5 requests; the first finished before
