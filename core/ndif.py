@@ -68,12 +68,12 @@ def settings() -> Settings:
             value = float(os.environ.get(name, default))
         except ValueError:
             return default
-        return value if value > 0 else default
+        return value if 0 < value < float("inf") else default
 
     return Settings(host=os.environ.get("NDIF_HOST", DEFAULT_HOST).rstrip("/"),
                     api_key=os.environ.get("NDIF_API_KEY", ""),
                     timeout=number("CIRCUIT_EXPLORER_NDIF_TIMEOUT", DEFAULT_TIMEOUT),
-                    tokens_per_request=int(number("CIRCUIT_EXPLORER_NDIF_TOKENS", DEFAULT_TOKENS)))
+                    tokens_per_request=max(1, int(number("CIRCUIT_EXPLORER_NDIF_TOKENS", DEFAULT_TOKENS))))
 
 
 NO_KEY = ("Remote models need an NDIF API key: get one at https://login.ndif.us and start the app with "
@@ -102,8 +102,11 @@ def served_models(s: Settings | None = None) -> list[str]:
         raise _unreachable(s.host, e) from None
     except ValueError:
         raise RemoteFailed("NDIF's model list was not JSON.") from None
+    deployments = body.get("deployments") if isinstance(body, dict) else None
+    if not isinstance(deployments, dict):
+        raise RemoteFailed("NDIF's model list had no deployments in it.")
     names = set()
-    for key, value in (body.get("deployments") or {}).items():
+    for key, value in deployments.items():
         if not isinstance(value, dict):
             continue
         if value.get("deployment_level", "HOT") not in ("HOT", "WARM"):
@@ -124,9 +127,11 @@ class Request:
     seconds: float = 0.0
     status: str = "sent"
     job_id: str | None = None
+    started: float = field(default_factory=time.perf_counter)  # the deadline counts from here
 
 
-RETRY_STATUS = (429, 500, 502, 503, 504)  # busy or briefly down: asked again until the deadline
+RETRY_STATUS = (429, 500, 502, 503, 504)  # busy or briefly down: a status or result asked again
+RETRY_SUBMIT = (429, 503)  # refused before it was queued: a submission sent again (never a 5xx that may have queued it)
 CONNECT_TIMEOUT = 10.0
 
 
@@ -134,10 +139,12 @@ CONNECT_TIMEOUT = 10.0
 class Transport:
     """Sends traced programs to NDIF (or to `host`, e.g. a stand-in in tests) and waits.
 
-    Every HTTP call of a request (the submission, each status poll, the result download) is
-    bounded by what is left of one deadline, `settings.timeout` seconds from the submission. A
-    busy or briefly failing service (HTTP 429 or 5xx, a dropped connection) is asked again until
-    that deadline; any other refusal ends the request at once with the service's reason.
+    A request is serialized while the model's lock is held (in the trace's exit) and sent, polled
+    and downloaded in `wait`, outside it, so one session's slow request never holds up another's
+    page. Every HTTP call of a request is bounded by what is left of one deadline,
+    `settings.timeout` seconds from the serialization. A busy service is asked again until the
+    deadline (a submission only on 429 and 503, which mean it was not queued); any other refusal
+    ends the request at once with the service's reason.
     """
 
     settings: Settings = field(default_factory=settings)
@@ -157,9 +164,6 @@ class Transport:
     def rows_per_request(self, n_pos: int) -> int:
         return max(1, self.settings.tokens_per_request // max(1, n_pos))
 
-    def _headers(self) -> dict:
-        return {"ndif-api-key": self.settings.api_key} if self.settings.api_key else {}
-
     def backend(self, lm, what: str, eager: bool = False):
         """The nnsight backend object for one request of model `lm` (a meta-built TransformersModel).
 
@@ -167,44 +171,36 @@ class Transport:
         otherwise the faster SDPA, except on models that soft-cap attention logits (Gemma 2),
         which need eager attention to be computed right."""
         from nnsight.intervention.backends.remote import RemoteBackend
-        transport, request = self, Request(what)
+        request = Request(what)
         self.log.append(request)
 
         class Remote(RemoteBackend):
-            def _serialize(self, tracer):
-                blob = super()._serialize(tracer)
-                request.sent = len(blob)
-                return blob
-
-            def _post(self, request_model, blob: bytes):
-                return transport._submit(self, request_model, blob)
-
             def __call__(self, tracer=None):
+                """Serialize only: `Transport.wait` sends it, outside the model's lock."""
                 request.started = time.perf_counter()
                 try:
-                    return super().__call__(tracer)
-                except BackendError:
-                    raise
+                    self.blob = self._serialize(tracer)
                 except Exception as e:  # noqa: BLE001 - every failure is told to the user
-                    request.status = "failed to send"
-                    raise RemoteFailed(f"The {what} request could not be sent to NDIF: {type(e).__name__}: {e}") from None
+                    request.status = "not serialized"
+                    raise RemoteFailed(f"The {what} request could not be prepared for NDIF: {type(e).__name__}: {e}") from None
+                request.sent = len(self.blob)
+                return None
 
-        config = lm._module.config
-        softcaps = getattr(config, "attn_logit_softcapping", None) is not None
-        env = {**lm._remoteable_get_env(), "attn_implementation": "eager" if eager or softcaps else "sdpa"}
         try:
             key = lm.to_model_key()
         except Exception as e:  # noqa: BLE001 - a local folder has no id NDIF knows
             raise BackendError(f"This model has no Hugging Face id NDIF could know it by ({type(e).__name__}: {e}).") from None
-        be = Remote(key, host=self.settings.host, api_key=self.settings.api_key or None,
-                    env=env, blocking=False)
+        config = lm._module.config
+        softcaps = getattr(config, "attn_logit_softcapping", None) is not None
+        env = {**lm._remoteable_get_env(), "attn_implementation": "eager" if eager or softcaps else "sdpa"}
+        be = Remote(key, host=self.settings.host, api_key=self.settings.api_key or None, env=env, blocking=False)
         be.display.enabled = False
-        be.request = request
+        be.ce_request = request
         return be
 
     # -- HTTP, all under one deadline -------------------------------------------------------------
     def _left(self, request: Request) -> float:
-        return getattr(request, "started", time.perf_counter()) + self.settings.timeout - time.perf_counter()
+        return request.started + self.settings.timeout - time.perf_counter()
 
     def _timeout(self, request: Request, last: str) -> RemoteTimeout:
         request.status = "timed out"
@@ -213,38 +209,60 @@ class Transport:
             f"NDIF did not finish the {request.what} request in {self.settings.timeout:.0f} s ({job}last: {last}). "
             "It may be busy: try again later, or set CIRCUIT_EXPLORER_NDIF_TIMEOUT to wait longer.")
 
-    def _call(self, request: Request, method: str, url: str, what: str, **kwargs):
-        """One HTTP call, retried on 429/5xx and dropped connections until the deadline. Returns
-        the response (2xx or 404); raises `RemoteRefused` for any other answer."""
+    def _call(self, request: Request, method: str, url: str, what: str, retry=RETRY_STATUS, key: bool = True,
+              **kwargs):
+        """One HTTP call, asked again on the `retry` statuses and on connection failures until the
+        deadline. Returns the response (2xx or 404); raises `RemoteRefused` for any other answer."""
         import httpx
         delay, last = self.poll_every, "no answer"
+        headers = {**({"ndif-api-key": self.settings.api_key} if key and self.settings.api_key else {}),
+                   **kwargs.pop("headers", {})}
+        submitting = method == "POST"
         while True:
             left = self._left(request)
             if left <= 0:
                 raise self._timeout(request, last)
+            wait = delay
             try:
-                with httpx.Client(timeout=httpx.Timeout(min(left, CONNECT_TIMEOUT), read=left)) as client:
-                    headers = {**self._headers(), **kwargs.get("headers", {})}
-                    response = client.request(method, url, **{**kwargs, "headers": headers})
-            except httpx.TimeoutException:
-                raise self._timeout(request, f"{what} got no answer") from None
-            except (httpx.HTTPError, OSError) as e:
-                if request.job_id is None and method == "POST":  # never reached it: say so at once
+                with httpx.Client(timeout=httpx.Timeout(min(left, CONNECT_TIMEOUT), read=left),
+                                  follow_redirects=True) as client:
+                    response = client.request(method, url, headers=headers, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout, OSError) as e:
+                if submitting and not self.log_reached(request):  # never reached NDIF: say so at once
                     request.status = "unreachable"
                     raise _unreachable(self.settings.host, e) from None
+                last = f"{what}: {type(e).__name__}"
+            except httpx.TimeoutException:
+                last = f"{what} got no answer in time"
+                if submitting:  # the job may be queued: sending it again could run it twice
+                    raise self._timeout(request, last) from None
+            except httpx.HTTPError as e:
+                if submitting:
+                    request.status = "connection lost"
+                    raise RemoteFailed(f"The connection to NDIF broke while sending the {request.what} request "
+                                       f"({type(e).__name__}); the job may still run. Try again.") from None
                 last = f"{what}: {type(e).__name__}"
             else:
                 code = response.status_code
                 if code < 400 or code == 404:
+                    request.reached = True
                     return response
-                if code not in RETRY_STATUS:
+                if code not in retry:
                     request.status = f"refused ({code})"
                     raise RemoteRefused(self._refusal(code, response))
                 last = f"{what}: HTTP {code}"
+                try:
+                    wait = max(delay, float(response.headers.get("Retry-After", 0)))
+                except ValueError:
+                    pass
             if self.on_status is not None:
                 self.on_status(f"{request.what}: {last}, asking again")
-            time.sleep(min(delay, max(0.0, self._left(request))))
+            time.sleep(max(0.0, min(wait, self._left(request))))
             delay = min(delay * 1.5, 2.0)
+
+    @staticmethod
+    def log_reached(request: Request) -> bool:
+        return getattr(request, "reached", False)
 
     @staticmethod
     def _refusal(code: int, response) -> str:
@@ -257,16 +275,29 @@ class Transport:
                 413: " The request is too large: lower CIRCUIT_EXPLORER_NDIF_TOKENS or use a shorter prompt."}.get(code, "")
         return f"NDIF refused the request (HTTP {code}): {detail or response.reason_phrase}.{hint}"
 
-    def _submit(self, be, request_model, blob: bytes):
-        request: Request = be.request
-        headers = {"ndif-timestamp": repr(time.time())}
-        response = self._call(request, "POST", f"{self.settings.host}/request", "submission",
-                              data={"data": request_model.metadata()},
-                              files={"blob": ("request", blob, "application/octet-stream")}, headers=headers)
+    def _submit(self, be, request: Request):
+        """POST the serialized request; the job id. NDIF answers a refusal (a bad key, an
+        nnsight version it does not take, a full queue) as an ERROR status with a reason."""
+        import sys
+
+        from nnsight.intervention.backends.remote import _NNSIGHT_VERSION
+        from nnsight.schema.request import RequestModel
+        from nnsight.schema.response import Status
+        envelope = RequestModel(model_key=be.model_key, compress=be.compress, env=be.env)
+        headers = {"ndif-timestamp": repr(time.time()), "nnsight-version": _NNSIGHT_VERSION,
+                   "python-version": sys.version}
+        response = self._call(request, "POST", f"{self.settings.host}/request", "submission", retry=RETRY_SUBMIT,
+                              data={"data": envelope.metadata()},
+                              files={"blob": ("request", be.blob, "application/octet-stream")}, headers=headers)
         if response.status_code == 404:
             request.status = "refused (404)"
             raise RemoteRefused(f"NDIF has no request endpoint at {self.settings.host} (HTTP 404). Check NDIF_HOST.")
         answer = self._parse(request, response.text)
+        if answer.status == Status.ERROR:
+            request.status = "refused"
+            reason = (answer.description or "no reason given").strip().splitlines()[-1]
+            hint = " Check NDIF_API_KEY." if "key" in reason.lower() else ""
+            raise RemoteRefused(f"NDIF refused the {request.what} request: {reason}.{hint}")
         request.job_id = answer.id
         return answer
 
@@ -279,12 +310,13 @@ class Transport:
             raise RemoteFailed(f"NDIF's answer to the {request.what} request could not be read: {text[:200]!r}") from None
 
     def wait(self, be, shapes: dict) -> dict:
-        """Poll until the request's result is in, the server reports an error, or the deadline."""
+        """Send the serialized request, poll until its result is in, the server reports an error,
+        or the deadline."""
         from nnsight.schema.response import Status
-        request: Request = be.request
-        start = getattr(request, "started", time.perf_counter())
-        delay = self.poll_every
+        request: Request = be.ce_request
+        delay, last = self.poll_every, "no status yet"
         try:
+            self._submit(be, request)
             while True:
                 response = self._call(request, "GET", f"{self.settings.host}/response/{request.job_id}", "status")
                 if response.status_code != 404:  # 404: no status recorded yet
@@ -294,20 +326,26 @@ class Transport:
                         raise RemoteFailed(f"The {request.what} request failed on NDIF: {answer.description}")
                     if answer.status == Status.COMPLETED:
                         return self._download(be, request, answer.data)
+                    last = f"status {answer.status.value}"
                     if self.on_status is not None:
-                        self.on_status(f"{request.what}: {answer.status.value.lower()} ({time.perf_counter() - start:.0f} s)")
+                        note = f": {answer.description}" if answer.description else ""
+                        self.on_status(f"{request.what}: {answer.status.value.lower()}{note} "
+                                       f"({time.perf_counter() - request.started:.0f} s)")
                 if self._left(request) <= delay:
-                    raise self._timeout(request, f"status {answer.status.value}" if response.status_code != 404 else "no status")
+                    raise self._timeout(request, last)
                 time.sleep(delay)
                 delay = min(delay * 1.5, 2.0)
         finally:
-            request.seconds = time.perf_counter() - start
+            request.seconds = time.perf_counter() - request.started
 
     def _download(self, be, request: Request, data) -> dict:
+        if isinstance(data, (list, tuple)) and data and isinstance(data[0], str):
+            data = data[0]  # (url, size), as NDIF may send it
         if isinstance(data, (bytes, bytearray)):
             content = bytes(data)
         elif isinstance(data, str) and data:
-            response = self._call(request, "GET", data, "result download")
+            same_host = data.startswith(self.settings.host)  # a presigned URL elsewhere gets no key
+            response = self._call(request, "GET", data, "result download", key=same_host)
             if response.status_code == 404:
                 request.status = "result missing"
                 raise RemoteFailed(f"NDIF finished the {request.what} request but its result is gone (HTTP 404).")
@@ -373,8 +411,11 @@ class DryRun(Transport):
                 request.sent = len(RequestModel.serialize(tracer, compress=True))
 
         be = Capture()
-        be.request = request
+        be.ce_request = request
         return be
+
+    def remember(self, key, value) -> None:
+        """Nothing is kept: a second identical sweep is counted again."""
 
     def wait(self, be, shapes: dict) -> dict:
         import zstandard
@@ -383,6 +424,6 @@ class DryRun(Transport):
         out = {name: torch.randn(shape, generator=gen) if shape is not None else {} for name, shape in shapes.items()}
         buf = io.BytesIO()
         torch.save(out, buf, pickle_protocol=4)
-        be.request.received = len(zstandard.ZstdCompressor(level=6).compress(buf.getvalue()))
-        be.request.status = "counted"
+        be.ce_request.received = len(zstandard.ZstdCompressor(level=6).compress(buf.getvalue()))
+        be.ce_request.status = "counted"
         return out

@@ -365,7 +365,7 @@ class NNsightBackend(Backend):
         what is missing)."""
         key = None
         if self.transport is not None:
-            key = ("patch", id(self.lm), target, tuple(base[0].tolist()), tuple(source[0].tolist()), answer, wrong,
+            key = ("patch", self.lm.to_model_key(), target, tuple(base[0].tolist()), tuple(source[0].tolist()), answer, wrong,
                    tuple(units))
             if key in self.transport.done:
                 return self.transport.done[key]
@@ -465,7 +465,7 @@ class NNsightBackend(Backend):
         with self.lock, self.lm.trace(torch.cat([tokens, tokens]), backend=be):
             with torch.no_grad():  # on the server too: no autograd graph of the forward pass
                 h = block.input
-                h[1, from_pos:] += add.to(h.dtype)
+                h[1, from_pos:] += add.to(device=h.device, dtype=h.dtype)  # the model may be on a GPU
                 lg = lm_head.output[:, -1].float()
                 if cap is not None:
                     lg = cap * torch.tanh(lg / cap)
@@ -546,10 +546,10 @@ class NNsightBackend(Backend):
                         bv = 0.0 if b_V is None else (b_V[e_head] if e_head is not None else b_V)
                         if e_kind == "zero":
                             sel[idx] = bv
-                        elif e_kind == "patch":
-                            sel[idx] = (e_value + bv).to(act.dtype)
+                        elif e_kind == "patch":  # values travel on the CPU; the model may be on a GPU
+                            sel[idx] = (e_value.to(act.device) + bv).to(act.dtype)
                         else:
-                            sel[idx] += e_value.to(act.dtype)
+                            sel[idx] += e_value.to(device=act.device, dtype=act.dtype)
                     value = view.detach().float().clone()
                     if kind == "z" and b_V is not None:
                         value = value - b_V

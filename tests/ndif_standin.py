@@ -7,9 +7,11 @@ zstd-compressed as NDIF sends them) and GET /status (the deployed models).
 
 `StandinProcess` runs it in a process of its own, as NDIF is: `core` cannot be imported there
 (so a request that needs this package's code fails, as it would on NDIF), nnsight's caches start
-empty, and each request is deserialized and run on a model loaded from a checkpoint folder.
+empty, and each request is deserialized and run on a model loaded from a checkpoint folder, with its
+weights frozen as NDIF's are. Submissions without nnsight's version headers are refused.
 
-Failure modes, set with `mode`: "refuse" (HTTP 401 with a reason), "too_large" (HTTP 413),
+Failure modes, set with `mode`: "refuse" (HTTP 401 with a reason), "refuse_in_body" (HTTP 200 with an ERROR status, as NDIF
+answers a bad key), "too_large" (HTTP 413),
 "stall" (the job never finishes), "hang" (status requests get no answer for `hang` seconds),
 "flaky" (each job's first two status requests answer 503), "error_after" (after `ok_jobs` more
 jobs, jobs end in ERROR), "no_data" (COMPLETED without a result), "bad_result" (the result is
@@ -79,8 +81,15 @@ class Standin:
                 meta = RequestModel.model_validate_json(parts["data"])
                 standin.received.append({"model_key": meta.model_key, "bytes": len(parts["blob"]),
                                          "api_key": self.headers.get("ndif-api-key"), "env": meta.env})
+                if not self.headers.get("nnsight-version") or not self.headers.get("python-version"):
+                    return self._json(400, {"detail": "nnsight-version and python-version headers are required"})
                 if standin.mode == "refuse":
                     return self._json(401, {"detail": "Invalid API key"})
+                if standin.mode == "refuse_in_body":  # as NDIF answers most refusals: 200, status ERROR
+                    return self._send(200, ResponseModel(
+                        id=uuid.uuid4().hex, status=Status.ERROR,
+                        description="Traceback (most recent call last):\n  ...\nException: Invalid API key. "
+                                    "Get one at https://login.ndif.us").model_dump_json().encode())
                 if standin.mode == "too_large":
                     return self._json(413, {"detail": "Request too large"})
                 if meta.model_key not in standin.models:
@@ -205,6 +214,7 @@ def main(argv: list[str]) -> None:
         key, folder = arg.split("=", 1)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         models[key] = TransformersModel(folder, task="text-generation", dispatch=True, tokenizer=tokenizer)
+        models[key]._module.requires_grad_(False)  # NDIF serves frozen weights
     standin = Standin(models)
     print(standin.url, flush=True)
     try:

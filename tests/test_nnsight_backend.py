@@ -295,6 +295,12 @@ def test_refusal_says_why(service):
     standin.mode = "too_large"
     with pytest.raises(ndif.RemoteRefused, match="413.*CIRCUIT_EXPLORER_NDIF_TOKENS"):
         remote(standin, meta).dla(BASE, ANSWER, WRONG)
+    standin.mode = "refuse_in_body"  # NDIF's own way: HTTP 200, status ERROR, a traceback
+    start = time.perf_counter()
+    with pytest.raises(ndif.RemoteRefused, match="refused the direct logit attribution request: Exception: Invalid API "
+                                                 "key.*NDIF_API_KEY"):
+        remote(standin, meta).dla(BASE, ANSWER, WRONG)
+    assert time.perf_counter() - start < 2  # at once, not after polling to the deadline
 
 
 @pytest.mark.slow
