@@ -93,7 +93,10 @@ else:
     try:
         with st.spinner(f"Reading {repo}'s config and tokenizer…"):
             lm = remote_lm(repo)
-        transport = st.session_state.setdefault(f"nn_transport:{repo}", ndif.Transport(settings))
+        transport_key = f"nn_transport:{repo}"  # per session and model: its request log and finished requests
+        if transport_key not in st.session_state:
+            st.session_state[transport_key] = ndif.Transport(settings)
+        transport = st.session_state[transport_key]
         from core.nnsight_backend import NNsightBackend
         backend = NNsightBackend(lm, transport)
     except be.BackendError as e:
