@@ -48,8 +48,6 @@ PATCH_TARGETS = {
     "mlp_out": "MLP output of each layer, by layer × position",
     "z": "each head's output (hook_z), at every position, by layer × head",
 }
-VIEWS = ("attention", "residual_norms", "logit_lens", "dla_layers", "dla_heads", "patching",
-         "attribution_patching", "steering")
 
 
 class BackendError(Exception):
@@ -185,14 +183,10 @@ def _chunks(items: list, size: int) -> list[list]:
 
 class Backend:
     """What the analyses need from a model. Subclasses implement the views; a view that one
-    cannot give raises `BackendError` (see `views`)."""
+    cannot give raises `BackendError`."""
 
     spec: Spec
     max_rows: int = 64  # rows of one batched forward pass (one remote request)
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        return VIEWS
 
     # -- text ----------------------------------------------------------------------------------
     def to_tokens(self, text: str) -> torch.Tensor:
@@ -214,6 +208,10 @@ class Backend:
         """d target / d activation at each hook ([batch, ...] as `run` returns), target summed
         over the batch: the logit difference (or centred logit) at `pos`."""
         raise NotImplementedError
+
+    def top_prediction(self, tokens: torch.Tensor) -> int:
+        """The most likely next token after `tokens` [1, pos]."""
+        return int(self.run(tokens, [], logit_positions=[-1])["logits"][0, 0].argmax())
 
     # -- views ---------------------------------------------------------------------------------
     def attention_patterns(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -256,7 +254,7 @@ class Backend:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tl_metric(logits: torch.Tensor, answer: int, wrong: int | None, softcap: float | None) -> torch.Tensor:
+def _tl_metric(logits: torch.Tensor, answer: int, wrong: int | None) -> torch.Tensor:
     """[batch] metric of TL logits [batch, d_vocab] (already centred over the vocabulary by
     `center_unembed` where TL centres them)."""
     if wrong is None:
@@ -267,9 +265,10 @@ def _tl_metric(logits: torch.Tensor, answer: int, wrong: int | None, softcap: fl
 class TLBackend(Backend):
     """The app's HookedTransformer, behind the activation store's lock."""
 
-    def __init__(self, model: HookedTransformer, max_rows: int = 64):
+    def __init__(self, model: HookedTransformer, max_rows: int = 64, store=None):
         self.model = model
         self.max_rows = max_rows
+        self.store = store  # a core.store.ActivationStore: cached runs are read from it (the app's)
         cfg = model.cfg
         cap = getattr(cfg, "output_logits_soft_cap", -1.0)
         self.spec = Spec(
@@ -327,13 +326,21 @@ class TLBackend(Backend):
         with locked(self.model), torch.enable_grad():
             with self.model.hooks(fwd_hooks=[(h, keep) for h in hooks], reset_hooks_end=True):
                 logits = self.model(tokens)
-            value = _tl_metric(logits[:, pos], answer, wrong, self.spec.softcap).sum()
+            value = _tl_metric(logits[:, pos], answer, wrong).sum()
             grads = torch.autograd.grad(value, [acts[h] for h in hooks])
         return {h: g.detach() for h, g in zip(hooks, grads)}
 
     def _cache(self, tokens):
+        """(logits, cache) of one plain run: from the activation store when there is one."""
+        if self.store is not None:
+            run = self.store.get(self.model, tokens)
+            return run.logits, run.cache
         from core import store
         return store.run_with_cache(self.model, tokens)
+
+    def top_prediction(self, tokens: torch.Tensor) -> int:
+        """The most likely next token after `tokens` [1, pos]."""
+        return int(self._cache(tokens)[0][0, -1].argmax())
 
     @torch.no_grad()
     def attention_patterns(self, tokens, layers):
@@ -394,7 +401,7 @@ class TLBackend(Backend):
             with locked(self.model):
                 with self.model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
                     logits = self.model(rows)[:, -1]
-            m = _tl_metric(logits, answer, wrong, self.spec.softcap).float()
+            m = _tl_metric(logits, answer, wrong).float()
             source_m, base_m = float(m[0]), float(m[1])
             for r, (j, _) in enumerate(group, start=2):
                 values[j] = m[r]
@@ -408,7 +415,7 @@ class TLBackend(Backend):
         both = torch.cat([source, base])
         grads = self.gradients(base, hooks, answer, wrong)
         acts = self.run(both, hooks, logit_positions=[-1])
-        m = _tl_metric(acts["logits"][:, 0], answer, wrong, self.spec.softcap)
+        m = _tl_metric(acts["logits"][:, 0], answer, wrong)
         per_layer = []
         for h in hooks:
             diff = (acts[h][0] - acts[h][1]) * grads[h][0]

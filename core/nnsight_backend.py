@@ -137,9 +137,6 @@ class NNsightBackend(Backend):
     def _blocks(self):
         return _get(self.lm, self.layout.layers)
 
-    def _norm_weight(self, module) -> torch.Tensor:
-        return module.weight
-
     # -- views ---------------------------------------------------------------------------------
     def attention_patterns(self, tokens, layers):
         _check_one(tokens, self.spec)

@@ -57,7 +57,8 @@ where = st.radio("Where the model runs", list(WHERE), format_func=WHERE.get, hor
 
 # -- the backend ---------------------------------------------------------------------------------
 if where == "app":
-    backend = be.TLBackend(view.model)
+    from core.ui import cache
+    backend = be.TLBackend(view.model, store=cache.get_store())  # the run the other pages made of this prompt
     model_label = view.model_name
 elif where == "local":
     folder = st.text_input("Checkpoint folder (config.json, weights, tokenizer)", key="nn_folder",
@@ -148,7 +149,7 @@ choice = c3.selectbox("View", list(VIEWS), format_func=VIEWS.get, key="nn_view")
 wrong = single_token("wrong token", wrong_text)
 answer = single_token("answer", answer_text) if answer_text else None
 if answer is None and where != "remote":  # the model's top prediction: one run here
-    answer = int(backend.run(tokens, [], logit_positions=[-1])["logits"][0, 0].argmax())
+    answer = backend.top_prediction(tokens)
 if answer is None and choice in NEEDS_ANSWER:
     fail("Give an answer token for a remote model (finding the top prediction is a request of its own).")
 target_label = "" if answer is None else f"“{backend.str_tokens(torch.tensor([answer]))[0]}”" + (

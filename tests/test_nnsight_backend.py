@@ -161,6 +161,12 @@ def test_backends_on_one_model_share_its_lock_and_refuse_batches():
         with pytest.raises(BackendError, match="at most"):
             backend.residual_norms(torch.zeros(1, backend.spec.n_ctx + 1, dtype=torch.long))
     assert nn.attention_patterns(BASE, [1, 0]).shape[0] == 2
+    # The page's TL backend reads its runs from the app's activation store: the same numbers.
+    from core.store import ActivationStore
+
+    stored = TLBackend(tl.model, store=ActivationStore())
+    close(stored.dla(BASE, ANSWER, WRONG, "head").values, nn.dla(BASE, ANSWER, WRONG, "head").values, "DLA from the store")
+    assert stored.top_prediction(BASE) == nn.top_prediction(BASE) == tl.top_prediction(BASE)
     close(nn.attention_patterns(BASE, [1, 0]), tl.attention_patterns(BASE, [1, 0]), "layers in the asked order")
 
 
